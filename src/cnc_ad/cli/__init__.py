@@ -1,0 +1,80 @@
+"""The ``cnc`` command: ``main(argv) -> int`` dispatches to one subcommand module per job.
+
+Each module in this package exposes ``register(subparsers)``, which adds its parser and sets ``func`` to a callable
+taking the parsed namespace and returning an exit code. Library errors (:class:`cnc_ad.errors.CNCError`) become a
+one-line message and a non-zero exit code here, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from cnc_ad import __version__
+from cnc_ad.errors import CNCError
+
+# Subcommand modules, in the order `cnc --help` lists them.
+COMMANDS = ("data", "models", "train", "eval", "report", "predict", "export", "demo", "ablate")
+
+DESCRIPTION = """\
+CNC: unsupervised multi-class anomaly detection with a cross-modal normality constraint (AAAI 2025).
+
+One model learns the good images of every product category at once, then scores new images and
+localises defects (heatmap and mask).
+
+typical workflow:
+  cnc data synth data/synth                         # or use MVTec AD / VisA / MVTec AD 2 / your folders
+  cnc data scan data/synth                          # check what was found
+  cnc train --config configs/demo.yaml --data-root data/synth --out runs/demo
+  cnc eval --checkpoint runs/demo/last --data-root data/synth --out runs/demo/eval
+  cnc report runs/demo/eval
+  cnc predict --checkpoint runs/demo/last images/ --out predictions
+  cnc export --checkpoint runs/demo/last --format onnx --out model.onnx
+
+  cnc demo                                          # all of the above on synthetic data, offline
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cnc", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"cnc-ad {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"cnc_ad.cli.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"cnc_ad.cli.{name}":
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``cnc`` command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except CNCError as err:
+        print(f"cnc {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"cnc {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,248 @@
+"""Configuration: frozen dataclasses grouped as ``model.*``, ``data.*``, ``train.*``, ``eval.*``.
+
+Configs come from YAML files (``configs/*.yaml``) plus ``--set group.key=value`` overrides. Unknown keys and values of
+the wrong type fail with the key's name. Every choice that METHOD.md marks [ours] is a field here, so it can be changed
+and ablated without touching code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cnc_ad.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The detector. Fields left ``None`` take the preset's value (see ``cnc models``)."""
+
+    preset: str = "cnc-vitl14-336"
+    # Encoder (None = from the preset).
+    encoder: str | None = None  # "clip" | "timm"
+    backbone: str | None = None  # open_clip model name, or timm model name
+    pretrained: str | None = None  # open_clip tag ("openai"), a local weights file, or "none" for random weights
+    image_size: int | None = None  # square input side in pixels
+    layers: tuple[int, ...] | None = None  # 0-based encoder blocks (ViT) or stages (CNN) to tap
+    # Bottleneck, gated MoE, decoder.
+    width: int | None = None  # decoder width (None = encoder width; required for CNNs by the preset)
+    decoder_depth: int | None = None  # number of decoder blocks
+    decoder_heads: int | None = None
+    decoder_layers: tuple[int, ...] | None = None  # 0-based decoder blocks whose outputs are read (reversed)
+    mlp_ratio: float = 4.0
+    bottleneck_dropout: float = 0.2
+    use_moe: bool = True
+    num_experts: int = 5
+    top_k: int = 2
+    expert_ratio: float = 4.0
+    # Cross-modal normality constraint.
+    use_text: bool = True  # False = no CFD/NGD terms (plain feature reconstruction when use_moe is False too)
+    prompt_length: int = 12
+    normal_template: str = "object."
+    abnormal_prompt: bool = False
+    abnormal_template: str = "damaged object."
+    shared_context: bool = False  # one learnable context for all levels instead of one per level
+    cfd_pool: str = "mean"  # "mean" | "softmax"
+    cfd_tau: float = 0.001
+    # Inference.
+    score: str = "max"  # "max" | "top1" (mean of the top 1 %) | "pool16" (max of the 16x16 average-pooled map)
+    fnp: bool = False  # feature-level normality promotion
+    fnp_theta: float = 5.0
+    blur_sigma: float = 4.0
+    map_size: int = 256  # side of the anomaly map returned by predict()
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images are and how to read them."""
+
+    root: str | None = None
+    format: str | None = None  # None = auto-detect; "mvtec" | "visa" | "visa-raw" | "mvtec-ad2" | "realiad" | "folder"
+    categories: tuple[str, ...] | None = None  # None = every category found
+    skip_bad: bool = False  # log and skip undecodable files instead of stopping
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation (METHOD.md §3)."""
+
+    epochs: int = 250
+    max_steps: int | None = None  # stop after this many optimiser steps when set
+    batch_size: int = 8
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"  # "constant" | "cosine"
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_clip: float | None = None  # max global gradient norm
+    lambda_cfd: float = 1.0
+    lambda_ngd: float = 0.1
+    lambda_moe: float = 0.01
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    amp: str = "auto"  # "auto" (bf16 on CUDA) | "bf16" | "off"
+    feature_cache: str = "auto"  # "auto" | "memory" | "disk" | "off"
+    cache_memory_gb: float = 8.0  # "auto" keeps the cache in memory up to this size, else a disk memmap
+    log_every: int = 10  # steps between log.jsonl lines
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The evaluation protocol (METHOD.md §5)."""
+
+    protocol: str = "ader"  # "ader" (256 maps, masks > 0.5, sigma 4) | "dinomaly" (448 resize, 392 crop, top-1 %)
+    batch_size: int = 16
+    metrics: str = "auto"  # "auto" | "exact" | "streaming"
+    streaming_bins: int = 10_000
+    streaming_above_pixels: int = 500_000_000  # "auto" switches to streaming above this many pixels per category
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+GROUPS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field's type hint and convert lists to tuples; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"config key {key!r}: got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool) and args and args[-1] is Ellipsis:
+            value = [value]
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        if args and args[-1] is Ellipsis:
+            return tuple(_coerce(key, v, args[0]) for v in value)
+        if len(args) != len(value):
+            raise ConfigError(f"config key {key!r} must have {len(args)} values, got {value!r}")
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
+    raise ConfigError(f"config key {key!r}: unsupported type {annotation!r}")  # pragma: no cover
+
+
+def _build_group(name: str, values: Mapping[str, Any], base: Any) -> Any:
+    cls = GROUPS[name]
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    updates = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(
+                f"unknown config key '{name}.{key}'; known keys of '{name}': {', '.join(sorted(known))}"
+            )
+        updates[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return dataclasses.replace(base, **updates)
+
+
+def config_from_dict(values: Mapping[str, Any], base: Config | None = None) -> Config:
+    """Build a Config from a nested mapping ``{"model": {...}, "train": {...}}``; unknown keys raise ConfigError."""
+    base = base or Config()
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"a config must be a mapping of groups ({', '.join(GROUPS)}), got {type(values).__name__}")
+    groups = {}
+    for name, group in values.items():
+        if name not in GROUPS:
+            raise ConfigError(f"unknown config group '{name}'; known groups: {', '.join(GROUPS)}")
+        if group is None:
+            continue
+        if not isinstance(group, Mapping):
+            raise ConfigError(f"config group '{name}' must be a mapping of keys, got {group!r}")
+        groups[name] = _build_group(name, group, getattr(base, name))
+    return dataclasses.replace(base, **groups)
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Turn ``["train.lr=1e-4", "model.layers=[1,2]"]`` into a nested mapping; values are parsed as YAML."""
+    nested: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r} must look like group.key=value, e.g. train.lr=1e-4")
+        group, _, name = key.strip().partition(".")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
+        nested.setdefault(group, {})[name] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply ``group.key=value`` overrides."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; pass one of configs/*.yaml or a file of your own")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        config = config_from_dict(values, config)
+    if overrides:
+        config = config_from_dict(parse_overrides(overrides), config)
+    return config
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")

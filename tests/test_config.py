@@ -1,0 +1,46 @@
+import pytest
+
+from cnc_ad.config import Config, config_from_dict, load_config, parse_overrides, save_config
+from cnc_ad.errors import ConfigError
+
+
+def test_defaults_follow_method():
+    cfg = Config()
+    assert cfg.train.lr == 1e-3 and cfg.train.batch_size == 8 and cfg.train.epochs == 250
+    assert cfg.model.num_experts == 5 and cfg.model.top_k == 2
+    assert (cfg.train.lambda_cfd, cfg.train.lambda_ngd, cfg.train.lambda_moe) == (1.0, 0.1, 0.01)
+
+
+def test_overrides_parse_yaml_values():
+    cfg = config_from_dict(parse_overrides(["train.lr=1e-4", "model.layers=[1, 2]", "train.max_steps=3"]))
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.model.layers == (1, 2)
+    assert cfg.train.max_steps == 3
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("train.lrr=1", "train.lrr"),
+        ("nope.x=1", "nope"),
+        ("train.batch_size=abc", "train.batch_size"),
+        ("model.use_moe=3", "model.use_moe"),
+        ("train.epochs=1.5", "train.epochs"),
+        ("trainlr=1", "group.key=value"),
+    ],
+)
+def test_bad_keys_and_types_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        config_from_dict(parse_overrides([override]))
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(None, ["model.preset=tiny", "train.epochs=3", "data.categories=[a, b]"])
+    path = tmp_path / "c.yaml"
+    save_config(cfg, path)
+    assert load_config(path) == cfg
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
