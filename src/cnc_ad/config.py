@@ -91,6 +91,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     amp: str = "auto"  # "auto" (bf16 on CUDA) | "bf16" | "off"
     feature_cache: str = "auto"  # "auto" | "memory" | "disk" | "off"
+    cache_dtype: str = "float16"  # precision of cached features (used with and without the cache): float16|bfloat16|float32
     cache_memory_gb: float = 8.0  # "auto" keeps the cache in memory up to this size, else a disk memmap
     log_every: int = 10  # steps between log.jsonl lines
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
@@ -227,11 +228,26 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, dict[str, Any]]:
     return nested
 
 
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def find_config(name: str | Path) -> Path:
+    """A config file: a path, or the name of a preset in the repository's ``configs/`` (``demo`` -> demo.yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / f"{name}.yaml", CONFIG_DIR / str(name)):
+        if candidate.is_file():
+            return candidate
+    available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))) or "none found"
+    raise ConfigError(f"config file {name} not found; pass a YAML file or a preset name ({available})")
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config (or the defaults when ``path`` is None) and apply ``group.key=value`` overrides."""
     config = Config()
     if path is not None:
-        path = Path(path)
+        path = find_config(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; pass one of configs/*.yaml or a file of your own")
         try:
@@ -245,4 +261,6 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    from cnc_ad.files import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,122 @@
+"""``cnc train``: train one multi-class CNC model over every category of a dataset."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cnc_ad.errors import ConfigError
+
+EPILOG = """\
+examples:
+  cnc train --config configs/demo.yaml --data-root data/synth --out runs/demo
+  cnc train --config configs/mvtec.yaml --data-root /data/mvtec_ad --out runs/mvtec
+  cnc train --config mvtec --data-root /data/mvtec_ad --set train.epochs=100 --set model.use_moe=false
+  cnc train --resume runs/mvtec                      # continue from the run's latest checkpoint
+  cnc train --config mvtec --data-root /data/mvtec_ad --nproc 4     # 4 GPUs (torchrun underneath)
+  torchrun --nproc-per-node 4 -m cnc_ad train --config mvtec --data-root /data/mvtec_ad
+
+The run folder receives config.yaml (the resolved config), log.jsonl (one line per logging step) and
+checkpoints/ (a `latest` file names the newest). Config keys: see configs/*.yaml and `cnc_ad.config`.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a model on the normal images of all categories",
+        description="Train one CNC model on the normal training images of ALL categories of a dataset at once.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML config file or preset name (demo, mvtec, visa, mvtec_ad2)")
+    parser.add_argument("--data-root", help="dataset folder (overrides data.root)")
+    parser.add_argument("--format", help="dataset layout, auto-detected by default (overrides data.format)")
+    parser.add_argument("--out", help="run folder (default runs/<config>-<time>)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides train.device)")
+    parser.add_argument("--epochs", type=int, help="overrides train.epochs")
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (train.max_steps)")
+    parser.add_argument("--clip-weights", metavar="PATH", help="local CLIP weights file (offline use)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow a pickle/TorchScript CLIP weights file (original OpenAI .pt files)")
+    parser.add_argument("--skip-bad", action="store_true", help="log and skip unreadable images instead of stopping")
+    parser.add_argument("--nproc", type=int, metavar="N", help="train on N processes/GPUs through torchrun")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.overrides)
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    if args.format:
+        overrides.append(f"data.format={args.format}")
+    if args.device:
+        overrides.append(f"train.device={args.device}")
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    if args.skip_bad:
+        overrides.append("data.skip_bad=true")
+    return overrides
+
+
+def _relaunch_with_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
+    forwarded = []
+    skip = False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item == "--nproc":
+            skip = True
+            continue
+        if item.startswith("--nproc="):
+            continue
+        forwarded.append(item)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "cnc_ad", *forwarded]
+    return subprocess.call(command)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cnc_ad.config import load_config
+    from cnc_ad.train import train
+
+    if args.nproc and args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _relaunch_with_torchrun(args, sys.argv[1:])
+    overrides = _overrides(args)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"{run_dir} is not a run folder (no config.yaml); pass the --out folder of a run")
+        config = load_config(args.config or run_dir / "config.yaml", overrides)
+    else:
+        if not args.config:
+            raise ConfigError("pass --config FILE (e.g. configs/demo.yaml) or --resume RUN_DIR")
+        config = load_config(args.config, overrides)
+        stem = Path(args.config).stem
+        run_dir = Path(args.out or f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = train(
+        config,
+        run_dir,
+        resume=bool(args.resume),
+        clip_weights=args.clip_weights,
+        trust_pickle=args.trust_pickle,
+        progress=not args.no_progress,
+    )
+    from cnc_ad import distributed as dist
+
+    if dist.is_main_process():
+        terms = " ".join(f"{k}={v:.4f}" for k, v in result.last_loss.items())
+        print(f"trained {result.steps} steps ({result.epochs} epochs): {terms}")
+        print(f"checkpoint: {result.checkpoint}")
+    return 0

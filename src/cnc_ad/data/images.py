@@ -1,0 +1,199 @@
+"""Robust image and mask decoding with Pillow.
+
+Every format Pillow reads is accepted: 8- and 16-bit, grayscale, RGBA, palette, CMYK, with EXIF orientation applied.
+Any failure (empty, truncated, not an image, too large) becomes a one-line :class:`~cnc_ad.errors.DataError` that names
+the file and the fix, never a Pillow traceback. When the target size is known, large JPEGs are decoded at a reduced
+scale (``Image.draft``) so a 12000 x 12000 photograph does not need gigabytes of memory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from cnc_ad.errors import DataError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm", ".jp2", ".tga"}
+)
+MAX_PIXELS_ENV = "CNC_MAX_IMAGE_PIXELS"
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` has an image extension and is not a hidden file (``.DS_Store``, ``._x.png``)."""
+    name = os.path.basename(os.fspath(path))
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _apply_pixel_limit() -> None:
+    """Let users raise Pillow's decompression-bomb limit through ``CNC_MAX_IMAGE_PIXELS`` (0 = no limit)."""
+    value = os.environ.get(MAX_PIXELS_ENV)
+    if value is None:
+        return
+    try:
+        limit = int(value)
+    except ValueError as err:
+        raise DataError(f"{MAX_PIXELS_ENV}={value!r} is not an integer; set it to a pixel count, or 0 for no limit") from err
+    Image.MAX_IMAGE_PIXELS = limit if limit > 0 else None
+
+
+def _describe_failure(path: Path, kind: str, err: Exception) -> DataError:
+    if isinstance(err, DataError):
+        return err
+    if isinstance(err, Image.DecompressionBombError):
+        return DataError(
+            f"{kind} {path} is larger than Pillow's decompression-bomb limit ({err}); if you trust the file, "
+            f"set {MAX_PIXELS_ENV} to a larger pixel count (0 = no limit), or downscale it"
+        )
+    try:
+        empty = path.stat().st_size == 0
+    except OSError:
+        empty = False
+    if isinstance(err, FileNotFoundError) or not path.exists():
+        return DataError(f"{kind} {path} does not exist; rescan the dataset or restore the file")
+    if empty:
+        return DataError(f"{kind} {path} is empty (0 bytes); re-copy or remove the file, or pass --skip-bad")
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return DataError(f"cannot decode {kind} {path} ({reason}); re-copy, convert or remove the file, or pass --skip-bad")
+
+
+def _open(path: Path, target: int | None, mode: str) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode ``path`` fully; return the (possibly draft-reduced) image and the full-scale oriented size (H, W)."""
+    with Image.open(path) as im:
+        width, height = im.size
+        orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
+        if orientation in _ROTATED_ORIENTATIONS:
+            width, height = height, width
+        if target is not None and im.format == "JPEG":
+            im.draft(mode, (target, target))  # decode at 1/2, 1/4 or 1/8 scale, never below the target
+        im.load()
+        oriented = ImageOps.exif_transpose(im)
+        if oriented is im:
+            oriented = im.copy()
+    return oriented, (height, width)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in _SIXTEEN_BIT_MODES or im.mode == "F":
+        array = np.asarray(im).astype(np.float64)
+        top = array.max(initial=0)
+        if im.mode == "F":
+            peak = 1.0 if top <= 1.0 else 255.0
+        elif im.mode == "I":  # 32-bit integers: 8-bit data widened, or 16-bit data
+            peak = 255.0 if top <= 255 else 65535.0
+        else:
+            peak = 65535.0
+        gray = np.clip(np.round(array * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
+def decode_image(path: str | os.PathLike, target: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode an image to an RGB Pillow image.
+
+    Args:
+        path: any image file Pillow reads.
+        target: the side the image will be resized to, if known: JPEGs are then decoded at a reduced scale that is
+            still at least ``target`` pixels on each side.
+
+    Returns:
+        The RGB image (EXIF orientation applied) and its full-scale size ``(H, W)`` in pixels.
+
+    Raises:
+        DataError: the file is missing, empty, truncated, not an image or too large.
+    """
+    path = Path(path)
+    _apply_pixel_limit()
+    try:
+        im, size = _open(path, target, "RGB")
+        return _to_rgb(im), size
+    except Exception as err:  # any decoder failure is a data problem; report it on one line
+        raise _describe_failure(path, "image", err) from err
+
+
+def load_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
+    """Read an image as RGB.
+
+    Args:
+        path: any image file Pillow reads (8/16-bit, grayscale, RGBA, palette, CMYK; EXIF rotation applied).
+        size: resize to ``size x size`` pixels (bilinear, antialiased) when given.
+
+    Returns:
+        ``(H, W, 3)`` uint8 array (``H = W = size`` when resized).
+
+    Raises:
+        DataError: naming the file and the fix.
+    """
+    im, _ = decode_image(path, size)
+    if size is not None and im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
+def decode_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read a mask at full size and binarise it: a pixel is anomalous where any colour channel is > 0.
+
+    Works for 0/255, 0/1 and class-index masks, in 1-bit, 8-bit, 16-bit, palette (indices) and RGB(A) files.
+
+    Returns:
+        ``(H, W)`` bool array.
+
+    Raises:
+        DataError: naming the file and the fix.
+    """
+    path = Path(path)
+    _apply_pixel_limit()
+    try:
+        im, _ = _open(path, None, "L")
+        if im.mode in ("RGBA", "LA", "PA"):
+            im = im.convert("RGB" if im.mode == "RGBA" else "L")
+        array = np.asarray(im)
+    except Exception as err:
+        raise _describe_failure(path, "mask", err) from err
+    if array.ndim == 3:
+        array = array.max(axis=2)
+    return array > 0
+
+
+def load_mask(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
+    """Read a binary mask.
+
+    Args:
+        path: the mask file (0/255, 0/1 or class-index values).
+        size: resize to ``size x size`` (bilinear on the 0/1 mask, then binarised at 0.5) when given.
+
+    Returns:
+        ``(H, W)`` bool array.
+
+    Raises:
+        DataError: naming the file and the fix.
+    """
+    mask = decode_mask(path)
+    if size is not None and mask.shape != (size, size):
+        from cnc_ad.data.transforms import resize_mask
+
+        mask = resize_mask(mask, size) > 0.5
+    return mask
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """The oriented size ``(H, W)`` of an image, read from its header without decoding the pixels."""
+    path = Path(path)
+    _apply_pixel_limit()
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            if im.getexif().get(0x0112, 1) in _ROTATED_ORIENTATIONS:
+                width, height = height, width
+    except Exception as err:
+        raise _describe_failure(path, "image", err) from err
+    return height, width

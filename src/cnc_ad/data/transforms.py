@@ -1,0 +1,74 @@
+"""Resizing for the two evaluation protocols (METHOD.md §5).
+
+- ``"ader"`` (ADer, followed by CNC's tables): the image is resized to ``S x S`` (bilinear); the mask is resized
+  bilinearly to ``M x M`` and binarised at 0.5.
+- ``"dinomaly"`` (Dinomaly): the image is resized to ``round(S * 448 / 392)`` and centre-cropped to ``S``; the mask is
+  resized likewise to ``round(M * 448 / 392)``, centre-cropped to ``M`` and binarised at > 0.
+
+Images stay in ``[0, 1]`` without mean/std normalisation: the model owns normalisation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cnc_ad.errors import DataError
+
+PROTOCOLS = ("ader", "dinomaly")
+DINOMALY_RATIO = 448 / 392
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise DataError(f"unknown evaluation protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    return protocol
+
+
+def resize_side(size: int, protocol: str = "ader") -> int:
+    """Side in pixels that an image (or mask) is resized to before the centre crop to ``size``."""
+    return round(size * DINOMALY_RATIO) if check_protocol(protocol) == "dinomaly" else size
+
+
+def center_crop(array: np.ndarray, size: int) -> np.ndarray:
+    """Centre crop of the first two axes to ``size x size`` (offsets rounded like torchvision's CenterCrop)."""
+    height, width = array.shape[:2]
+    top = int(round((height - size) / 2.0))
+    left = int(round((width - size) / 2.0))
+    return array[top : top + size, left : left + size]
+
+
+def prepare_image(image: Image.Image, size: int, protocol: str = "ader") -> np.ndarray:
+    """Resize (and for ``"dinomaly"`` centre-crop) an RGB image.
+
+    Returns:
+        ``(size, size, 3)`` uint8 array.
+    """
+    side = resize_side(size, protocol)
+    if image.size != (side, side):
+        image = image.resize((side, side), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return center_crop(np.asarray(image, dtype=np.uint8), size)
+
+
+def resize_mask(mask: np.ndarray, side: int) -> np.ndarray:
+    """Bilinear (antialiased) resize of a ``(H, W)`` 0/1 mask to ``(side, side)`` float32 values in [0, 1]."""
+    image = Image.fromarray(mask.astype(np.float32))
+    return np.asarray(image.resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def prepare_mask(mask: np.ndarray, size: int, protocol: str = "ader") -> np.ndarray:
+    """Resize and binarise a ``(H, W)`` bool mask for a protocol.
+
+    Returns:
+        ``(size, size)`` float32 array of 0/1.
+    """
+    resized = resize_mask(mask, resize_side(size, protocol))
+    if protocol == "dinomaly":
+        return (center_crop(resized, size) > 0).astype(np.float32)
+    return (resized > 0.5).astype(np.float32)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 -> ``(3, H, W)`` float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)

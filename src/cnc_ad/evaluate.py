@@ -1,0 +1,279 @@
+"""Evaluation (METHOD.md §5): per-category and mean of the seven metrics, thresholds, curves and report examples.
+
+Protocols:
+- ``ader`` (default, what CNC's tables follow): maps and masks at 256x256, masks resized bilinearly and binarised at
+  0.5, Gaussian sigma 4, the model's own image score.
+- ``dinomaly``: images resized to 448/392 of the input and centre-cropped, masks > 0, image score = mean of the top 1 %.
+
+Under ``torchrun`` every process scores its shard of each category and the metric states are merged.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cnc_ad import distributed as dist
+from cnc_ad.config import EvalConfig
+from cnc_ad.data import DatasetIndex, TestDataset, make_loader
+from cnc_ad.errors import ConfigError
+from cnc_ad.files import atomic_write_json, atomic_write_text
+from cnc_ad.metrics import (
+    METRIC_KEYS,
+    MetricAccumulator,
+    f1_max_threshold,
+    mean_metrics,
+    pr_curve_points,
+    pro_curve_points,
+    roc_curve_points,
+)
+from cnc_ad.model import CNC
+from cnc_ad.model.anomaly_map import image_score
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("ader", "dinomaly")
+
+
+@dataclass
+class CategoryResult:
+    """What one category's evaluation keeps besides its metrics (for thresholds, curves and the report)."""
+
+    metrics: dict[str, float]
+    image_threshold: float
+    pixel_threshold: float
+    curves: dict[str, dict[str, list[float]]]
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class EvalResult:
+    categories: dict[str, dict[str, float]]
+    mean: dict[str, float]
+    thresholds: dict[str, dict[str, float]]
+    left_out: dict[str, list[str]]
+    protocol: str
+    details: dict[str, CategoryResult] = field(default_factory=dict)
+
+    def to_json(self, checkpoint: str | None = None) -> dict[str, Any]:
+        return {
+            "categories": self.categories,
+            "mean": self.mean,
+            "left_out_of_mean": self.left_out,
+            "protocol": self.protocol,
+            "checkpoint": checkpoint,
+        }
+
+
+def _score_mode(model: CNC, protocol: str) -> str:
+    return "top1" if protocol == "dinomaly" else model.config.score
+
+
+@torch.no_grad()
+def evaluate_category(
+    model: CNC,
+    index: DatasetIndex,
+    category: str,
+    config: EvalConfig,
+    *,
+    device: torch.device,
+    num_workers: int = 0,
+    skip_bad: bool = False,
+    examples: int = 3,
+    progress: bool = True,
+) -> CategoryResult:
+    """Score every test image of ``category`` (this process's shard) and compute its metrics."""
+    map_size = model.config.map_size
+    samples = dist.shard(index.test_samples(category))
+    dataset = TestDataset(samples, model.image_size, map_size, protocol=config.protocol)
+    loader = make_loader(dataset, config.batch_size, num_workers=num_workers, skip_bad=skip_bad)
+    mode = config.metrics
+    if mode == "auto":
+        pixels = len(index.test_samples(category)) * map_size * map_size
+        mode = "streaming" if pixels > config.streaming_above_pixels or dist.world_size() > 1 else "exact"
+    accumulator = MetricAccumulator(mode=mode, bins=config.streaming_bins)
+    score_mode = _score_mode(model, config.protocol)
+    scores, labels, rows, kept = [], [], [], []
+    bar = tqdm(loader, desc=f"eval {category}", unit="batch", leave=False, disable=not progress)
+    for batch in bar:
+        images = batch["image"].to(device, non_blocking=True)
+        prediction = model.predict(images, map_size=map_size)
+        maps = prediction.anomaly_map[:, 0].float()
+        score = prediction.score if score_mode == model.config.score else image_score(maps[:, None], score_mode)
+        score = score.float().cpu().numpy()
+        maps = maps.cpu().numpy()
+        masks = batch["mask"][:, 0].numpy() > 0.5
+        label = batch["label"].numpy().astype(np.int64)
+        row = batch["index"].numpy()
+        # Anomalous images of a defect type without ground truth count for image metrics only.
+        has_mask = np.array([samples[i].mask is not None or samples[i].label == 0 for i in row])
+        accumulator.update(score, label, maps[has_mask], masks[has_mask])
+        scores.append(score)
+        labels.append(label)
+        rows.append(row)
+        kept.append(maps.astype(np.float16))
+    scores_all = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    labels_all = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    maps_all = np.concatenate(kept) if kept else np.zeros((0, map_size, map_size), np.float16)
+    rows_all = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    return _finish_category(accumulator, samples, scores_all, labels_all, maps_all, rows_all, examples)
+
+
+def _finish_category(
+    accumulator: MetricAccumulator,
+    samples: list,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    maps: np.ndarray,
+    rows: np.ndarray,
+    examples: int,
+) -> CategoryResult:
+    # Merge the shards of every process (a no-op in a single process).
+    states = dist.all_gather_objects(accumulator.state_dict())
+    merged = MetricAccumulator.from_state_dict(states[0])
+    for state in states[1:]:
+        merged = merged + MetricAccumulator.from_state_dict(state)
+    metrics = merged.compute()
+    gathered = dist.all_gather_objects((scores, labels, [str(samples[i].image) for i in rows]))
+    scores = np.concatenate([g[0] for g in gathered])
+    labels = np.concatenate([g[1] for g in gathered])
+    image_threshold = f1_max_threshold(scores, labels)[1] if labels.any() and not labels.all() else math.nan
+    pixel_threshold = merged.pixel_f1_threshold() if hasattr(merged, "pixel_f1_threshold") else math.nan
+    curves: dict[str, dict[str, list[float]]] = {}
+    if labels.any() and not labels.all():
+        x, y = roc_curve_points(scores, labels)
+        curves["image_roc"] = {"x": x.tolist(), "y": y.tolist()}
+        x, y = pr_curve_points(scores, labels)
+        curves["image_pr"] = {"x": x.tolist(), "y": y.tolist()}
+    curves.update(merged.pixel_curves() if hasattr(merged, "pixel_curves") else {})
+    # Examples: the most and least anomalous images of this process (process 0 keeps its own in distributed runs).
+    picked = []
+    if len(scores) and dist.world_size() == 1:
+        order = np.argsort(-scores, kind="stable")
+        most = order[:examples].tolist()
+        least = [i for i in order[::-1][:examples].tolist() if i not in most]
+        for rank_name, chosen in (("most", most), ("least", least)):
+            for i in chosen:
+                sample = samples[rows[i]]
+                picked.append(
+                    {
+                        "image": str(sample.image),
+                        "score": float(scores[i]),
+                        "label": int(labels[i]),
+                        "defect": sample.defect,
+                        "mask": str(sample.mask) if sample.mask is not None else None,
+                        "rank": rank_name,
+                        "map_array": maps[i],
+                    }
+                )
+    return CategoryResult(metrics, float(image_threshold), float(pixel_threshold), curves, picked)
+
+
+def evaluate(
+    model: CNC,
+    index: DatasetIndex,
+    config: EvalConfig,
+    *,
+    device: torch.device,
+    categories: list[str] | None = None,
+    num_workers: int = 0,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate ``model`` on every test category of ``index`` (or ``categories``)."""
+    if config.protocol not in PROTOCOLS:
+        raise ConfigError(f"eval.protocol={config.protocol!r}; use {' or '.join(PROTOCOLS)}")
+    model.eval()
+    categories = categories or index.categories
+    unknown = sorted(set(categories) - set(index.categories))
+    if unknown:
+        raise ConfigError(f"categories {unknown} are not in {index.root}; found: {', '.join(index.categories)}")
+    details = {}
+    outer = tqdm(categories, desc="evaluating", unit="category", disable=not progress or len(categories) < 2)
+    for category in outer:
+        details[category] = evaluate_category(
+            model,
+            index,
+            category,
+            config,
+            device=device,
+            num_workers=num_workers,
+            skip_bad=skip_bad,
+            progress=progress,
+        )
+    per_category = {cat: detail.metrics for cat, detail in details.items()}
+    mean = mean_metrics(per_category)
+    left_out = {
+        key: [cat for cat, values in per_category.items() if math.isnan(values.get(key, math.nan))]
+        for key in METRIC_KEYS
+    }
+    left_out = {key: cats for key, cats in left_out.items() if cats}
+    thresholds = {
+        "image": {cat: d.image_threshold for cat, d in details.items()},
+        "pixel": {cat: d.pixel_threshold for cat, d in details.items()},
+    }
+    for kind in ("image", "pixel"):
+        finite = [t for t in thresholds[kind].values() if math.isfinite(t)]
+        thresholds[kind]["__all__"] = float(np.median(finite)) if finite else math.nan
+    return EvalResult(per_category, mean, thresholds, left_out, config.protocol, details)
+
+
+def write_results(result: EvalResult, out_dir: str | Path, *, checkpoint: str | None = None) -> Path:
+    """Write metrics.json, metrics.csv, thresholds.json, curves.json and the report examples into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "metrics.json", result.to_json(checkpoint))
+    atomic_write_text(out / "metrics.csv", metrics_csv(result))
+    atomic_write_json(out / "thresholds.json", result.thresholds)
+    atomic_write_json(out / "curves.json", {cat: d.curves for cat, d in result.details.items()})
+    examples: dict[str, list[dict[str, Any]]] = {}
+    (out / "examples").mkdir(exist_ok=True)
+    for cat, detail in result.details.items():
+        examples[cat] = []
+        for k, example in enumerate(detail.examples):
+            name = f"examples/{_safe(cat)}_{example['rank']}_{k}.npy"
+            np.save(out / name, example["map_array"].astype(np.float16))
+            entry = {key: value for key, value in example.items() if key != "map_array"}
+            examples[cat].append({**entry, "map": name})
+    atomic_write_json(out / "examples.json", examples)
+    return out
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+
+
+def metrics_csv(result: EvalResult) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["category", *METRIC_KEYS])
+    for cat, values in {**result.categories, "mean": result.mean}.items():
+        writer.writerow([cat, *(_fmt(values.get(key, math.nan), 6) for key in METRIC_KEYS)])
+    return buffer.getvalue()
+
+
+def _fmt(value: float, digits: int) -> str:
+    return "nan" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def markdown_table(result: EvalResult) -> str:
+    """The metric table in percent, one row per category and the mean, as Markdown."""
+    short = ["I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO"]
+    lines = ["| category | " + " | ".join(short) + " |", "|---" * (len(short) + 1) + "|"]
+    for cat, values in {**result.categories, "**mean**": result.mean}.items():
+        cells = [
+            "n/a" if math.isnan(values.get(key, math.nan)) else f"{100 * values[key]:.1f}" for key in METRIC_KEYS
+        ]
+        lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+    for key, cats in result.left_out.items():
+        lines.append(f"\n{key}: undefined for {', '.join(cats)} (left out of the mean)")
+    return "\n".join(lines)

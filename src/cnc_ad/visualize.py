@@ -1,0 +1,185 @@
+"""Pictures of anomaly maps: colour heatmaps, overlays on the input image, mask renderings and PNG/JPEG bytes.
+
+Used by the HTML report (:mod:`cnc_ad.report`) and by batch prediction to write overlay images. Every function takes
+and returns NumPy arrays: RGB images are ``(H, W, 3)`` uint8, anomaly maps ``(H, W)`` float (any scale), masks
+``(H, W)`` bool or 0/1. Colour maps come from matplotlib's colormap registry (imported lazily, no pyplot state).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_CMAP = "turbo"
+
+
+def colorize(
+    anomaly_map: np.ndarray, vmin: float | None = None, vmax: float | None = None, cmap: str = DEFAULT_CMAP
+) -> np.ndarray:
+    """Render an anomaly map as a colour heatmap.
+
+    Args:
+        anomaly_map: ``(H, W)`` anomaly scores; NaNs are drawn as ``vmin``.
+        vmin: score drawn with the lowest colour (default: the map's minimum). Pass the same ``vmin``/``vmax`` to
+            several maps to compare them on one scale.
+        vmax: score drawn with the highest colour (default: the map's maximum). Scores outside ``[vmin, vmax]`` are
+            clipped. When ``vmax <= vmin`` the whole map takes the lowest colour.
+        cmap: name of a matplotlib colormap (``"turbo"``, ``"jet"``, ``"inferno"`` ...).
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB heatmap.
+    """
+    import matplotlib
+
+    values = np.asarray(anomaly_map, dtype=np.float32)
+    if values.ndim != 2:
+        raise ValueError(f"anomaly_map must be 2-D (H, W), got shape {values.shape}")
+    finite = values[np.isfinite(values)]
+    lo = float(vmin) if vmin is not None else (float(finite.min()) if finite.size else 0.0)
+    hi = float(vmax) if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+    scale = hi - lo
+    if scale > 0:
+        normed = np.clip((np.nan_to_num(values, nan=lo) - lo) / scale, 0.0, 1.0)
+    else:
+        normed = np.zeros_like(values)
+    rgba = matplotlib.colormaps[cmap](normed, bytes=True)  # (H, W, 4) uint8
+    return np.ascontiguousarray(rgba[..., :3])
+
+
+def overlay(
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    alpha: float = 0.5,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    cmap: str = DEFAULT_CMAP,
+) -> np.ndarray:
+    """Blend a colour heatmap of ``anomaly_map`` over ``image``.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB image.
+        anomaly_map: ``(h, w)`` anomaly scores; resized (bilinear) to ``(H, W)`` when the sizes differ.
+        alpha: weight of the heatmap, in ``[0, 1]`` (0 shows only the image, 1 only the heatmap).
+        vmin: see :func:`colorize`.
+        vmax: see :func:`colorize`.
+        cmap: see :func:`colorize`.
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB image.
+    """
+    image = _as_rgb(image)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    height, width = image.shape[:2]
+    heat = colorize(resize_map(anomaly_map, (height, width)), vmin=vmin, vmax=vmax, cmap=cmap)
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * heat.astype(np.float32)
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an anomaly map with bilinear interpolation.
+
+    Args:
+        anomaly_map: ``(h, w)`` anomaly scores.
+        size: target ``(height, width)``.
+
+    Returns:
+        ``(height, width)`` float32 map (the input itself, as float32, when the size already matches).
+    """
+    values = np.asarray(anomaly_map, dtype=np.float32)
+    if values.ndim != 2:
+        raise ValueError(f"anomaly_map must be 2-D (H, W), got shape {values.shape}")
+    height, width = size
+    if values.shape == (height, width):
+        return values
+    resized = Image.fromarray(values).resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.float32)
+
+
+def mask_to_rgb(
+    mask: np.ndarray, color: tuple[int, int, int] = (255, 255, 255), background: tuple[int, int, int] = (0, 0, 0)
+) -> np.ndarray:
+    """Render a binary mask as an RGB image.
+
+    Args:
+        mask: ``(H, W)`` bool, or numbers where anything > 0 is foreground.
+        color: RGB colour of the foreground.
+        background: RGB colour of the background.
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB image.
+    """
+    mask = _as_bool_mask(mask)
+    rgb = np.empty((*mask.shape, 3), dtype=np.uint8)
+    rgb[...] = np.asarray(background, dtype=np.uint8)
+    rgb[mask] = np.asarray(color, dtype=np.uint8)
+    return rgb
+
+
+def outline(
+    image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (255, 0, 0), width: int = 1
+) -> np.ndarray:
+    """Draw the boundary of a binary mask over an image (for example a ground-truth contour on an overlay).
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB image.
+        mask: ``(h, w)`` bool or 0/1 mask; resized (nearest) to ``(H, W)`` when the sizes differ.
+        color: RGB colour of the boundary.
+        width: boundary thickness in pixels, inside the mask region.
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB copy of ``image`` with the boundary drawn.
+    """
+    from scipy import ndimage
+
+    image = _as_rgb(image)
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    height, image_width = image.shape[:2]
+    region = _as_bool_mask(mask)
+    if region.shape != (height, image_width):
+        region = np.asarray(Image.fromarray(region).resize((image_width, height), Image.Resampling.NEAREST))
+    inner = ndimage.binary_erosion(region, iterations=width, border_value=0)
+    drawn = image.copy()
+    drawn[region & ~inner] = np.asarray(color, dtype=np.uint8)
+    return drawn
+
+
+def to_png_bytes(array: np.ndarray) -> bytes:
+    """Encode an ``(H, W, 3)`` uint8 RGB image or an ``(H, W)`` uint8/bool grey image as PNG."""
+    buffer = io.BytesIO()
+    _to_pil(array).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def to_jpeg_bytes(array: np.ndarray, quality: int = 85) -> bytes:
+    """Encode an ``(H, W, 3)`` uint8 RGB image or an ``(H, W)`` uint8 grey image as JPEG (``quality`` 1-95)."""
+    buffer = io.BytesIO()
+    _to_pil(array).save(buffer, format="JPEG", quality=quality, optimize=True)
+    return buffer.getvalue()
+
+
+def _to_pil(array: np.ndarray) -> Image.Image:
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
+        raise ValueError(f"expected (H, W) or (H, W, 3) uint8, got {array.dtype} of shape {array.shape}")
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {image.dtype} of shape {image.shape}")
+    return image
+
+
+def _as_bool_mask(mask: np.ndarray) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
+    return mask > 0
+
