@@ -25,7 +25,7 @@ def colorize(
         vmin: score drawn with the lowest colour (default: the map's minimum). Pass the same ``vmin``/``vmax`` to
             several maps to compare them on one scale.
         vmax: score drawn with the highest colour (default: the map's maximum). Scores outside ``[vmin, vmax]`` are
-            clipped. When ``vmax <= vmin`` the whole map takes the lowest colour.
+            clipped. A constant map takes the lowest colour.
         cmap: name of a matplotlib colormap (``"turbo"``, ``"jet"``, ``"inferno"`` ...).
 
     Returns:
@@ -39,11 +39,15 @@ def colorize(
     finite = values[np.isfinite(values)]
     lo = float(vmin) if vmin is not None else (float(finite.min()) if finite.size else 0.0)
     hi = float(vmax) if vmax is not None else (float(finite.max()) if finite.size else 1.0)
-    scale = hi - lo
-    if scale > 0:
-        normed = np.clip((np.nan_to_num(values, nan=lo) - lo) / scale, 0.0, 1.0)
-    else:
-        normed = np.zeros_like(values)
+    if vmin is None:
+        lo = min(lo, hi)
+    if vmax is None:
+        hi = max(lo, hi)
+    if hi < lo:
+        raise ValueError(f"vmax ({hi}) must not be below vmin ({lo})")
+    values = np.nan_to_num(values, nan=lo)
+    # With hi == lo (a constant map) scores at or below lo take the lowest colour, scores above it the highest.
+    normed = np.clip((values - lo) / (hi - lo), 0.0, 1.0) if hi > lo else (values > lo).astype(np.float32)
     rgba = matplotlib.colormaps[cmap](normed, bytes=True)  # (H, W, 4) uint8
     return np.ascontiguousarray(rgba[..., :3])
 
@@ -182,4 +186,3 @@ def _as_bool_mask(mask: np.ndarray) -> np.ndarray:
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
     return mask > 0
-
