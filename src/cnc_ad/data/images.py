@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cnc_ad.errors import DataError
 
@@ -38,7 +38,9 @@ def _apply_pixel_limit() -> None:
     try:
         limit = int(value)
     except ValueError as err:
-        raise DataError(f"{MAX_PIXELS_ENV}={value!r} is not an integer; set it to a pixel count, or 0 for no limit") from err
+        raise DataError(
+            f"{MAX_PIXELS_ENV}={value!r} is not an integer; set it to a pixel count, or 0 for no limit"
+        ) from err
     Image.MAX_IMAGE_PIXELS = limit if limit > 0 else None
 
 
@@ -58,7 +60,10 @@ def _describe_failure(path: Path, kind: str, err: Exception) -> DataError:
         return DataError(f"{kind} {path} does not exist; rescan the dataset or restore the file")
     if empty:
         return DataError(f"{kind} {path} is empty (0 bytes); re-copy or remove the file, or pass --skip-bad")
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, UnidentifiedImageError):
+        reason = "not an image format Pillow can read"
+    else:
+        reason = str(err).splitlines()[0].replace(str(path), "file") if str(err) else type(err).__name__
     return DataError(f"cannot decode {kind} {path} ({reason}); re-copy, convert or remove the file, or pass --skip-bad")
 
 
@@ -164,6 +169,12 @@ def decode_mask(path: str | os.PathLike) -> np.ndarray:
     return array > 0
 
 
+def resize_mask(mask: np.ndarray, side: int) -> np.ndarray:
+    """Bilinear (antialiased) resize of a ``(H, W)`` 0/1 mask to ``(side, side)`` float32 values in [0, 1]."""
+    image = Image.fromarray(mask.astype(np.float32))
+    return np.asarray(image.resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
 def load_mask(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
     """Read a binary mask.
 
@@ -179,8 +190,6 @@ def load_mask(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
     """
     mask = decode_mask(path)
     if size is not None and mask.shape != (size, size):
-        from cnc_ad.data.transforms import resize_mask
-
         mask = resize_mask(mask, size) > 0.5
     return mask
 
@@ -197,3 +206,11 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     except Exception as err:
         raise _describe_failure(path, "image", err) from err
     return height, width
+
+
+def mask_size_message(image: Path, mask: Path, size: tuple[int, ...], mask_size: tuple[int, ...]) -> str:
+    """The one-line problem for a mask whose ``(H, W)`` differs from its image's."""
+    return (
+        f"mask {mask} is {mask_size[1]}x{mask_size[0]} but its image {image} is {size[1]}x{size[0]}; "
+        "regenerate the mask at the image's size, or pass --skip-bad"
+    )

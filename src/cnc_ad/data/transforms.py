@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cnc_ad.data.images import resize_mask
 from cnc_ad.errors import DataError
 
 PROTOCOLS = ("ader", "dinomaly")
@@ -34,8 +35,8 @@ def resize_side(size: int, protocol: str = "ader") -> int:
 def center_crop(array: np.ndarray, size: int) -> np.ndarray:
     """Centre crop of the first two axes to ``size x size`` (offsets rounded like torchvision's CenterCrop)."""
     height, width = array.shape[:2]
-    top = int(round((height - size) / 2.0))
-    left = int(round((width - size) / 2.0))
+    top = round((height - size) / 2.0)
+    left = round((width - size) / 2.0)
     return array[top : top + size, left : left + size]
 
 
@@ -49,12 +50,6 @@ def prepare_image(image: Image.Image, size: int, protocol: str = "ader") -> np.n
     if image.size != (side, side):
         image = image.resize((side, side), Image.Resampling.BILINEAR, reducing_gap=3.0)
     return center_crop(np.asarray(image, dtype=np.uint8), size)
-
-
-def resize_mask(mask: np.ndarray, side: int) -> np.ndarray:
-    """Bilinear (antialiased) resize of a ``(H, W)`` 0/1 mask to ``(side, side)`` float32 values in [0, 1]."""
-    image = Image.fromarray(mask.astype(np.float32))
-    return np.asarray(image.resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def prepare_mask(mask: np.ndarray, size: int, protocol: str = "ader") -> np.ndarray:

@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny synthetic dataset in the MVTec AD layout, written once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnc_ad.data.synth import synthesize
+
+SYNTH_CATEGORIES = 3
+SYNTH_PER_CATEGORY = 6
+SYNTH_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic MVTec-layout dataset: 3 categories (brick, washer, grass), 6 train good + 2 test good + 4 defective
+    test images (one per defect type, with masks) each, 64 x 64 px. Read-only: copy it before changing it."""
+    root = tmp_path_factory.mktemp("synth") / "data"
+    synthesize(root, categories=SYNTH_CATEGORIES, per_category=SYNTH_PER_CATEGORY, size=SYNTH_SIZE, seed=0)
+    return root
+
+
+def write_image(path: Path, size: tuple[int, int] = (16, 16), value: int | None = None, mode: str = "RGB") -> Path:
+    """Write a small image (random content, or constant ``value``) of ``size`` (W, H); create parent folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    channels = {"RGB": 3, "L": 1}[mode]
+    rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
+    shape = (size[1], size[0], channels)
+    array = np.full(shape, value, np.uint8) if value is not None else rng.integers(0, 256, shape, dtype=np.uint8)
+    Image.fromarray(array[..., 0] if channels == 1 else array).save(path)
+    return path
