@@ -44,3 +44,8 @@ def test_yaml_round_trip(tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_yaml_words_stay_strings():
+    cfg = config_from_dict(parse_overrides(["train.feature_cache=off", "model.use_moe=false"]))
+    assert cfg.train.feature_cache == "off" and cfg.model.use_moe is False

@@ -8,6 +8,7 @@ and ablated without touching code.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -91,7 +92,9 @@ class TrainConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     amp: str = "auto"  # "auto" (bf16 on CUDA) | "bf16" | "off"
     feature_cache: str = "auto"  # "auto" | "memory" | "disk" | "off"
-    cache_dtype: str = "float16"  # precision of cached features (used with and without the cache): float16|bfloat16|float32
+    cache_dtype: str = (
+        "float16"  # precision of cached features (used with and without the cache): float16|bfloat16|float32
+    )
     cache_memory_gb: float = 8.0  # "auto" keeps the cache in memory up to this size, else a disk memmap
     log_every: int = 10  # steps between log.jsonl lines
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
@@ -117,6 +120,23 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false are booleans, so ``feature_cache: off`` stays the string "off"."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
 GROUPS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
@@ -188,9 +208,7 @@ def _build_group(name: str, values: Mapping[str, Any], base: Any) -> Any:
     updates = {}
     for key, value in values.items():
         if key not in known:
-            raise ConfigError(
-                f"unknown config key '{name}.{key}'; known keys of '{name}': {', '.join(sorted(known))}"
-            )
+            raise ConfigError(f"unknown config key '{name}.{key}'; known keys of '{name}': {', '.join(sorted(known))}")
         updates[key] = _coerce(f"{name}.{key}", value, hints[key])
     return dataclasses.replace(base, **updates)
 
@@ -221,7 +239,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"override {item!r} must look like group.key=value, e.g. train.lr=1e-4")
         group, _, name = key.strip().partition(".")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _load_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
         nested.setdefault(group, {})[name] = value
@@ -251,7 +269,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; pass one of configs/*.yaml or a file of your own")
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            values = _load_yaml(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
         config = config_from_dict(values, config)

@@ -42,10 +42,10 @@ def run_demo(
     progress: bool = True,
 ) -> DemoResult:
     """Run the whole job into ``out`` (``data/``, ``run/``, ``eval/`` with ``report.html``)."""
-    from cnc_ad.checkpoint import load_model, store_thresholds
+    from cnc_ad.checkpoint import load_model
     from cnc_ad.data import scan_dataset
     from cnc_ad.data.synth import synthesize
-    from cnc_ad.evaluate import evaluate, markdown_table, write_results
+    from cnc_ad.evaluate import evaluate, markdown_table, store_thresholds, write_results
     from cnc_ad.report import write_report
     from cnc_ad.train import resolve_device, train
 
@@ -66,8 +66,9 @@ def run_demo(
     device = resolve_device(config.train.device)
     model = load_model(result.checkpoint).to(device)
     index = scan_dataset(data_root)
-    evaluation = evaluate(model, index, config.eval, device=device, num_workers=config.data.num_workers,
-                          progress=progress)
+    evaluation = evaluate(
+        model, index, config.eval, device=device, num_workers=config.data.num_workers, progress=progress
+    )
     eval_dir = write_results(evaluation, out / "eval", checkpoint=str(result.checkpoint))
     store_thresholds(result.checkpoint, evaluation.thresholds)
     seconds["evaluate"] = time.perf_counter() - tick

@@ -30,11 +30,7 @@ from cnc_ad.files import atomic_write_json, atomic_write_text
 from cnc_ad.metrics import (
     METRIC_KEYS,
     MetricAccumulator,
-    f1_max_threshold,
     mean_metrics,
-    pr_curve_points,
-    pro_curve_points,
-    roc_curve_points,
 )
 from cnc_ad.model import CNC
 from cnc_ad.model.anomaly_map import image_score
@@ -96,11 +92,16 @@ def evaluate_category(
     samples = dist.shard(index.test_samples(category))
     dataset = TestDataset(samples, model.image_size, map_size, protocol=config.protocol)
     loader = make_loader(dataset, config.batch_size, num_workers=num_workers, skip_bad=skip_bad)
-    mode = config.metrics
-    if mode == "auto":
-        pixels = len(index.test_samples(category)) * map_size * map_size
-        mode = "streaming" if pixels > config.streaming_above_pixels or dist.world_size() > 1 else "exact"
-    accumulator = MetricAccumulator(mode=mode, bins=config.streaming_bins)
+    if config.metrics not in ("auto", "exact", "streaming"):
+        raise ConfigError(f"eval.metrics={config.metrics!r}; use auto, exact or streaming")
+    # 1 - cosine lies in [0, 2]; feature-level normality promotion scales it by up to 1 + theta.
+    high = 2.0 * (1.0 + model.config.fnp_theta) if model.config.fnp else 2.0
+    accumulator = MetricAccumulator(
+        mode=config.metrics,
+        bins=config.streaming_bins,
+        score_range=(0.0, high),
+        max_exact_pixels=config.streaming_above_pixels,
+    )
     score_mode = _score_mode(model, config.protocol)
     scores, labels, rows, kept = [], [], [], []
     bar = tqdm(loader, desc=f"eval {category}", unit="batch", leave=False, disable=not progress)
@@ -139,43 +140,39 @@ def _finish_category(
 ) -> CategoryResult:
     # Merge the shards of every process (a no-op in a single process).
     states = dist.all_gather_objects(accumulator.state_dict())
-    merged = MetricAccumulator.from_state_dict(states[0])
-    for state in states[1:]:
-        merged = merged + MetricAccumulator.from_state_dict(state)
+    merged = sum(
+        (MetricAccumulator.from_state_dict(state) for state in states[1:]), MetricAccumulator.from_state_dict(states[0])
+    )
     metrics = merged.compute()
-    gathered = dist.all_gather_objects((scores, labels, [str(samples[i].image) for i in rows]))
-    scores = np.concatenate([g[0] for g in gathered])
-    labels = np.concatenate([g[1] for g in gathered])
-    image_threshold = f1_max_threshold(scores, labels)[1] if labels.any() and not labels.all() else math.nan
-    pixel_threshold = merged.pixel_f1_threshold() if hasattr(merged, "pixel_f1_threshold") else math.nan
-    curves: dict[str, dict[str, list[float]]] = {}
-    if labels.any() and not labels.all():
-        x, y = roc_curve_points(scores, labels)
-        curves["image_roc"] = {"x": x.tolist(), "y": y.tolist()}
-        x, y = pr_curve_points(scores, labels)
-        curves["image_pr"] = {"x": x.tolist(), "y": y.tolist()}
-    curves.update(merged.pixel_curves() if hasattr(merged, "pixel_curves") else {})
-    # Examples: the most and least anomalous images of this process (process 0 keeps its own in distributed runs).
-    picked = []
-    if len(scores) and dist.world_size() == 1:
+    thresholds = merged.f1_thresholds()
+    curves = {
+        key: {"x": curve["x"].tolist(), "y": curve["y"].tolist()}
+        for key, curve in merged.curves().items()
+        if len(curve["x"])
+    }
+    # Examples: the most and least anomalous images of each process, the best of them chosen on process 0.
+    candidates = []
+    if len(scores):
         order = np.argsort(-scores, kind="stable")
-        most = order[:examples].tolist()
-        least = [i for i in order[::-1][:examples].tolist() if i not in most]
-        for rank_name, chosen in (("most", most), ("least", least)):
-            for i in chosen:
-                sample = samples[rows[i]]
-                picked.append(
-                    {
-                        "image": str(sample.image),
-                        "score": float(scores[i]),
-                        "label": int(labels[i]),
-                        "defect": sample.defect,
-                        "mask": str(sample.mask) if sample.mask is not None else None,
-                        "rank": rank_name,
-                        "map_array": maps[i],
-                    }
-                )
-    return CategoryResult(metrics, float(image_threshold), float(pixel_threshold), curves, picked)
+        chosen = {*order[:examples].tolist(), *order[::-1][:examples].tolist()}
+        for i in sorted(chosen):
+            sample = samples[rows[i]]
+            candidates.append(
+                {
+                    "image": str(sample.image),
+                    "score": float(scores[i]),
+                    "label": int(labels[i]),
+                    "defect": sample.defect,
+                    "mask": str(sample.mask) if sample.mask is not None else None,
+                    "map_array": maps[i],
+                }
+            )
+    candidates = [c for part in dist.all_gather_objects(candidates) for c in part]
+    candidates.sort(key=lambda c: -c["score"])
+    most = candidates[:examples]
+    least = [c for c in candidates[::-1][:examples] if c not in most]
+    picked = [{**c, "rank": "most"} for c in most] + [{**c, "rank": "least"} for c in least]
+    return CategoryResult(metrics, float(thresholds["image"]), float(thresholds["pixel"]), curves, picked)
 
 
 def evaluate(
@@ -248,6 +245,13 @@ def write_results(result: EvalResult, out_dir: str | Path, *, checkpoint: str | 
     return out
 
 
+def store_thresholds(checkpoint: str | Path, thresholds: dict[str, dict[str, float]]) -> Path:
+    """Keep the F1-max thresholds beside the checkpoint (``thresholds.json``), where ``cnc predict`` finds them."""
+    path = Path(checkpoint) / "thresholds.json"
+    atomic_write_json(path, thresholds)
+    return path
+
+
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
 
@@ -270,9 +274,7 @@ def markdown_table(result: EvalResult) -> str:
     short = ["I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO"]
     lines = ["| category | " + " | ".join(short) + " |", "|---" * (len(short) + 1) + "|"]
     for cat, values in {**result.categories, "**mean**": result.mean}.items():
-        cells = [
-            "n/a" if math.isnan(values.get(key, math.nan)) else f"{100 * values[key]:.1f}" for key in METRIC_KEYS
-        ]
+        cells = ["n/a" if math.isnan(values.get(key, math.nan)) else f"{100 * values[key]:.1f}" for key in METRIC_KEYS]
         lines.append(f"| {cat} | " + " | ".join(cells) + " |")
     for key, cats in result.left_out.items():
         lines.append(f"\n{key}: undefined for {', '.join(cats)} (left out of the mean)")

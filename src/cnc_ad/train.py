@@ -31,9 +31,9 @@ from cnc_ad import distributed as dist
 from cnc_ad.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from cnc_ad.config import Config, save_config
 from cnc_ad.data import DatasetIndex, Sample, TrainDataset, make_loader, scan_dataset
-from cnc_ad.errors import ConfigError, TrainingError
-from cnc_ad.model import CNC, build_model
+from cnc_ad.errors import CheckpointError, ConfigError, TrainingError
 from cnc_ad.files import append_jsonl
+from cnc_ad.model import CNC, build_model
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,11 @@ class Trainer:
         probe = torch.zeros(1, 3, self.model.image_size, self.model.image_size, device=self.device)
         shapes = [(f.shape[1], f.shape[2]) for f in self.model.encode(probe)]
         size = FeatureCache.nbytes(shapes, len(self.samples), dtype)
-        if mode == "memory" and self.config.train.feature_cache == "auto" and size > self.config.train.cache_memory_gb * 2**30:
+        if (
+            mode == "memory"
+            and self.config.train.feature_cache == "auto"
+            and size > self.config.train.cache_memory_gb * 2**30
+        ):
             mode = "disk"
         path = self.run_dir / "feature_cache" if mode == "disk" else None
         log.info("feature cache: %s, %.2f GB for %d images", mode, size / 2**30, len(self.samples))
@@ -372,9 +376,7 @@ class Trainer:
         log_path = self.run_dir / "log.jsonl"
         last: dict[str, float] = {}
         checkpoint = self.run_dir
-        bar = tqdm(
-            total=self.total_steps, initial=self.step, desc="training", unit="step", disable=not self.progress
-        )
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", disable=not self.progress)
         seen, tick = 0, time.perf_counter()
         while self.step < self.total_steps:
             for features in self._batches(self.epoch):
@@ -420,10 +422,10 @@ class Trainer:
         if torch.isfinite(total).all():
             return
         bad = [name for name, value in losses.items() if name != "loss" and not torch.isfinite(value).all()]
-        terms = ", ".join(f"{name}={float(losses[name])}" for name in bad) or f"loss={float(total)}"
+        terms = ", ".join(f"{name}={float(losses[name].detach())}" for name in bad) or f"loss={float(total.detach())}"
         try:
             good = f"the last good checkpoint is {latest_checkpoint(self.run_dir)}"
-        except Exception:  # noqa: BLE001 - only used to word the message
+        except CheckpointError:
             good = "no checkpoint was written yet"
         raise TrainingError(
             f"non-finite loss at step {self.step + 1} ({terms}); {good}. Lower train.lr or set train.grad_clip"
@@ -450,5 +452,3 @@ def _from_json(value: Any) -> Any:
     if isinstance(value, list):
         return [_from_json(v) for v in value]
     return value
-
-

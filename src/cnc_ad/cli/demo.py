@@ -28,8 +28,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--per-category", type=int, default=40, help="training images per category (default 40)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the synthetic data")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of configs/demo.yaml (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of configs/demo.yaml (repeatable)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 

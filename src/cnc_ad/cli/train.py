@@ -37,15 +37,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-root", help="dataset folder (overrides data.root)")
     parser.add_argument("--format", help="dataset layout, auto-detected by default (overrides data.format)")
     parser.add_argument("--out", help="run folder (default runs/<config>-<time>)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=1e-4 (repeatable)",
+    )
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides train.device)")
     parser.add_argument("--epochs", type=int, help="overrides train.epochs")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (train.max_steps)")
     parser.add_argument("--clip-weights", metavar="PATH", help="local CLIP weights file (offline use)")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="allow a pickle/TorchScript CLIP weights file (original OpenAI .pt files)")
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow a pickle/TorchScript CLIP weights file (original OpenAI .pt files)",
+    )
     parser.add_argument("--skip-bad", action="store_true", help="log and skip unreadable images instead of stopping")
     parser.add_argument("--nproc", type=int, metavar="N", help="train on N processes/GPUs through torchrun")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -82,8 +91,16 @@ def _relaunch_with_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
         if item.startswith("--nproc="):
             continue
         forwarded.append(item)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               "-m", "cnc_ad", *forwarded]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+        "-m",
+        "cnc_ad",
+        *forwarded,
+    ]
     return subprocess.call(command)
 
 

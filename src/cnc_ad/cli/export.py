@@ -1,0 +1,83 @@
+"""``cnc export``: the whole inference graph as ONNX, checked against PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """\
+examples:
+  cnc export --checkpoint runs/demo --format onnx --out model.onnx
+  cnc export --checkpoint runs/mvtec --out model.onnx --data-root /data/mvtec_ad --opset 17
+
+The graph takes images (B, 3, S, S) float32 RGB in [0, 1] (S = the model's image size; the graph normalises) and
+returns score (B,) and anomaly_map (B, 1, M, M); the batch size is dynamic. The thresholds stored by `cnc eval` are
+embedded as metadata, so `cnc predict --onnx` decides like `cnc predict --checkpoint`.
+
+After exporting, the command runs PyTorch and onnxruntime on random images (a batch size other than the traced one,
+which proves the dynamic batch) and on a few dataset images with --data-root, prints the largest absolute
+differences of maps and scores, and exits with status 7 when one exceeds --tolerance.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a model to ONNX and check parity with PyTorch",
+        description="Export the visual inference graph (normalisation, encoder, bottleneck, MoE, decoder, map, blur, "
+        "score; text features as constants) to ONNX with a dynamic batch size, then check it against PyTorch.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    parser.add_argument("--format", choices=["onnx"], default="onnx", help="export format (onnx)")
+    parser.add_argument("--out", required=True, metavar="FILE.onnx", help="the file to write")
+    parser.add_argument("--data-root", help="also check parity on a few test images of this dataset")
+    parser.add_argument("--opset", type=int, help="ONNX opset version (default 17)")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed abs difference (default 1e-4)")
+    parser.add_argument("--parity-images", type=int, default=4, help="images per parity check (default 4)")
+    parser.add_argument("--clip-weights", metavar="PATH", help="local CLIP weights file (offline use)")
+    parser.add_argument("--trust-pickle", action="store_true", help="allow a pickle/TorchScript CLIP weights file")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from cnc_ad.checkpoint import load_model, resolve_checkpoint
+    from cnc_ad.data import ImageFileDataset, scan_dataset
+    from cnc_ad.errors import DataError, ExportError
+    from cnc_ad.export import DEFAULT_OPSET, check_parity, export_onnx, random_images
+    from cnc_ad.predict import read_thresholds
+
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    model = load_model(checkpoint, clip_weights=args.clip_weights, trust_pickle=args.trust_pickle)
+    thresholds = read_thresholds(checkpoint)
+    metadata = {"cnc_ad.checkpoint": str(checkpoint)}
+    if thresholds is not None:
+        metadata["cnc_ad.thresholds"] = thresholds
+    traced = 2
+    path = export_onnx(model, args.out, opset=args.opset or DEFAULT_OPSET, batch_size=traced, metadata=metadata)
+    checks = {"random": random_images(max(args.parity_images, traced + 1), model.image_size)}
+    if args.data_root:
+        index = scan_dataset(args.data_root)
+        samples = [s for c in index.categories for s in index.test_samples(c)][: args.parity_images]
+        dataset = ImageFileDataset([s.image for s in samples], model.image_size)
+        images = [item["image"] for item in (dataset[i] for i in range(len(dataset))) if not item.get("error")]
+        if not images:
+            raise DataError(f"no readable test image in {args.data_root} for the parity check")
+        checks["dataset"] = torch.stack(images)
+    worst = 0.0
+    for name, images in checks.items():
+        parity = check_parity(model, path, images)
+        worst = max(worst, parity["max_abs_map"], parity["max_abs_score"])
+        print(
+            f"parity on {len(images)} {name} images: max |map diff| {parity['max_abs_map']:.3g}, "
+            f"max |score diff| {parity['max_abs_score']:.3g}"
+        )
+    if not worst <= args.tolerance:
+        raise ExportError(
+            f"ONNX parity {worst:.3g} exceeds the tolerance {args.tolerance:g}; {path} is not faithful to the "
+            "checkpoint (try another --opset, or report it)"
+        )
+    print(f"exported {path} (parity within {args.tolerance:g})")
+    return 0

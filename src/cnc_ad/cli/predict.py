@@ -1,0 +1,104 @@
+"""``cnc predict``: score new images with a trained model (checkpoint or exported ONNX graph) into a folder."""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """\
+examples:
+  cnc predict --checkpoint runs/demo images/ --out predictions
+  cnc predict --checkpoint runs/demo 'line3/**/*.jpg' part_0042.png --threshold 0.35
+  cnc predict --onnx model.onnx images/ --out predictions --resume
+
+INPUT: image files, folders (searched recursively) or glob patterns (quote them); any size or mode Pillow reads.
+
+written under --out:
+  predictions.jsonl   one line per image, appended and fsynced as it is done:
+                      {"path", "score", "is_anomalous", "map", "mask", "overlay"} (files relative to --out)
+  predictions.csv     the same as a table, written at the end (also after an interruption)
+  errors.jsonl        {"path", "error"} per file that could not be decoded (it is skipped, the run goes on)
+  maps/<name>.npy     anomaly map at the image's own size (float16 by default, --map-dtype float32)
+  masks/<name>.png    map >= pixel threshold (white = anomalous)
+  overlays/<name>.png heatmap over the image (scale 0 to 2 x pixel threshold)
+  <name> is the file stem plus a hash of its absolute path, so equal names in different folders never clash.
+
+thresholds: an image is anomalous when score >= threshold. The default is the F1-max threshold that `cnc eval`
+stored beside the checkpoint (all categories, or --category's); --threshold overrides it. Masks use the stored pixel
+threshold (or --pixel-threshold), else the image threshold. Without any threshold, is_anomalous is null and no
+masks are written.
+
+exit status: 0 when every image was predicted (or was done before, with --resume); 0 with a warning when some files
+could not be decoded (listed in errors.jsonl), or 3 with --strict; 3 when no image could be predicted.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="score new images: anomaly score, decision, map, mask and heatmap overlay per image",
+        description="Score image files with a trained model and write maps, masks, overlays and a table.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="run folder or checkpoint folder")
+    source.add_argument("--onnx", metavar="FILE", help="an ONNX graph written by `cnc export` (runs on onnxruntime)")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    parser.add_argument("--out", default="predictions", help="output folder (default: predictions)")
+    parser.add_argument("--threshold", type=float, help="image threshold (default: the stored F1-max threshold)")
+    parser.add_argument("--pixel-threshold", type=float, help="mask threshold (default: stored, else --threshold)")
+    parser.add_argument("--category", help="use this category's stored thresholds instead of the overall ones")
+    parser.add_argument("--thresholds", metavar="FILE", help="a thresholds.json to use (default: the stored one)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (checkpoints only)")
+    parser.add_argument("--num-workers", type=int, default=2, help="image decoding processes (default 2)")
+    parser.add_argument("--map-dtype", choices=["float16", "float32"], default="float16", help="dtype of the .npy maps")
+    parser.add_argument("--overlay-max-side", type=int, default=2048, help="longest overlay side in pixels")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--resume", action="store_true", help="skip images already in --out's predictions.jsonl")
+    what.add_argument("--overwrite", action="store_true", help="start --out's predictions.jsonl afresh")
+    parser.add_argument("--strict", action="store_true", help="exit 3 when any input could not be decoded")
+    parser.add_argument("--clip-weights", metavar="PATH", help="local CLIP weights file (offline use)")
+    parser.add_argument("--trust-pickle", action="store_true", help="allow a pickle/TorchScript CLIP weights file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cnc_ad.errors import DataError
+    from cnc_ad.predict import Detector, collect_inputs, predict_files, read_thresholds
+
+    paths = collect_inputs(args.inputs)
+    if args.onnx:
+        detector = Detector.from_onnx(args.onnx, thresholds=args.thresholds)
+    else:
+        detector = Detector.from_checkpoint(
+            args.checkpoint, device=args.device, clip_weights=args.clip_weights, trust_pickle=args.trust_pickle
+        )
+        if args.thresholds:
+            detector.thresholds = read_thresholds(args.thresholds)
+    summary = predict_files(
+        detector,
+        paths,
+        args.out,
+        batch_size=args.batch_size,
+        threshold=args.threshold,
+        pixel_threshold=args.pixel_threshold,
+        category=args.category,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        num_workers=args.num_workers,
+        map_dtype=args.map_dtype,
+        overlay_max_side=args.overlay_max_side,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{summary.predicted} predicted ({summary.anomalous} anomalous), {summary.skipped} done before, "
+        f"{summary.failed} failed; results: {summary.out}"
+    )
+    if summary.failed:
+        message = f"{summary.failed} of {summary.total} inputs could not be decoded; see {summary.out / 'errors.jsonl'}"
+        if args.strict or summary.predicted + summary.skipped == 0:
+            raise DataError(message)
+        print(f"warning: {message}")
+    return 0

@@ -1,0 +1,136 @@
+"""The training loop: feature-cache equivalence, resume equivalence, non-finite losses, run folder contents."""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from cnc_ad.checkpoint import latest_checkpoint, load_model
+from cnc_ad.config import load_config
+from cnc_ad.errors import TrainingError
+from cnc_ad.train import Trainer, learning_rate, train
+
+
+def tiny_config(root, *extra):
+    return load_config(
+        None,
+        [
+            "model.preset=tiny",
+            f"data.root={root}",
+            "data.num_workers=0",
+            "train.epochs=3",
+            "train.batch_size=4",
+            "train.log_every=1",
+            "train.schedule=cosine",
+            "train.warmup_steps=2",
+            *extra,
+        ],
+    )
+
+
+def trainable(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("encoder")}
+
+
+def assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+def test_feature_cache_gives_the_same_model(synth_root, tmp_path):
+    cached = train(
+        tiny_config(synth_root, "train.feature_cache=memory"), tmp_path / "a", progress=False, pretrained=False
+    )
+    fresh = train(tiny_config(synth_root, "train.feature_cache=off"), tmp_path / "b", progress=False, pretrained=False)
+    a = trainable(load_model(cached.checkpoint, pretrained=False))
+    b = trainable(load_model(fresh.checkpoint, pretrained=False))
+    assert_same_weights(a, b, atol=1e-6)
+
+
+def test_disk_cache_gives_the_same_model(synth_root, tmp_path):
+    memory = train(
+        tiny_config(synth_root, "train.feature_cache=memory", "train.epochs=1"),
+        tmp_path / "a",
+        progress=False,
+        pretrained=False,
+    )
+    disk = train(
+        tiny_config(synth_root, "train.feature_cache=disk", "train.epochs=1"),
+        tmp_path / "b",
+        progress=False,
+        pretrained=False,
+    )
+    assert (tmp_path / "b" / "feature_cache").is_dir()
+    assert_same_weights(
+        trainable(load_model(memory.checkpoint, pretrained=False)),
+        trainable(load_model(disk.checkpoint, pretrained=False)),
+    )
+
+
+def test_resume_reaches_the_same_weights(synth_root, tmp_path, monkeypatch):
+    config = tiny_config(synth_root)
+    full = train(config, tmp_path / "full", progress=False, pretrained=False)
+
+    # Interrupt the second run right after its first checkpoint, as a crash would.
+    original = Trainer._save
+    calls = {"n": 0}
+
+    def crash_after_first_save(self):
+        path = original(self)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(Trainer, "_save", crash_after_first_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "resumed", progress=False, pretrained=False)
+    monkeypatch.setattr(Trainer, "_save", original)
+    resumed = train(config, tmp_path / "resumed", resume=True, progress=False, pretrained=False)
+    assert resumed.steps == full.steps
+    assert_same_weights(
+        trainable(load_model(full.checkpoint, pretrained=False)),
+        trainable(load_model(resumed.checkpoint, pretrained=False)),
+    )
+
+
+def test_run_folder_holds_config_log_and_checkpoint(synth_root, tmp_path):
+    result = train(tiny_config(synth_root, "train.max_steps=3"), tmp_path / "run", progress=False, pretrained=False)
+    run = tmp_path / "run"
+    assert (run / "config.yaml").is_file()
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    assert {"loss", "rec", "lr"} <= lines[0].keys()
+    assert result.steps == 3
+    assert latest_checkpoint(run) == result.checkpoint
+
+
+def test_non_finite_loss_stops_with_step_and_term(synth_root, tmp_path, monkeypatch):
+    from cnc_ad.model import CNC
+
+    original = CNC.training_losses
+    state = {"step": 0}
+
+    def poisoned(self, *args, **kwargs):
+        losses = original(self, *args, **kwargs)
+        state["step"] += 1
+        if state["step"] == 5:
+            losses["rec"] = losses["rec"] * float("nan")
+            losses["loss"] = losses["loss"] + losses["rec"]
+        return losses
+
+    monkeypatch.setattr(CNC, "training_losses", poisoned)
+    with pytest.raises(TrainingError, match=r"step 5 .*rec=nan"):
+        train(tiny_config(synth_root), tmp_path / "run", progress=False, pretrained=False)
+    # The checkpoint of the first epoch (before the bad step) is still there and loads.
+    load_model(latest_checkpoint(tmp_path / "run"), pretrained=False)
+
+
+def test_learning_rate_schedule():
+    cfg = tiny_config("x", "train.lr=1.0", "train.min_lr_ratio=0.1").train
+    rates = [learning_rate(step, 12, cfg) for step in range(12)]
+    assert rates[0] == pytest.approx(0.5) and rates[1] == pytest.approx(1.0)
+    assert rates[-1] == pytest.approx(0.1, abs=0.05)
+    assert all(a >= b for a, b in itertools.pairwise(rates[1:]))
