@@ -1,0 +1,206 @@
+"""ONNX export of the whole visual inference graph (METHOD.md §4), with a parity check against PyTorch.
+
+The graph is ``images -> normalisation -> frozen encoder -> bottleneck -> gated MoE -> decoder -> 1 - cos maps ->
+upsample -> Gaussian blur -> image score``. The stored text features enter as constants (they matter only with FNP);
+the text tower is not in the graph.
+
+- input ``images``: ``(B, 3, S, S)`` float32 RGB in [0, 1], not normalised (the graph normalises), ``S`` the model's
+  image size. Float rather than uint8 so that callers feed exactly what :meth:`cnc_ad.model.CNC.predict` takes.
+- outputs ``score`` ``(B,)`` (``config.score``: max, top1 or pool16) and ``anomaly_map`` ``(B, 1, M, M)``,
+  ``M = config.map_size``. The batch size B is dynamic.
+
+The MoE runs densely while tracing (every expert weighted by its top-k gates, zeros elsewhere), which is the same
+function as the eager sparse dispatch with static shapes. The exporter is the TorchScript-based one
+(``dynamo=False``), which handles the dynamic batch of this graph directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cnc_ad import __version__
+from cnc_ad.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("score", "anomaly_map")
+
+
+class InferenceGraph(nn.Module):
+    """:meth:`CNC.predict` as a module with tensor outputs, the function that is exported.
+
+    Args:
+        model: a :class:`cnc_ad.model.CNC` with stored text features.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Images (B, 3, S, S) in [0, 1] -> scores (B,) and maps (B, 1, M, M)."""
+        prediction = self.model.predict(images)
+        return prediction.score, prediction.anomaly_map
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as err:
+        raise ExportError(f"ONNX export needs onnx and onnxruntime ({err}); pip install 'cnc-ad[export]'") from err
+
+
+@contextlib.contextmanager
+def _exporting(model: nn.Module) -> Iterator[None]:
+    """Eval mode, stored text features and the plain (traceable) attention path for the duration of an export."""
+    was_training = model.training
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    model.eval()
+    model.stored_text_features()  # stores them when stale, so the constants are the trained ones
+    # nn.MultiheadAttention's fused inference kernel (the CLIP encoder's) has no ONNX symbolic.
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings():
+            # The tracer warns about Python bools taken from shapes (input checks, blur radius): they are constants
+            # of the graph for a fixed image size, and the parity check on another batch size proves it.
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            # Strided slices are kept as graph ops instead of folded: slower to load, not wrong.
+            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
+            # The TorchScript-based exporter announces its own deprecation (and that of its logging helper).
+            warnings.filterwarnings(
+                "ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning
+            )
+            warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        model.train(was_training)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+    batch_size: int = 2,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Export a CNC model's inference graph to ONNX (written atomically) and check it with ``onnx.checker``.
+
+    Args:
+        model: a :class:`cnc_ad.model.CNC` (its mode is restored afterwards).
+        path: the ``.onnx`` file to write.
+        opset: ONNX opset version (>= 14 for the attention ops).
+        dynamic_batch: make the batch axis dynamic (else the graph takes exactly ``batch_size`` images).
+        batch_size: batch of the random example images the graph is traced with.
+        metadata: extra ``metadata_props`` (JSON-encoded unless strings), e.g. ``{"cnc_ad.thresholds": {...}}``.
+            ``cnc_ad.version``, ``cnc_ad.config`` and ``cnc_ad.input`` are always written.
+
+    Returns:
+        The written file.
+
+    Raises:
+        ExportError: onnx/onnxruntime are missing, or the exporter or the checker fails.
+    """
+    _require_onnx()
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = model.image_size
+    device = next(model.parameters()).device
+    example = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)} if dynamic_batch else None
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with _exporting(model):
+            graph = InferenceGraph(model).eval()
+            try:
+                torch.onnx.export(
+                    graph,
+                    (example,),
+                    str(tmp),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=[INPUT_NAME],
+                    output_names=list(OUTPUT_NAMES),
+                    dynamic_axes=axes,
+                    do_constant_folding=True,
+                )
+            except Exception as err:  # the exporter raises many types; one clear message
+                raise ExportError(f"ONNX export (opset {opset}) failed: {err}") from err
+        proto = onnx.load(str(tmp))
+        props = {
+            "cnc_ad.version": __version__,
+            "cnc_ad.config": json.dumps(_jsonable(model.config.__dict__)),
+            "cnc_ad.input": f"{INPUT_NAME}: (B, 3, {size}, {size}) float32 RGB in [0, 1], not normalised",
+        }
+        props.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+        onnx.helper.set_model_props(proto, props)
+        onnx.save(proto, str(tmp))
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except Exception as err:
+            raise ExportError(f"the exported graph fails onnx.checker: {err}") from err
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("exported %s (opset %d, %s batch)", path, opset, "dynamic" if dynamic_batch else f"fixed {batch_size}")
+    return path
+
+
+def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def random_images(batch_size: int, image_size: int, seed: int = 0) -> Tensor:
+    """Uniform random images (B, 3, S, S) in [0, 1] from a seeded generator."""
+    return torch.rand(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def check_parity(model: nn.Module, onnx_path: str | os.PathLike, images: Tensor) -> dict[str, float]:
+    """Run PyTorch and onnxruntime (CPU) on the same images and compare.
+
+    Args:
+        model: the :class:`cnc_ad.model.CNC` that was exported (run in eval mode, fp32, on its device).
+        onnx_path: the exported graph.
+        images: (B, 3, S, S) float RGB in [0, 1].
+
+    Returns:
+        ``{"max_abs_map", "max_abs_score"}``: largest absolute differences of the maps (B, 1, M, M) and scores (B,).
+    """
+    _require_onnx()
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    scores, maps = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.detach().float().cpu().numpy()})
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        reference = model.predict(images.to(device, torch.float32))
+    finally:
+        model.train(was_training)
+    return {
+        "max_abs_map": float(np.abs(maps - reference.anomaly_map.float().cpu().numpy()).max()),
+        "max_abs_score": float(np.abs(scores - reference.score.float().cpu().numpy()).max()),
+    }

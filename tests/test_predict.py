@@ -1,0 +1,235 @@
+"""Prediction: the Detector API on every input kind, thresholds, and `cnc predict` on folders (bad files, resume,
+interruption, ONNX)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnc_ad import Detector
+from cnc_ad.checkpoint import save_checkpoint
+from cnc_ad.cli import main
+from cnc_ad.config import load_config
+from cnc_ad.errors import ConfigError, DataError
+from cnc_ad.files import read_jsonl
+from cnc_ad.model import build_model
+from cnc_ad.predict import DetectionResult, collect_inputs, output_name
+
+THRESHOLDS = {"image": {"__all__": 1.0, "brick": 0.0, "washer": 99.0}, "pixel": {"__all__": 0.9, "brick": 0.0}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: these tiny models are 10-100x slower with two threads on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight checkpoint with stored thresholds."""
+    model = build_model(load_config(None, ["model.preset=tiny"]).model, pretrained=False)
+    folder = save_checkpoint(tmp_path_factory.mktemp("run") / "ckpt", model)
+    (folder / "thresholds.json").write_text(json.dumps(THRESHOLDS))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def detector(checkpoint: Path) -> Detector:
+    return Detector.from_checkpoint(checkpoint, device="cpu")
+
+
+def _rgb(height: int, width: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _images(root: Path) -> dict[str, Path]:
+    """Four images in two folders, two of them with the same file name, and one corrupt file."""
+    paths = {"a/part.png": (40, 50), "b/part.png": (33, 21), "b/sub/other.jpg": (64, 64), "c.bmp": (20, 30)}
+    written = {}
+    for seed, (rel, (height, width)) in enumerate(paths.items()):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_rgb(height, width, seed)).save(path)
+        written[rel] = path
+    (root / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return written
+
+
+def test_api_on_each_input_kind(detector: Detector, tmp_path: Path) -> None:
+    rgb = _rgb(40, 50, 0)
+    path = tmp_path / "x.png"
+    Image.fromarray(rgb).save(path)
+    side = detector.image_size
+    by_path = detector.predict(path)
+    assert isinstance(by_path, DetectionResult)
+    assert by_path.scores.shape == (1,) and by_path.maps[0].shape == (40, 50) and by_path.maps[0].dtype == np.float32
+    # The same pixels through a file, a PIL image, an array and a float array give the same score.
+    for same in (str(path), Image.fromarray(rgb), rgb, rgb.astype(np.float32) / 255.0):
+        out = detector.predict(same)
+        np.testing.assert_allclose(out.scores, by_path.scores, atol=1e-6)
+        np.testing.assert_allclose(out.maps[0], by_path.maps[0], atol=1e-6)
+    gray = detector.predict(rgb[..., 0])  # (H, W) uint8
+    assert gray.maps[0].shape == (40, 50)
+    batch = torch.rand(3, 3, side, side)
+    out = detector.predict(batch, batch_size=2)
+    assert out.scores.shape == (3,) and all(m.shape == (side, side) for m in out.maps)
+    np.testing.assert_allclose(out.scores, detector.score_batch(batch)[0], atol=1e-6)  # passed through unresized
+    mixed = detector.predict([path, rgb[:17, :23], torch.rand(3, 48, 40), Image.fromarray(rgb).convert("L")])
+    assert [m.shape for m in mixed.maps] == [(40, 50), (17, 23), (48, 40), (40, 50)]
+    assert mixed.scores.dtype == np.float32 and np.isfinite(mixed.scores).all()
+
+
+def test_api_rejects_bad_inputs(detector: Detector, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"bad\.png"):
+        detector.predict(bad)
+    with pytest.raises(DataError, match="float"):
+        detector.predict(np.full((8, 8, 3), 2.0, np.float32))
+    with pytest.raises(DataError, match="shape"):
+        detector.predict(np.zeros((8, 8, 2), np.uint8))
+
+
+def test_thresholds_stored_explicit_and_per_category(detector: Detector) -> None:
+    images = torch.rand(2, 3, detector.image_size, detector.image_size)
+    out = detector.predict(images)  # stored __all__: image 1.0, pixel 0.9
+    np.testing.assert_array_equal(out.is_anomalous, out.scores >= 1.0)
+    assert all(mask.dtype == bool and np.array_equal(mask, m >= 0.9) for mask, m in zip(out.masks, out.maps))
+    brick = detector.predict(images, category="brick")  # thresholds 0: everything anomalous
+    assert brick.is_anomalous.all() and all(mask.all() for mask in brick.masks)
+    washer = detector.predict(images, category="washer")  # no pixel threshold for washer: the image one is used
+    assert not washer.is_anomalous.any() and not any(mask.any() for mask in washer.masks)
+    explicit = detector.predict(images, threshold=-1.0, pixel_threshold=1e9)
+    assert explicit.is_anomalous.all() and not any(mask.any() for mask in explicit.masks)
+    with pytest.raises(ConfigError, match="brick"):
+        detector.predict(images, category="carpet")
+    bare = Detector(detector.backend, detector.image_size, thresholds=None)
+    assert bare.predict(images).is_anomalous is None and bare.predict(images).masks is None
+
+
+def test_collect_inputs(tmp_path: Path) -> None:
+    paths = _images(tmp_path / "in")
+    found = collect_inputs([tmp_path / "in" / "a", str(tmp_path / "in" / "b" / "**" / "*.jpg"), paths["c.bmp"]])
+    assert found == [paths["a/part.png"].resolve(), paths["b/sub/other.jpg"].resolve(), paths["c.bmp"].resolve()]
+    assert len(collect_inputs([tmp_path / "in", tmp_path / "in" / "a"])) == 5  # recursive, deduplicated, bad included
+    with pytest.raises(DataError, match="does not exist"):
+        collect_inputs([tmp_path / "missing"])
+    with pytest.raises(DataError, match="matches no image"):
+        collect_inputs([str(tmp_path / "*.tiff")])
+    assert output_name(paths["a/part.png"]) != output_name(paths["b/part.png"])
+
+
+def _predict(checkpoint: Path, inputs: list[Path], out: Path, *extra: str) -> int:
+    args = ["-q", "predict", "--checkpoint", str(checkpoint), *map(str, inputs), "--out", str(out)]
+    return main([*args, "--num-workers", "0", "--no-progress", "--batch-size", "2", *extra])
+
+
+def test_cli_predict_folder_with_corrupt_file(checkpoint: Path, tmp_path: Path) -> None:
+    paths = _images(tmp_path / "in")
+    out = tmp_path / "out"
+    assert _predict(checkpoint, [tmp_path / "in"], out) == 0
+    records = read_jsonl(out / "predictions.jsonl")
+    assert sorted(r["path"] for r in records) == sorted(str(p.resolve()) for p in paths.values())
+    errors = read_jsonl(out / "errors.jsonl")
+    assert [e["path"] for e in errors] == [str((tmp_path / "in" / "b" / "broken.png").resolve())]
+    assert "broken.png" in errors[0]["error"]
+    assert len({r["map"] for r in records}) == 4  # a/part.png and b/part.png do not overwrite each other
+    for record in records:
+        height, width = Image.open(record["path"]).size[::-1]
+        anomaly_map = np.load(out / record["map"])
+        assert anomaly_map.shape == (height, width) and anomaly_map.dtype == np.float16
+        mask = np.asarray(Image.open(out / record["mask"]))
+        assert mask.shape == (height, width)
+        assert Image.open(out / record["overlay"]).size == (width, height)
+        assert record["is_anomalous"] == (record["score"] >= 1.0)
+    csv_lines = (out / "predictions.csv").read_text().splitlines()
+    assert csv_lines[0] == "path,score,is_anomalous,map,mask,overlay" and len(csv_lines) == 5
+    assert _predict(checkpoint, [tmp_path / "in"], tmp_path / "strict", "--strict") == 3
+    assert _predict(checkpoint, [tmp_path / "in" / "b" / "broken.png"], tmp_path / "none") == 3
+
+
+def test_cli_resume_skips_done_files(checkpoint: Path, tmp_path: Path) -> None:
+    paths = _images(tmp_path / "in")
+    (tmp_path / "in" / "b" / "broken.png").unlink()
+    out = tmp_path / "out"
+    assert _predict(checkpoint, [paths["a/part.png"], paths["c.bmp"]], out) == 0
+    first = read_jsonl(out / "predictions.jsonl")
+    assert _predict(checkpoint, [tmp_path / "in"], out) == 2  # existing results: neither --resume nor --overwrite
+    assert _predict(checkpoint, [tmp_path / "in"], out, "--resume") == 0
+    records = read_jsonl(out / "predictions.jsonl")
+    assert records[:2] == first and len(records) == 4  # the done ones were skipped, not predicted again
+    assert len({r["path"] for r in records}) == 4
+    assert _predict(checkpoint, [paths["c.bmp"]], out, "--overwrite") == 0
+    assert len(read_jsonl(out / "predictions.jsonl")) == 1
+
+
+def test_cli_interrupted_run_keeps_written_results(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = _images(tmp_path / "in")
+    out = tmp_path / "out"
+    real = Detector.score_batch
+    calls = []
+
+    def crash_on_second_batch(self: Detector, images: torch.Tensor):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, images)
+
+    monkeypatch.setattr(Detector, "score_batch", crash_on_second_batch)
+    assert _predict(checkpoint, [tmp_path / "in"], out) == 130
+    kept = read_jsonl(out / "predictions.jsonl")
+    assert len(kept) == calls[0] >= 1  # the first batch survives the crash, with its files and the CSV
+    assert all((out / r["map"]).is_file() and (out / r["overlay"]).is_file() for r in kept)
+    assert len((out / "predictions.csv").read_text().splitlines()) == 1 + len(kept)
+    monkeypatch.setattr(Detector, "score_batch", real)
+    assert _predict(checkpoint, [tmp_path / "in"], out, "--resume") == 0
+    records = read_jsonl(out / "predictions.jsonl")
+    assert records[: len(kept)] == kept
+    assert sorted(r["path"] for r in records) == sorted(str(p.resolve()) for p in paths.values())
+
+
+def test_cli_predict_onnx_matches_checkpoint(checkpoint: Path, tmp_path: Path) -> None:
+    _images(tmp_path / "in")
+    onnx_file = tmp_path / "model.onnx"
+    assert main(["-q", "export", "--checkpoint", str(checkpoint), "--out", str(onnx_file)]) == 0
+    assert _predict(checkpoint, [tmp_path / "in"], tmp_path / "torch") == 0
+    args = ["-q", "predict", "--onnx", str(onnx_file), str(tmp_path / "in"), "--out", str(tmp_path / "onnx")]
+    assert main([*args, "--num-workers", "0", "--no-progress"]) == 0
+    by_torch = {r["path"]: r for r in read_jsonl(tmp_path / "torch" / "predictions.jsonl")}
+    by_onnx = {r["path"]: r for r in read_jsonl(tmp_path / "onnx" / "predictions.jsonl")}
+    assert by_torch.keys() == by_onnx.keys() and len(by_torch) == 4
+    for path, record in by_torch.items():
+        assert abs(record["score"] - by_onnx[path]["score"]) <= 1e-4
+        assert record["is_anomalous"] == by_onnx[path]["is_anomalous"]  # thresholds travel inside the graph
+        torch_map = np.load(tmp_path / "torch" / record["map"]).astype(np.float32)
+        onnx_map = np.load(tmp_path / "onnx" / by_onnx[path]["map"]).astype(np.float32)
+        np.testing.assert_allclose(torch_map, onnx_map, atol=2e-3)  # float16 files
+    detector = Detector.from_onnx(onnx_file)
+    assert detector.thresholds == THRESHOLDS
+    images = torch.rand(5, 3, detector.image_size, detector.image_size)
+    reference = Detector.from_checkpoint(checkpoint, device="cpu").predict(images)
+    out = detector.predict(images, batch_size=5)
+    np.testing.assert_allclose(out.scores, reference.scores, atol=1e-4)
+    np.testing.assert_array_equal(out.is_anomalous, reference.is_anomalous)
+
+
+def test_cli_large_image_overlay_is_capped(checkpoint: Path, tmp_path: Path) -> None:
+    path = tmp_path / "in" / "large.jpg"
+    path.parent.mkdir()
+    Image.fromarray(_rgb(1200, 1600, 7)).save(path, quality=80)
+    out = tmp_path / "out"
+    assert _predict(checkpoint, [path], out, "--overlay-max-side", "200", "--map-dtype", "float32") == 0
+    (record,) = read_jsonl(out / "predictions.jsonl")
+    anomaly_map = np.load(out / record["map"])
+    assert anomaly_map.shape == (1200, 1600) and anomaly_map.dtype == np.float32  # the image's own size
+    assert Image.open(out / record["overlay"]).size == (200, 150)
