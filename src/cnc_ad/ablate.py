@@ -53,8 +53,9 @@ def run_ablation(config: Config, out: str | Path, *, progress: bool = True) -> A
         variant = config_from_dict({"model": switches}, config)
         result = train(variant, folder, progress=progress, index=index)
         model = load_model(result.checkpoint).to(device)
-        evaluation = evaluate(model, index, variant.eval, device=device, num_workers=variant.data.num_workers,
-                              progress=progress)
+        evaluation = evaluate(
+            model, index, variant.eval, device=device, num_workers=variant.data.num_workers, progress=progress
+        )
         write_results(evaluation, folder / "eval", checkpoint=str(result.checkpoint))
         means[name] = evaluation.mean
     table = ablation_table(means)

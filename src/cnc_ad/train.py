@@ -202,7 +202,10 @@ class Trainer:
         self.loss_module: nn.Module = _LossModule(self.model, self.lambdas)
         if dist.is_distributed():
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.loss_module = nn.parallel.DistributedDataParallel(self.loss_module, device_ids=device_ids)
+            # An expert that no token of a batch chose gets no gradient, hence find_unused_parameters.
+            self.loss_module = nn.parallel.DistributedDataParallel(
+                self.loss_module, device_ids=device_ids, find_unused_parameters=True
+            )
         self.dataset = TrainDataset(self.samples, self.model.image_size)
         global_batch = tcfg.batch_size
         self.steps_per_epoch = max(1, len(self.samples) // global_batch)
