@@ -42,10 +42,10 @@ def run_demo(
     progress: bool = True,
 ) -> DemoResult:
     """Run the whole job into ``out`` (``data/``, ``run/``, ``eval/`` with ``report.html``)."""
-    from cnc_ad.checkpoint import load_model
+    from cnc_ad.checkpoint import load_model, store_thresholds
     from cnc_ad.data import scan_dataset
     from cnc_ad.data.synth import synthesize
-    from cnc_ad.evaluate import evaluate, markdown_table, store_thresholds, write_results
+    from cnc_ad.evaluate import evaluate, markdown_table, write_results
     from cnc_ad.report import write_report
     from cnc_ad.train import resolve_device, train
 

@@ -245,13 +245,6 @@ def write_results(result: EvalResult, out_dir: str | Path, *, checkpoint: str | 
     return out
 
 
-def store_thresholds(checkpoint: str | Path, thresholds: dict[str, dict[str, float]]) -> Path:
-    """Keep the F1-max thresholds beside the checkpoint (``thresholds.json``), where ``cnc predict`` finds them."""
-    path = Path(checkpoint) / "thresholds.json"
-    atomic_write_json(path, thresholds)
-    return path
-
-
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
 

@@ -1,0 +1,418 @@
+"""Checkpoints: safetensors + JSON folders, written atomically and checksummed; never pickle.
+
+A checkpoint is a folder::
+
+    model.safetensors   trainable tensors + stored text features (not the frozen backbone)
+    model.json          {"format": "cnc-ad-checkpoint", "version", "config": {resolved model config},
+                         "sha256": <of model.safetensors>, "extra": {...}}
+    trainer.safetensors optional, for resuming: optimiser/scheduler/RNG tensors
+    trainer.json        {"format": "cnc-ad-trainer-state", "sha256": <of trainer.safetensors>, "meta": {...}}
+
+It is written into a temporary sibling folder, every file fsynced, then renamed into place. Its parent is the run
+folder, which keeps a ``latest`` file (written atomically) naming the newest checkpoint folder; the previous checkpoint
+folder is kept, older ones are removed (``keep``). Loading rebuilds the model from ``model.json`` plus the backbone
+weights (a random backbone is seeded, so a model built with ``pretrained=False`` round-trips exactly).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from cnc_ad import __version__
+from cnc_ad.config import ModelConfig, config_from_dict
+from cnc_ad.errors import CheckpointError, ConfigError
+from cnc_ad.model.encoders import is_pickle_file
+
+log = logging.getLogger(__name__)
+
+FORMAT = "cnc-ad-checkpoint"
+TRAINER_FORMAT = "cnc-ad-trainer-state"
+MODEL_FILE = "model.safetensors"
+META_FILE = "model.json"
+TRAINER_FILE = "trainer.safetensors"
+TRAINER_META_FILE = "trainer.json"
+THRESHOLDS_FILE = "thresholds.json"
+LATEST = "latest"
+
+
+# ------------------------------------------------------------------------------------------------------- files
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # directories cannot be opened on some platforms (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, value: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    _fsync(path)
+
+
+def _save_tensors(path: Path, tensors: Mapping[str, Tensor]) -> str:
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path))
+    _fsync(path)
+    return sha256_file(path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a small text file atomically (temporary file in the same folder, fsync, rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+
+
+# -------------------------------------------------------------------------------------------------------- save
+def save_checkpoint(
+    directory: str | Path,
+    model: torch.nn.Module,
+    *,
+    trainer_tensors: dict[str, Tensor] | None = None,
+    trainer_meta: dict | None = None,
+    extra: dict | None = None,
+    run_dir: str | Path | None = None,
+    keep: int | None = 2,
+) -> Path:
+    """Write a checkpoint folder atomically and point the run folder's ``latest`` at it.
+
+    Stores the model's text features first (:meth:`CNC.store_text_features`), so a checkpoint is always ready for
+    inference.
+
+    Args:
+        directory: the checkpoint folder to write (e.g. ``runs/demo/checkpoints/epoch-0003``).
+        model: a :class:`cnc_ad.model.CNC`.
+        trainer_tensors: tensors needed to resume training (optimiser state, RNG states), saved as safetensors.
+        trainer_meta: JSON-able resume state (epoch, step, optimiser hyper-parameters, ...).
+        extra: JSON-able information stored in ``model.json`` under ``"extra"``.
+        run_dir: the run folder whose ``latest`` file is pointed at this checkpoint; default ``directory.parent``.
+        keep: checkpoint folders to keep beside ``directory`` (the new one, the previous ``latest``, then the most
+            recent; None keeps all). Only folders this module wrote (a ``model.json`` of this format) are removed.
+
+    Returns:
+        The checkpoint folder.
+    """
+    directory = Path(directory)
+    parent = directory.parent
+    run = Path(run_dir) if run_dir is not None else parent
+    parent.mkdir(parents=True, exist_ok=True)
+    model.store_text_features()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=parent))
+    try:
+        digest = _save_tensors(tmp / MODEL_FILE, model.checkpoint_state_dict())
+        meta = {
+            "format": FORMAT,
+            "version": __version__,
+            "config": _config_dict(model.config),
+            "sha256": digest,
+            "extra": dict(extra or {}),
+        }
+        _write_json(tmp / META_FILE, meta)
+        if trainer_tensors is not None or trainer_meta is not None:
+            trainer_digest = _save_tensors(tmp / TRAINER_FILE, trainer_tensors or {})
+            _write_json(
+                tmp / TRAINER_META_FILE,
+                {
+                    "format": TRAINER_FORMAT,
+                    "version": __version__,
+                    "sha256": trainer_digest,
+                    "meta": trainer_meta or {},
+                },
+            )
+        _fsync(tmp)
+        previous = _read_latest(run)
+        if directory.exists():  # replacing a folder of the same name: move it aside first
+            trash = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=parent))
+            os.replace(directory, trash / directory.name)
+        else:
+            trash = None
+        os.replace(tmp, directory)
+        _fsync(parent)
+        write_text_atomic(run / LATEST, os.path.relpath(directory, run) + "\n")
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep is not None:
+        _prune(parent, keep=max(keep, 1), newest=directory, previous=previous)
+    log.info("saved checkpoint %s", directory)
+    return directory
+
+
+def _config_dict(config: ModelConfig) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.__dict__.items()}
+
+
+def _read_latest(run: Path) -> Path | None:
+    """The checkpoint folder named by ``run/latest`` (relative to ``run``), or None without one."""
+    try:
+        name = (run / LATEST).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return run / name if name else None
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    try:
+        return json.loads((folder / META_FILE).read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _prune(parent: Path, keep: int, newest: Path, previous: Path | None) -> None:
+    """Remove old checkpoint folders of ``parent``: keep the newest, the previous ``latest``, then the most recent."""
+    folders = [p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".") and _is_checkpoint(p)]
+    order = sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True)
+    kept = [newest.name]
+    if previous is not None and previous.parent.resolve() == parent.resolve() and previous.name != newest.name:
+        kept.append(previous.name)
+    kept += [p.name for p in order if p.name not in kept]
+    for folder in folders:
+        if folder.name not in kept[:keep]:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint folder that the run folder's ``latest`` file names.
+
+    Raises:
+        CheckpointError: no ``latest`` file, or it names no checkpoint.
+    """
+    run = Path(run_dir)
+    target = _read_latest(run)
+    if target is None:
+        raise CheckpointError(f"run folder {run} has no checkpoint yet (no '{LATEST}' file)")
+    if not (target / META_FILE).is_file():
+        raise CheckpointError(
+            f"run folder {run}: its '{LATEST}' file names {target}, which is not a checkpoint folder; pass one of the "
+            "checkpoint folders inside it"
+        )
+    return target
+
+
+def run_folder_of(checkpoint: str | Path) -> Path:
+    """The run folder a checkpoint belongs to: the nearest ancestor with a ``latest`` file, else its parent."""
+    folder = resolve_checkpoint(checkpoint)
+    for ancestor in list(folder.parents)[:3]:
+        if (ancestor / LATEST).is_file():
+            return ancestor
+    return folder.parent
+
+
+# -------------------------------------------------------------------------------------------------------- load
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder that ``path`` names.
+
+    Accepts a checkpoint folder, a run folder (its ``latest`` file names the newest checkpoint), the ``latest`` file
+    itself, or ``RUN/last`` as an alias of the run folder's latest checkpoint.
+
+    Raises:
+        CheckpointError: nothing usable there, or a pickle file.
+    """
+    path = Path(path).expanduser()
+    if path.is_file():
+        if path.name == LATEST:
+            return resolve_checkpoint(path.parent)
+        if path.name in (META_FILE, MODEL_FILE):
+            return path.parent
+        if path.stat().st_size and is_pickle_file(path):
+            raise CheckpointError(
+                f"{path} is a pickle file, which can run code when loaded; cnc-ad checkpoints are folders with "
+                f"{MODEL_FILE} + {META_FILE} (no pickle). --trust-pickle only applies to OpenAI CLIP backbone files "
+                "(--clip-weights)"
+            )
+        raise CheckpointError(f"{path} is not a checkpoint; pass a checkpoint folder or a run folder")
+    if (path / META_FILE).is_file():
+        return path
+    if path.is_dir() and (path / LATEST).is_file():
+        return latest_checkpoint(path)
+    if path.name == "last" and (path.parent / LATEST).is_file():
+        return resolve_checkpoint(path.parent)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} not found")
+    raise CheckpointError(f"{path} is neither a checkpoint folder ({META_FILE} missing) nor a run folder ('latest')")
+
+
+def read_checkpoint_meta(path: str | Path) -> dict:
+    """The ``model.json`` of a checkpoint (or run folder), checked for format and version.
+
+    Raises:
+        CheckpointError: missing, unreadable, or of another format.
+    """
+    folder = resolve_checkpoint(path)
+    try:
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {folder}: {META_FILE} is unreadable ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {folder}: {META_FILE} is not a {FORMAT} file")
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("sha256"), str):
+        raise CheckpointError(f"checkpoint {folder}: {META_FILE} lacks its 'config' or 'sha256'")
+    major = str(meta.get("version", "")).split(".")[0]
+    if major != __version__.split(".")[0]:
+        raise CheckpointError(
+            f"checkpoint {folder} was written by cnc-ad {meta.get('version')!r}; this is {__version__}: retrain or use "
+            "a matching version"
+        )
+    meta["path"] = str(folder)
+    return meta
+
+
+def _load_verified(path: Path, expected_sha: str, what: str) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    if sha256_file(path) != expected_sha:
+        raise CheckpointError(
+            f"{what} {path} does not match its recorded SHA-256: it is truncated or was altered; use an intact copy "
+            "(the run folder keeps the previous checkpoint)"
+        )
+    try:
+        return load_file(str(path))
+    except Exception as err:
+        raise CheckpointError(f"{what} {path} is not a valid safetensors file ({err})") from err
+
+
+def checkpoint_config(meta: Mapping[str, Any]) -> ModelConfig:
+    """The validated model config of a checkpoint's metadata (ConfigError names a bad key)."""
+    try:
+        return config_from_dict({"model": meta["config"]}).model
+    except ConfigError as err:
+        raise ConfigError(f"checkpoint {meta.get('path', '')}: {err}") from err
+
+
+def load_model(
+    path: str | Path,
+    *,
+    clip_weights: str | None = None,
+    trust_pickle: bool = False,
+    pretrained: bool = True,
+    map_location: str | torch.device = "cpu",
+) -> torch.nn.Module:
+    """Rebuild a :class:`cnc_ad.model.CNC` from a checkpoint (or a run folder's latest), in eval mode.
+
+    Args:
+        path: checkpoint folder, run folder, or ``RUN/last``.
+        clip_weights: local CLIP weights file (else open_clip downloads the checkpoint's ``pretrained`` tag).
+        trust_pickle: allow a pickle / TorchScript ``clip_weights`` (the original OpenAI ``.pt`` files).
+        pretrained: False builds a random (seeded) backbone instead of loading weights.
+        map_location: device for the model.
+
+    Raises:
+        CheckpointError: missing, altered, truncated, or inconsistent with the model.
+        ConfigError: the stored config has an unknown key or a wrong type.
+        WeightsError: the backbone weights cannot be loaded.
+    """
+    from cnc_ad.model import build_model
+
+    meta = read_checkpoint_meta(path)
+    folder = Path(meta["path"])
+    config = checkpoint_config(meta)
+    tensors = _load_verified(folder / MODEL_FILE, meta["sha256"], "checkpoint")
+    model = build_model(config, pretrained=pretrained, clip_weights=clip_weights, trust_pickle=trust_pickle)
+    _load_into(model, folder, tensors)
+    return model.to(map_location).eval()
+
+
+def load_trainable_state(model: torch.nn.Module, path: str | Path) -> None:
+    """Load a checkpoint's tensors (trainable parameters, stored text features) into an existing model, for resuming.
+
+    Raises:
+        CheckpointError: altered, truncated, or not matching the model.
+    """
+    meta = read_checkpoint_meta(path)
+    folder = Path(meta["path"])
+    _load_into(model, folder, _load_verified(folder / MODEL_FILE, meta["sha256"], "checkpoint"))
+
+
+def _load_into(model: torch.nn.Module, folder: Path, tensors: dict[str, Tensor]) -> None:
+    try:
+        result = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise CheckpointError(f"checkpoint {folder} does not fit the model: {err}") from err
+    missing = [k for k in result.missing_keys if not k.startswith("encoder.")]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"checkpoint {folder} does not fit the model: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+def store_thresholds(checkpoint: str | Path, thresholds: Mapping[str, Any]) -> Path:
+    """Write ``thresholds.json`` (``{"image": {...}, "pixel": {...}}`` from ``cnc eval``) beside a checkpoint."""
+    path = resolve_checkpoint(checkpoint) / THRESHOLDS_FILE
+    write_text_atomic(path, json.dumps(thresholds, indent=2) + "\n")
+    return path
+
+
+def read_thresholds(checkpoint: str | Path) -> dict | None:
+    """The checkpoint's ``thresholds.json``, or None when ``cnc eval`` has not stored any.
+
+    Raises:
+        CheckpointError: the file exists but is unreadable.
+    """
+    path = resolve_checkpoint(checkpoint) / THRESHOLDS_FILE
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{path} is unreadable ({err}); run cnc eval again to rewrite it") from err
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} must hold a mapping {{'image': ..., 'pixel': ...}}")
+    return value
+
+
+def load_trainer_state(path: str | Path) -> tuple[dict[str, Tensor], dict]:
+    """The resume state saved with a checkpoint: ``(tensors, meta)``, checksum-verified.
+
+    Raises:
+        CheckpointError: the checkpoint has no trainer state, or it is altered or truncated.
+    """
+    folder = resolve_checkpoint(path)
+    meta_path = folder / TRAINER_META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"checkpoint {folder} has no trainer state ({TRAINER_META_FILE}); it cannot be resumed")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {folder}: {TRAINER_META_FILE} is unreadable ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format") != TRAINER_FORMAT or not isinstance(meta.get("sha256"), str):
+        raise CheckpointError(f"checkpoint {folder}: {TRAINER_META_FILE} is not a {TRAINER_FORMAT} file")
+    tensors = _load_verified(folder / TRAINER_FILE, meta["sha256"], "trainer state")
+    return tensors, meta.get("meta", {})

@@ -1,0 +1,268 @@
+"""The CNC detector (Wang et al., "CNC: Cross-modal Normality Constraint for Unsupervised Multi-class Anomaly
+Detection", AAAI 2025), composed from injected parts (METHOD.md §2-4).
+
+    images -> frozen encoder -> per-level tokens e_l ----------------------------------------+
+                                      |                                                        | 1 - cos -> map
+                                      +-> bottleneck -> gated MoE -> decoder -> per-level d_l -+
+
+Training adds the cross-modal normality constraint: class-agnostic learnable prompts give a normal text feature t_l per
+level, pulled toward the encoder's normal tokens (CFD) while the decoded tokens are pulled toward it (NGD). Text
+features are constants after training: :meth:`CNC.store_text_features` keeps them in buffers, and inference never
+runs the text tower.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cnc_ad.config import ModelConfig
+from cnc_ad.errors import DataError
+from cnc_ad.losses import cfd_loss, moe_balance_loss, ngd_loss, reconstruction_loss, total_loss
+from cnc_ad.model.anomaly_map import GaussianBlur, discrepancy, fnp_weight, image_score, tokens_to_grid
+from cnc_ad.model.decoder import Bottleneck, Decoder
+from cnc_ad.model.encoders import Encoder
+from cnc_ad.model.moe import GatedMoE
+from cnc_ad.model.prompts import NormalityVectors, PromptLearner, TextFeatures
+
+log = logging.getLogger(__name__)
+
+# CLIP's initial logit scale (1 / 0.07), used by the abnormal-prompt term when the encoder has no text tower.
+DEFAULT_LOGIT_SCALE = 1.0 / 0.07
+
+
+class CNCOutput(NamedTuple):
+    """What :meth:`CNC.forward` returns; the same fields in train and eval mode."""
+
+    encoder: list[Tensor]  # per level (B, L, C_l) encoder tokens, the reconstruction targets
+    decoder: list[Tensor]  # per level (B, L, C_l) decoded tokens
+    gates: Tensor  # (B, L, E) MoE gates; (B, L, 0) without MoE
+    importance: Tensor  # (E,) expert importance; (0,) without MoE
+    balance_loss: Tensor  # () MoE load-balance loss; 0 without MoE
+
+
+class Prediction(NamedTuple):
+    score: Tensor  # (B,) image anomaly score
+    anomaly_map: Tensor  # (B, 1, M, M) smoothed pixel anomaly map
+
+
+class CNC(nn.Module):
+    """Reverse-distillation anomaly detector with gated MoE and a cross-modal normality constraint.
+
+    Args:
+        encoder: the frozen encoder (:class:`cnc_ad.model.encoders.Encoder`).
+        config: the resolved model config (every preset field filled, see :func:`cnc_ad.model.build_model`).
+        tokenizer: open_clip tokenizer for the prompts; needed when the encoder has a text tower and ``use_text``.
+    """
+
+    def __init__(
+        self, encoder: Encoder, config: ModelConfig, tokenizer: Callable[[list[str]], Tensor] | None = None
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.image_size = encoder.image_size
+        self.grid_size = encoder.grid_size
+        self.num_levels = len(encoder.level_dims)
+        self.bottleneck = Bottleneck(encoder.level_dims, config.width, config.bottleneck_dropout)
+        self.moe = (
+            GatedMoE(config.width, config.num_experts, config.top_k, config.expert_ratio) if config.use_moe else None
+        )
+        self.decoder = Decoder(
+            config.width,
+            config.decoder_depth,
+            config.decoder_heads,
+            config.decoder_layers,
+            encoder.level_dims,
+            config.mlp_ratio,
+        )
+        self.prompts: PromptLearner | NormalityVectors | None = None
+        self.logit_scale = DEFAULT_LOGIT_SCALE
+        if config.use_text:
+            if encoder.text_model is not None:
+                if tokenizer is None:
+                    raise ValueError("an encoder with a text tower needs a tokenizer for the prompts")
+                self.prompts = PromptLearner(
+                    encoder.text_model,
+                    tokenizer,
+                    self.num_levels,
+                    config.prompt_length,
+                    config.normal_template,
+                    config.abnormal_prompt,
+                    config.abnormal_template,
+                    config.shared_context,
+                )
+                self.logit_scale = float(encoder.text_model.logit_scale.exp().item())
+            else:
+                self.prompts = NormalityVectors(encoder.joint_dims, config.abnormal_prompt, config.shared_context)
+            for level, dim in enumerate(encoder.joint_dims):
+                self.register_buffer(f"normal_text_{level}", torch.zeros(dim))
+                if config.abnormal_prompt:
+                    self.register_buffer(f"abnormal_text_{level}", torch.zeros(dim))
+        self.blur = GaussianBlur(config.blur_sigma)
+        self._text_stored = False
+        self.register_load_state_dict_post_hook(_mark_text_loaded)
+
+    # ----------------------------------------------------------------------------------------------------- modes
+    def train(self, mode: bool = True) -> CNC:
+        """Set the trainable parts' mode; the encoder always stays in eval mode.
+
+        Switching to training marks the stored text features stale: the next inference that needs them
+        stores them again from the current prompts.
+        """
+        super().train(mode)
+        self.encoder.eval()
+        if mode:
+            self._text_stored = False
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimiser updates (bottleneck, MoE, decoder, prompts); the encoder is frozen."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def checkpoint_state_dict(self) -> dict[str, Tensor]:
+        """Every tensor a checkpoint needs: trainable parameters and stored text features, not the frozen encoder."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+
+    # ---------------------------------------------------------------------------------------------- encode/decode
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> list[Tensor]:
+        """Frozen encoder features.
+
+        Args:
+            images: (B, 3, S, S) RGB in [0, 1], not normalised, ``S = image_size``.
+
+        Returns:
+            per level (B, L, C_l) tokens, ``L = grid_size ** 2``.
+        """
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (self.image_size, self.image_size):
+            raise DataError(
+                f"images must be (B, 3, {self.image_size}, {self.image_size}) RGB in [0, 1], got {tuple(images.shape)}"
+            )
+        return self.encoder(images)
+
+    def forward(self, features: list[Tensor]) -> CNCOutput:
+        """Decode encoder features (fresh from :meth:`encode` or cached, any float dtype).
+
+        Args:
+            features: per level (B, L, C_l) encoder tokens.
+        """
+        dtype = self.bottleneck.proj.weight.dtype
+        features = [f.to(dtype) for f in features]
+        x = self.bottleneck(features)  # (B, L, D)
+        if self.moe is not None:
+            moe = self.moe(x)
+            x, gates, importance, balance = moe.output, moe.gates, moe.importance, moe.balance_loss
+        else:
+            gates, importance, balance = x.new_zeros(*x.shape[:2], 0), x.new_zeros(0), x.new_zeros(())
+        decoded = self.decoder(x)  # per level (B, L, C_l)
+        return CNCOutput(features, decoded, gates, importance, balance)
+
+    # -------------------------------------------------------------------------------------------------- training
+    def text_features(self) -> TextFeatures:
+        """Normality features from the current prompts (runs the text tower, with gradient to the prompts)."""
+        if self.prompts is None:
+            raise ValueError("this model has no prompts (model.use_text is false)")
+        return self.prompts(self.encoder.text_model)
+
+    def training_losses(
+        self, features: list[Tensor], lambda_cfd: float = 1.0, lambda_ngd: float = 0.1, lambda_moe: float = 0.01
+    ) -> dict[str, Tensor]:
+        """The training objective on a batch of encoder features (METHOD.md §3).
+
+        Args:
+            features: per level (B, L, C_l) encoder tokens.
+            lambda_cfd: weight of the cross-modal feature distillation term.
+            lambda_ngd: weight of the normality-guided decoding term.
+            lambda_moe: weight of the MoE balance term.
+
+        Returns:
+            ``{"loss", "rec", "cfd", "ngd", "moe"}`` scalar tensors; terms switched off by the config
+            (``use_text=False``: cfd, ngd; ``use_moe=False``: moe) are 0-valued tensors.
+        """
+        out = self(features)
+        rec = reconstruction_loss(out.encoder, out.decoder)
+        cfd = ngd = None
+        if self.prompts is not None:
+            text = self.text_features()
+            with torch.no_grad():
+                encoder_joint = [self.encoder.to_joint(level, e) for level, e in enumerate(out.encoder)]
+            decoder_joint = [self.encoder.to_joint(level, d) for level, d in enumerate(out.decoder)]
+            cfd = cfd_loss(
+                encoder_joint, text.normal, self.config.cfd_pool, self.config.cfd_tau, text.abnormal, self.logit_scale
+            )
+            ngd = ngd_loss(decoder_joint, text.normal)
+        moe = moe_balance_loss(out.importance) if self.moe is not None else None
+        return total_loss(rec, cfd, ngd, moe, lambda_cfd=lambda_cfd, lambda_ngd=lambda_ngd, lambda_moe=lambda_moe)
+
+    @torch.no_grad()
+    def store_text_features(self) -> None:
+        """Compute the text features from the learned prompts and keep them in buffers for inference and export."""
+        if self.prompts is not None:
+            text = self.text_features()
+            for level in range(self.num_levels):
+                getattr(self, f"normal_text_{level}").copy_(text.normal[level])
+                if text.abnormal is not None:
+                    getattr(self, f"abnormal_text_{level}").copy_(text.abnormal[level])
+        self._text_stored = True
+
+    def stored_text_features(self) -> TextFeatures:
+        """The stored normality features (stores them first if they were never stored or are stale)."""
+        if not self._text_stored:
+            log.info("storing the text features from the current prompts")
+            self.store_text_features()
+        normal = [getattr(self, f"normal_text_{level}") for level in range(self.num_levels)]
+        abnormal = None
+        if self.config.abnormal_prompt:
+            abnormal = [getattr(self, f"abnormal_text_{level}") for level in range(self.num_levels)]
+        return TextFeatures(normal, abnormal)
+
+    # ------------------------------------------------------------------------------------------------- inference
+    def maps_from_output(self, output: CNCOutput, map_size: int | None = None) -> Tensor:
+        """Smoothed anomaly maps (B, 1, M, M) from a :class:`CNCOutput` (METHOD.md §4)."""
+        levels = []
+        text = self.stored_text_features() if self.config.fnp else None
+        for level, (e, d) in enumerate(zip(output.encoder, output.decoder)):
+            a = discrepancy(e, d)  # (B, L)
+            if text is not None:
+                a = a * fnp_weight(self.encoder.to_joint(level, e), text.normal[level], self.config.fnp_theta)
+            levels.append(a)
+        grid = tokens_to_grid(torch.stack(levels).mean(dim=0), self.grid_size)  # (B, 1, g, g)
+        size = map_size or self.config.map_size
+        maps = F.interpolate(grid.float(), size=(size, size), mode="bilinear", align_corners=False)
+        return self.blur(maps)  # (B, 1, M, M)
+
+    @torch.no_grad()
+    def anomaly_maps(self, images: Tensor, map_size: int | None = None) -> Tensor:
+        """Smoothed anomaly maps (B, 1, M, M) of images (B, 3, S, S) in [0, 1]; ``M = map_size or config.map_size``."""
+        return self.maps_from_output(self(self.encode(images)), map_size)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor, map_size: int | None = None) -> Prediction:
+        """Image scores and anomaly maps; call ``eval()`` first (dropout is active in training mode).
+
+        Args:
+            images: (B, 3, S, S) RGB in [0, 1], not normalised.
+            map_size: side M of the returned maps; default ``config.map_size``.
+
+        Returns:
+            :class:`Prediction` with ``score`` (B,) per ``config.score`` and ``anomaly_map`` (B, 1, M, M).
+        """
+        maps = self.anomaly_maps(images, map_size)
+        return Prediction(image_score(maps, self.config.score), maps)
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, frozen) parameter counts."""
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        return trainable, sum(p.numel() for p in self.parameters()) - trainable
+
+
+def _mark_text_loaded(module: nn.Module, incompatible) -> None:
+    """After load_state_dict: the text features count as stored when the checkpoint carried them."""
+    if not any(key.startswith(("normal_text_", "abnormal_text_")) for key in incompatible.missing_keys):
+        module._text_stored = True

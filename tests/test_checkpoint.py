@@ -1,0 +1,172 @@
+"""Checkpoints: exact round trip, atomic run folders, checksums, no pickle, validated config."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from cnc_ad.checkpoint import (
+    latest_checkpoint,
+    load_model,
+    load_trainable_state,
+    load_trainer_state,
+    read_checkpoint_meta,
+    read_thresholds,
+    resolve_checkpoint,
+    run_folder_of,
+    save_checkpoint,
+    store_thresholds,
+)
+from cnc_ad.config import ModelConfig
+from cnc_ad.errors import CheckpointError, ConfigError, WeightsError
+from cnc_ad.model import build_model
+
+
+def _trained(preset: str = "tiny", steps: int = 2, **overrides):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset=preset, **overrides), pretrained=False)
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-2)
+    images = torch.rand(2, 3, model.image_size, model.image_size)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model.training_losses(model.encode(images))["loss"].backward()
+        optimizer.step()
+    return model.eval(), images
+
+
+@pytest.mark.parametrize("preset", ["tiny", "cnc-effnet-lite0"])
+def test_round_trip_gives_identical_predictions(tmp_path, preset):
+    model, images = _trained(preset, fnp=True, abnormal_prompt=True)
+    before = model.predict(images, map_size=32)
+    folder = save_checkpoint(tmp_path / "run" / "epoch-0001", model, extra={"epoch": 1})
+    meta = json.loads((folder / "model.json").read_text())
+    assert meta["format"] == "cnc-ad-checkpoint" and meta["config"]["preset"] == preset
+    assert meta["config"]["pretrained"] == "none" and meta["extra"] == {"epoch": 1}
+    loaded = load_model(tmp_path / "run")  # the run folder's latest
+    after = loaded.predict(images, map_size=32)
+    assert torch.equal(before.score, after.score) and torch.equal(before.anomaly_map, after.anomaly_map)
+    assert loaded.config == model.config and not loaded.training
+
+
+def test_checkpoint_holds_no_backbone(tmp_path):
+    model, _ = _trained()
+    folder = save_checkpoint(tmp_path / "ck", model)
+    from safetensors.torch import load_file
+
+    keys = load_file(str(folder / "model.safetensors")).keys()
+    assert not any(k.startswith("encoder.") for k in keys)
+    assert {"normal_text_0", "prompts.normal_context"} <= set(keys)
+
+
+def test_run_folder_latest_previous_and_pruning(tmp_path):
+    model, _ = _trained()
+    run = tmp_path / "run"
+    for epoch in range(1, 5):
+        save_checkpoint(run / "checkpoints" / f"epoch-{epoch}", model, run_dir=run,
+                        trainer_tensors={"step": torch.tensor([epoch])}, trainer_meta={"epoch": epoch})  # fmt: skip
+    assert (run / "latest").read_text().strip() == "checkpoints/epoch-4"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-3", "epoch-4"]
+    assert latest_checkpoint(run) == run / "checkpoints" / "epoch-4" == resolve_checkpoint(run)
+    assert resolve_checkpoint(run / "last") == resolve_checkpoint(run / "latest") == latest_checkpoint(run)
+    assert run_folder_of(latest_checkpoint(run)) == run
+    tensors, meta = load_trainer_state(run)
+    assert meta == {"epoch": 4} and tensors["step"].tolist() == [4]
+    assert not list(run.glob("**/.*tmp*"))  # no temporary folders left
+
+
+def test_resave_same_name_and_trainable_state(tmp_path):
+    model, images = _trained()
+    save_checkpoint(tmp_path / "ck", model)
+    save_checkpoint(tmp_path / "ck", model)
+    torch.manual_seed(99)
+    other = build_model(ModelConfig(preset="tiny"), pretrained=False).eval()
+    load_trainable_state(other, tmp_path / "ck")
+    assert torch.equal(other.predict(images).anomaly_map, model.predict(images).anomaly_map)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_altered_or_truncated_checkpoint_is_refused(tmp_path, damage):
+    model, _ = _trained()
+    folder = save_checkpoint(tmp_path / "ck", model)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncate":
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        weights.write_bytes(data[:-10] + bytes([data[-10] ^ 1]) + data[-9:])
+    else:
+        weights.unlink()
+    with pytest.raises(CheckpointError, match=r"SHA-256|missing"):
+        load_model(folder)
+
+
+def test_trainer_state_checksum(tmp_path):
+    model, _ = _trained()
+    folder = save_checkpoint(tmp_path / "ck", model, trainer_tensors={"a": torch.ones(4)}, trainer_meta={"x": 1})
+    (folder / "trainer.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_trainer_state(folder)
+    bare = save_checkpoint(tmp_path / "bare", model)
+    with pytest.raises(CheckpointError, match="no trainer state"):
+        load_trainer_state(bare)
+
+
+def test_pickle_checkpoint_refused(tmp_path):
+    model, _ = _trained()
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_model(path)
+    raw = tmp_path / "model.weights"
+    raw.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(CheckpointError, match="pickle"):
+        resolve_checkpoint(raw)
+
+
+def test_pickle_clip_weights_need_trust(tmp_path):
+    path = tmp_path / "ViT-B-16.pt"
+    path.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(WeightsError, match="trust-pickle"):
+        build_model(ModelConfig(preset="cnc-vitb16-224"), clip_weights=str(path))
+    with pytest.raises(WeightsError, match=r"not found.*--clip-weights"):
+        build_model(ModelConfig(preset="cnc-vitb16-224"), clip_weights=str(tmp_path / "missing.safetensors"))
+
+
+def test_bad_config_in_checkpoint(tmp_path):
+    model, _ = _trained()
+    folder = save_checkpoint(tmp_path / "ck", model)
+    meta = json.loads((folder / "model.json").read_text())
+    meta["config"]["warp_drive"] = True
+    (folder / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="warp_drive"):
+        load_model(folder)
+    meta["config"].pop("warp_drive")
+    meta["config"]["width"] = "wide"
+    (folder / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"model.width"):
+        load_model(folder)
+    (folder / "model.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        read_checkpoint_meta(folder)
+
+
+def test_missing_and_non_checkpoint_paths(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        resolve_checkpoint(tmp_path / "nothing")
+    with pytest.raises(CheckpointError, match="neither"):
+        resolve_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="no checkpoint yet"):
+        latest_checkpoint(tmp_path)
+
+
+def test_thresholds_beside_checkpoint(tmp_path):
+    model, _ = _trained()
+    folder = save_checkpoint(tmp_path / "ck", model)
+    assert read_thresholds(folder) is None
+    store_thresholds(folder, {"image": {"__all__": 0.5}, "pixel": {"__all__": 0.25}})
+    assert read_thresholds(folder)["pixel"]["__all__"] == 0.25
+    load_model(folder)  # thresholds do not disturb the checksum

