@@ -158,7 +158,12 @@ def save_checkpoint(
         previous = _read_latest(run)
         if directory.exists():  # replacing a folder of the same name: move it aside first
             trash = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=parent))
-            os.replace(directory, trash / directory.name)
+            if previous is not None and previous.resolve() == directory.resolve():
+                # `latest` names it: point `latest` at a whole copy first, so a crash between the renames below
+                # never leaves `latest` naming a missing folder.
+                _link_copy(directory, trash / directory.name)
+                write_text_atomic(run / LATEST, os.path.relpath(trash / directory.name, run) + "\n")
+            os.replace(directory, trash / f"{directory.name}.replaced")
         else:
             trash = None
         os.replace(tmp, directory)
@@ -173,6 +178,17 @@ def save_checkpoint(
         _prune(parent, keep=max(keep, 1), newest=directory, previous=previous)
     log.info("saved checkpoint %s", directory)
     return directory
+
+
+def _link_copy(source: Path, target: Path) -> None:
+    """Copy a flat checkpoint folder by hard links (no data copied; a real copy where links are not supported)."""
+    target.mkdir()
+    for file in source.iterdir():
+        try:
+            os.link(file, target / file.name)
+        except OSError:
+            shutil.copy2(file, target / file.name)
+    _fsync(target)
 
 
 def _config_dict(config: ModelConfig) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from cnc_ad import distributed as dist
 from cnc_ad.config import EvalConfig
 from cnc_ad.data import DatasetIndex, TestDataset, make_loader
 from cnc_ad.errors import ConfigError
-from cnc_ad.files import atomic_write_json, atomic_write_text
+from cnc_ad.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from cnc_ad.metrics import (
     METRIC_KEYS,
     MetricAccumulator,
@@ -238,7 +238,9 @@ def write_results(result: EvalResult, out_dir: str | Path, *, checkpoint: str | 
         examples[cat] = []
         for k, example in enumerate(detail.examples):
             name = f"examples/{_safe(cat)}_{example['rank']}_{k}.npy"
-            np.save(out / name, example["map_array"].astype(np.float16))
+            buffer = io.BytesIO()
+            np.save(buffer, example["map_array"].astype(np.float16))
+            atomic_write_bytes(out / name, buffer.getvalue())  # never a half-written map beside examples.json
             entry = {key: value for key, value in example.items() if key != "map_array"}
             examples[cat].append({**entry, "map": name})
     atomic_write_json(out / "examples.json", examples)

@@ -43,7 +43,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """Write ``text`` as UTF-8; undecodable file-name bytes in it (lone surrogates) are written as ``\\udcXX``."""
+    atomic_write_bytes(path, text.encode("utf-8", errors="backslashreplace"))
 
 
 def atomic_write_json(path: str | Path, value: Any) -> None:
@@ -54,8 +55,12 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     """Append one JSON line and flush it to disk, so lines already written survive a crash."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    try:
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:  # a non-UTF-8 file name (lone surrogates): JSON \\u escapes round-trip it exactly
+        line = (json.dumps(record) + "\n").encode("ascii")
+    with path.open("ab") as handle:
+        handle.write(line)
         handle.flush()
         os.fsync(handle.fileno())
 

@@ -399,7 +399,7 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 
 def output_name(path: Path) -> str:
     """A stable, collision-free file stem for an input: its stem plus a short hash of its absolute path."""
-    digest = hashlib.sha1(str(path).encode("utf-8")).hexdigest()[:10]
+    digest = hashlib.sha1(os.fsencode(path)).hexdigest()[:10]  # the name's bytes: non-UTF-8 names too
     return f"{path.stem}-{digest}"
 
 

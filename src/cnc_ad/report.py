@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from cnc_ad import __version__
 from cnc_ad.errors import DataError
+from cnc_ad.files import atomic_write_text
 from cnc_ad.metrics import MAX_FPR, METRIC_KEYS
 from cnc_ad.visualize import colorize, mask_to_rgb, outline, overlay, resize_map, to_jpeg_bytes, to_png_bytes
 
@@ -110,9 +111,7 @@ def write_report(
     out = Path(out) if out is not None else evaluation.root / "report.html"
     page = render_report(evaluation, thumbnail_size=thumbnail_size, jpeg_quality=jpeg_quality)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    partial.write_text(page, encoding="utf-8")
-    partial.replace(out)
+    atomic_write_text(out, page)  # temporary file, fsync, rename: never a half-written report
     size_mb = out.stat().st_size / 1e6
     logger.info("wrote %s (%.1f MB)", out, size_mb)
     if size_mb > REPORT_SIZE_WARNING_MB:

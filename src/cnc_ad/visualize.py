@@ -82,6 +82,9 @@ def overlay(
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
+_STRIP_PIXELS = 1 << 22  # resize_map copies maps larger than this out of Pillow in strips
+
+
 def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize an anomaly map with bilinear interpolation.
 
@@ -99,7 +102,15 @@ def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if values.shape == (height, width):
         return values
     resized = Image.fromarray(values).resize((width, height), Image.Resampling.BILINEAR)
-    return np.asarray(resized, dtype=np.float32)
+    if height * width <= _STRIP_PIXELS:
+        return np.asarray(resized, dtype=np.float32)
+    # A large map (a 12000 x 12000 photograph): copy it out in strips, so no second full-size temporary (tobytes) is
+    # made; the values are the same.
+    out = np.empty((height, width), np.float32)
+    rows = max(1, _STRIP_PIXELS // width)
+    for top in range(0, height, rows):
+        out[top : top + rows] = np.asarray(resized.crop((0, top, width, min(height, top + rows))), dtype=np.float32)
+    return out
 
 
 def mask_to_rgb(

@@ -91,8 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose, args.quiet)
     try:
         return int(args.func(args) or 0)
-    except CNCError as err:
-        print(f"cnc {args.command}: error: {err}", file=sys.stderr)
+    except CNCError as err:  # one line, even when the message quotes a multi-line report (e.g. torch's)
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"cnc {args.command}: error: {message}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print(f"cnc {args.command}: interrupted", file=sys.stderr)
