@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cnc_ad.data.synth import synthesize
@@ -13,6 +14,16 @@ from cnc_ad.data.synth import synthesize
 SYNTH_CATEGORIES = 3
 SYNTH_PER_CATEGORY = 6
 SYNTH_SIZE = 64
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """One intra-op thread per test process (as `make test` sets OMP_NUM_THREADS=1): the tiny models are many times
+    slower with two threads on a busy 2-core machine, and results do not depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -19,15 +19,6 @@ from cnc_ad.model import build_model
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are many times slower with two threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(*overrides: str, pretrained: bool = False) -> torch.nn.Module:
     model = build_model(load_config(None, list(overrides)).model, pretrained=pretrained)
     model.store_text_features()

@@ -42,15 +42,6 @@ DOCUMENTED_EXIT_CODES = {1, 2, 3, 4, 5, 6, 7}
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread, like the subprocesses (OMP_NUM_THREADS=1): deterministic and fast on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_model() -> torch.nn.Module:
     return build_model(load_config(None, ["model.preset=tiny"]).model, pretrained=False)

@@ -33,6 +33,7 @@ from torch import Tensor
 from cnc_ad import __version__
 from cnc_ad.config import ModelConfig, config_from_dict
 from cnc_ad.errors import CheckpointError, ConfigError
+from cnc_ad.files import atomic_write_text, fsync_path
 from cnc_ad.model.encoders import is_pickle_file
 
 log = logging.getLogger(__name__)
@@ -57,45 +58,15 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # directories cannot be opened on some platforms (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, value: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    _fsync(path)
+    fsync_path(path)
 
 
 def _save_tensors(path: Path, tensors: Mapping[str, Tensor]) -> str:
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path))
-    _fsync(path)
+    fsync_path(path)
     return sha256_file(path)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a small text file atomically (temporary file in the same folder, fsync, rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync(path.parent)
 
 
 # -------------------------------------------------------------------------------------------------------- save
@@ -154,7 +125,7 @@ def save_checkpoint(
                     "meta": trainer_meta or {},
                 },
             )
-        _fsync(tmp)
+        fsync_path(tmp)
         previous = _read_latest(run)
         if directory.exists():  # replacing a folder of the same name: move it aside first
             trash = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=parent))
@@ -162,13 +133,13 @@ def save_checkpoint(
                 # `latest` names it: point `latest` at a whole copy first, so a crash between the renames below
                 # never leaves `latest` naming a missing folder.
                 _link_copy(directory, trash / directory.name)
-                write_text_atomic(run / LATEST, os.path.relpath(trash / directory.name, run) + "\n")
+                atomic_write_text(run / LATEST, os.path.relpath(trash / directory.name, run) + "\n")
             os.replace(directory, trash / f"{directory.name}.replaced")
         else:
             trash = None
         os.replace(tmp, directory)
-        _fsync(parent)
-        write_text_atomic(run / LATEST, os.path.relpath(directory, run) + "\n")
+        fsync_path(parent)
+        atomic_write_text(run / LATEST, os.path.relpath(directory, run) + "\n")
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
     except BaseException:
@@ -188,7 +159,7 @@ def _link_copy(source: Path, target: Path) -> None:
             os.link(file, target / file.name)
         except OSError:
             shutil.copy2(file, target / file.name)
-    _fsync(target)
+    fsync_path(target)
 
 
 def _config_dict(config: ModelConfig) -> dict[str, Any]:
@@ -392,7 +363,7 @@ def _load_into(model: torch.nn.Module, folder: Path, tensors: dict[str, Tensor])
 def store_thresholds(checkpoint: str | Path, thresholds: Mapping[str, Any]) -> Path:
     """Write ``thresholds.json`` (``{"image": {...}, "pixel": {...}}`` from ``cnc eval``) beside a checkpoint."""
     path = resolve_checkpoint(checkpoint) / THRESHOLDS_FILE
-    write_text_atomic(path, json.dumps(thresholds, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(thresholds, indent=2) + "\n")
     return path
 
 
