@@ -75,3 +75,22 @@ def test_balance_loss_zero_when_balanced_and_grows_with_imbalance():
     out = moe(x)
     out.balance_loss.backward()
     assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
+
+
+def test_sparse_and_dense_dispatch_give_the_same_parameter_gradients():
+    torch.manual_seed(0)
+    moe = GatedMoE(16, num_experts=5, top_k=2)
+    x = torch.randn(3, 7, 16)
+    grads = []
+    for dense in (False, True):
+        moe.zero_grad(set_to_none=True)
+        moe(x, dense=dense).output.square().sum().backward()
+        grads.append({name: p.grad.clone() for name, p in moe.named_parameters()})
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
+
+
+def test_sparse_dispatch_of_no_tokens():
+    moe = GatedMoE(16, num_experts=5, top_k=2)
+    out = moe(torch.randn(2, 0, 16), dense=False)
+    assert out.output.shape == (2, 0, 16)

@@ -9,7 +9,7 @@ import torch
 from cnc_ad.config import ModelConfig
 from cnc_ad.model import build_model
 from cnc_ad.model.encoders import tiny_clip
-from cnc_ad.model.prompts import NormalityVectors, PromptLearner, encode_text_embeddings
+from cnc_ad.model.prompts import NormalityVectors, PromptLearner, encode_text_embeddings, text_prefix_length
 
 
 def test_text_from_embeddings_equals_encode_text():
@@ -67,3 +67,19 @@ def test_model_text_features_are_stored_as_buffers():
     assert all(torch.allclose(a, b) for a, b in zip(live.normal, stored.normal))
     assert all(torch.allclose(a, b) for a, b in zip(live.abnormal, stored.abnormal))
     assert "normal_text_0" in model.checkpoint_state_dict()
+
+
+def test_prompts_run_only_up_to_the_end_of_text_token_with_the_same_features():
+    torch.manual_seed(0)
+    clip = tiny_clip().eval()
+    tokenizer = open_clip.SimpleTokenizer()
+    prompts = PromptLearner(clip, tokenizer, num_levels=2, prompt_length=12, abnormal=True)
+    assert prompts.normal_tokens.shape[1] == text_prefix_length(clip, tokenizer(["X " * 12 + "object."])) < 77
+    full = tokenizer(["X " * 12 + "damaged object."])
+    assert prompts.abnormal_tokens.shape[1] == int(full.argmax()) + 1
+    with torch.no_grad():
+        context = prompts.abnormal_context[0]
+        embedded = clip.token_embedding(full)
+        embedded = torch.cat([embedded[:, :1], context[None], embedded[:, 13:]], dim=1)  # full 77 positions
+        reference = encode_text_embeddings(clip, embedded, full)[0]
+        assert torch.allclose(prompts(clip).abnormal[0], reference, atol=1e-5)

@@ -60,18 +60,23 @@ class GatedMoE(nn.Module):
         top_logits, top_index = logits.topk(self.top_k, dim=-1)  # (N, k)
         return torch.zeros_like(logits).scatter(-1, top_index, top_logits.softmax(dim=-1))
 
-    def _expert(self, e: int, x: Tensor) -> Tensor:
-        return F.gelu(x @ self.w1[e] + self.b1[e]) @ self.w2[e] + self.b2[e]
-
     def _mix_sparse(self, x: Tensor, gates: Tensor) -> Tensor:
-        mixed = torch.zeros_like(x)  # (N, D)
-        for e in range(self.num_experts):
-            index = gates[:, e].nonzero().squeeze(-1)  # tokens routed to expert e
-            if index.numel() == 0:
-                continue
-            out = self._expert(e, x.index_select(0, index)) * gates.index_select(0, index)[:, e : e + 1]
-            mixed = mixed.index_add(0, index, out.to(mixed.dtype))
-        return mixed
+        # Tokens sorted by expert, one matmul pair per expert on its own rows. The stacked weights are unbound once:
+        # indexing them per expert (w1[e]) would make autograd zero-fill and add a full (E, D, H) gradient per expert.
+        token, expert = gates.nonzero(as_tuple=True)  # (N k,) routed (token, expert) pairs
+        order = expert.argsort(stable=True)
+        token, expert = token[order], expert[order]
+        counts = torch.bincount(expert, minlength=self.num_experts).tolist()  # tokens per expert (one host sync)
+        weights = zip(self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0))
+        outputs = [
+            F.gelu(rows @ w1 + b1) @ w2 + b2
+            for rows, count, (w1, b1, w2, b2) in zip(x.index_select(0, token).split(counts), counts, weights)
+            if count
+        ]
+        if not outputs:  # no tokens
+            return torch.zeros_like(x)
+        out = torch.cat(outputs) * gates[token, expert][:, None]  # (N k, D) gated expert outputs
+        return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))  # (N, D)
 
     def _mix_dense(self, x: Tensor, gates: Tensor) -> Tensor:
         hidden = F.gelu(torch.einsum("nd,edh->enh", x, self.w1) + self.b1[:, None])  # (E, N, H)

@@ -35,21 +35,48 @@ def encode_text_embeddings(clip: nn.Module, embeddings: Tensor, tokens: Tensor) 
     Args:
         clip: open_clip ``CLIP`` (uses ``positional_embedding``, ``transformer``, ``attn_mask``, ``ln_final``,
             ``text_pool_type``, ``text_projection``).
-        embeddings: (N, T, W) token embeddings, some of them learned.
+        embeddings: (N, T, W) token embeddings, some of them learned; T may be shorter than the context length (the
+            first T positions, see :func:`text_prefix_length`).
         tokens: (N, T) the token ids the embeddings stand for; they locate the end-of-text token for pooling.
 
     Returns:
         (N, E) L2-normalised text features, equal to ``clip.encode_text(tokens, normalize=True)`` when
         ``embeddings = clip.token_embedding(tokens)``.
     """
-    x = embeddings + clip.positional_embedding.to(embeddings.dtype)  # (N, T, W)
-    x = clip.transformer(x, attn_mask=clip.attn_mask)
+    length = embeddings.shape[1]
+    x = embeddings + clip.positional_embedding[:length].to(embeddings.dtype)  # (N, T, W)
+    mask = clip.attn_mask[:length, :length] if clip.attn_mask is not None else None
+    x = clip.transformer(x, attn_mask=mask)
     x = clip.ln_final(x)
     x = text_global_pool(x, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))  # (N, W)
     projection = clip.text_projection
     if projection is not None:
         x = projection(x) if isinstance(projection, nn.Linear) else x @ projection  # (N, E)
     return F.normalize(x, dim=-1)
+
+
+def text_prefix_length(clip: nn.Module, tokens: Tensor) -> int:
+    """How many leading positions of ``tokens`` (N, T) the text tower needs to run.
+
+    With causal attention and pooling at the end-of-text token (``text_pool_type="argmax"``, OpenAI CLIP), the pooled
+    token sees only the tokens before it, so the padding after the last end-of-text token can be dropped without
+    changing the features: the default prompt (12 context words, "object.") runs 16 of 77 positions. Otherwise all T.
+    """
+    mask = getattr(clip, "attn_mask", None)
+    length = tokens.shape[1]
+    if mask is None or getattr(clip, "text_pool_type", None) != "argmax":
+        return length
+    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).triu(1)
+    if mask.shape != (length, length) or not torch.equal(torch.isneginf(mask), causal):
+        return length
+    return int(tokens.argmax(dim=-1).max()) + 1
+
+
+def _prompt_tokens(clip: nn.Module, tokenizer: Callable[[list[str]], Tensor], text: str) -> Tensor:
+    """Token ids (1, T) of ``text`` up to :func:`text_prefix_length`, in their own storage with plain strides (a
+    sliced view would keep the tokenizer's (1, 77) storage and strides, which DDP's buffer broadcast refuses)."""
+    tokens = tokenizer([text])
+    return tokens[:, : text_prefix_length(clip, tokens)].clone(memory_format=torch.contiguous_format)
 
 
 class PromptLearner(nn.Module):
@@ -85,10 +112,13 @@ class PromptLearner(nn.Module):
         width = text_model.token_embedding.weight.shape[1]
         sets = 1 if shared_context else num_levels
         placeholder = " ".join(["X"] * prompt_length)
-        self.register_buffer("normal_tokens", tokenizer([f"{placeholder} {normal_template}"]), persistent=False)
+        # Token ids (1, T), cut after the end-of-text token where that gives the same features (text_prefix_length).
+        normal_tokens = _prompt_tokens(text_model, tokenizer, f"{placeholder} {normal_template}")
+        self.register_buffer("normal_tokens", normal_tokens, persistent=False)
         self.normal_context = nn.Parameter(torch.randn(sets, prompt_length, width) * 0.02)  # (P, n, W)
         if abnormal:
-            self.register_buffer("abnormal_tokens", tokenizer([f"{placeholder} {abnormal_template}"]), persistent=False)
+            abnormal_tokens = _prompt_tokens(text_model, tokenizer, f"{placeholder} {abnormal_template}")
+            self.register_buffer("abnormal_tokens", abnormal_tokens, persistent=False)
             self.abnormal_context = nn.Parameter(torch.randn(sets, prompt_length, width) * 0.02)
         else:
             self.abnormal_tokens = None
