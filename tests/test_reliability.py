@@ -571,3 +571,10 @@ def test_documented_exit_codes_match_the_errors() -> None:
     codes = {cls.exit_code for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, Exception)}
     assert codes == DOCUMENTED_EXIT_CODES
     assert issubclass(ConfigError, ValueError) and DataError.exit_code == 3 and CheckpointError.exit_code == 4
+
+
+def test_result_files_get_the_usual_permissions(tmp_path):
+    from cnc_ad.files import atomic_write_text, default_mode
+
+    atomic_write_text(tmp_path / "a.json", "{}")
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == default_mode()

@@ -33,7 +33,7 @@ from torch import Tensor
 from cnc_ad import __version__
 from cnc_ad.config import ModelConfig, config_from_dict
 from cnc_ad.errors import CheckpointError, ConfigError
-from cnc_ad.files import atomic_write_text, fsync_path
+from cnc_ad.files import atomic_write_text, default_mode, fsync_path
 from cnc_ad.model.encoders import is_pickle_file
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ def save_checkpoint(
     parent.mkdir(parents=True, exist_ok=True)
     model.store_text_features()
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=parent))
+    os.chmod(tmp, default_mode(folder=True))
     try:
         digest = _save_tensors(tmp / MODEL_FILE, model.checkpoint_state_dict())
         meta = {

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from cnc_ad import __version__
 from cnc_ad.errors import ExportError
+from cnc_ad.files import default_mode, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,10 @@ def export_onnx(
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as err:
             raise ExportError(f"the exported graph fails onnx.checker: {err}") from err
+        os.chmod(tmp, default_mode())
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     log.info("exported %s (opset %d, %s batch)", path, opset, "dynamic" if dynamic_batch else f"fixed {batch_size}")

@@ -28,11 +28,20 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def default_mode(folder: bool = False) -> int:
+    """The permissions a plain ``open()`` / ``mkdir()`` would give under the current umask (mkstemp and mkdtemp
+    give 0600 / 0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, default_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -382,6 +382,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", disable=not self.progress)
         seen, tick = 0, time.perf_counter()
         while self.step < self.total_steps:
+            start_step = self.step
             for features in self._batches(self.epoch):
                 if self.step >= self.total_steps:
                     break
@@ -409,6 +410,8 @@ class Trainer:
                         append_jsonl(log_path, record)
                     seen, tick = 0, time.perf_counter()
             else:
+                if self.step == start_step:
+                    raise TrainingError(f"epoch {self.epoch} had no readable training image; see the warnings above")
                 self.epoch += 1
                 if self.epoch % tcfg.checkpoint_every == 0 and self.step < self.total_steps:
                     checkpoint = self._save()
