@@ -51,8 +51,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cnc_ad.config import ModelConfig, TrainConfig
+from cnc_ad.device import autocast, resolve_device
 from cnc_ad.model import CNC, build_model
-from cnc_ad.train import CACHE_DTYPES, FeatureCache, autocast, learning_rate, resolve_device
+from cnc_ad.train import CACHE_DTYPES, FeatureCache, learning_rate
 
 PRESETS = ("tiny", "cnc-effnet-lite0", "cnc-vitb16-224", "cnc-vitl14-336")
 HEADLINE = "cnc-vitl14-336"

@@ -1,9 +1,13 @@
-"""Data-parallel training and sharded evaluation on CPU with the gloo backend (2 processes through torchrun).
+"""Data-parallel training, sharded evaluation and sharded prediction on CPU with gloo (2 processes via torchrun).
 
 Two processes with a global batch of 4 (2 each) must reach the weights of one process with a batch of 4: the batches
-are slices of the same global permutation and DDP averages the gradients (dropout off: its masks are drawn per
-process). Tolerance: 1e-5 absolute, for the different
-order of floating-point sums in the gradient all-reduce. A sharded evaluation must give the metrics of a single one.
+are slices of the same global permutation and DDP averages the gradients. Dropout is off (its masks are drawn per
+process) and so is the MoE balance term (each process balances its own tokens, as is usual for MoE).
+
+Tolerance: 2e-4 absolute after 5 steps (across an epoch boundary). The all-reduce sums in another order; Adam divides
+tiny gradients by their own size and top-2 routing is discontinuous, so those rounding differences grow a little
+(3.7e-5 measured), while training with another data order moves every parameter by more than 5e-3.
+A sharded evaluation must give the metrics of a single one, and a sharded prediction its scores.
 """
 
 import json
@@ -110,3 +114,19 @@ def test_two_processes_train_like_one(synth_root, tmp_path):
     for cat, values in single["categories"].items():
         for key, value in values.items():
             assert sharded["categories"][cat][key] == pytest.approx(value, abs=1e-6, nan_ok=True), (cat, key)
+
+    # Sharded prediction: every image once, the same scores as a single process.
+    images = [str(p) for p in sorted((synth_root / "brick" / "test").rglob("*.png"))]
+    common = ["predict", "--checkpoint", str(tmp_path / "one"), *images, "--device", "cpu", "--no-progress"]
+    cnc(*common, "--out", str(tmp_path / "pred1"))
+    cnc(*common, "--out", str(tmp_path / "pred2"), nproc=2)
+
+    def scores(folder):
+        lines = (tmp_path / folder / "predictions.jsonl").read_text().splitlines()
+        return {r["path"]: r["score"] for r in map(json.loads, lines)}, len(lines)
+
+    (one_scores, n1), (two_scores, n2) = scores("pred1"), scores("pred2")
+    assert n1 == n2 == len(images) and one_scores.keys() == two_scores.keys()
+    for path, value in one_scores.items():
+        assert two_scores[path] == pytest.approx(value, abs=1e-6)
+    assert (tmp_path / "pred2" / "predictions.csv").is_file()

@@ -41,8 +41,9 @@ def run_ablation(config: Config, out: str | Path, *, progress: bool = True) -> A
     """Train and evaluate every variant of :data:`VARIANTS` under ``out/<variant>``; return the mean metrics."""
     from cnc_ad.checkpoint import load_model
     from cnc_ad.data import scan_dataset
+    from cnc_ad.device import resolve_device
     from cnc_ad.evaluate import evaluate, write_results
-    from cnc_ad.train import resolve_device, train
+    from cnc_ad.train import train
 
     out = Path(out)
     index = scan_dataset(config.data.root, config.data.format, config.data.categories)

@@ -45,9 +45,10 @@ def run_demo(
     from cnc_ad.checkpoint import load_model, store_thresholds
     from cnc_ad.data import scan_dataset
     from cnc_ad.data.synth import synthesize
+    from cnc_ad.device import resolve_device
     from cnc_ad.evaluate import evaluate, markdown_table, write_results
     from cnc_ad.report import write_report
-    from cnc_ad.train import resolve_device, train
+    from cnc_ad.train import train
 
     out = Path(out)
     seconds: dict[str, float] = {}

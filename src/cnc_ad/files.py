@@ -70,10 +70,13 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
     except UnicodeEncodeError:  # a non-UTF-8 file name (lone surrogates): JSON \\u escapes round-trip it exactly
         line = (json.dumps(record) + "\n").encode("ascii")
-    with path.open("ab") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
+    # One write() on an O_APPEND descriptor: lines of processes appending to the same file never interleave.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from cnc_ad import distributed as dist
 from cnc_ad.data.dataset import ImageFileDataset, collate_items
 from cnc_ad.data.images import decode_image, is_image_file
 from cnc_ad.data.transforms import prepare_image, to_tensor
@@ -218,7 +219,7 @@ class Detector:
             pretrained: False builds the model's random (seeded) backbone instead of loading weights (tests).
         """
         from cnc_ad.checkpoint import load_model, resolve_checkpoint
-        from cnc_ad.train import resolve_device
+        from cnc_ad.device import resolve_device
 
         folder = resolve_checkpoint(path)
         device = resolve_device(device) if isinstance(device, str) else device
@@ -471,15 +472,19 @@ def predict_files(
     if jsonl.exists() and jsonl.stat().st_size:
         if resume:
             done = {record["path"] for record in read_jsonl(jsonl) if "path" in record}
-        elif overwrite:
+        elif not overwrite:
+            raise ConfigError(f"{out} already holds predictions; pass --resume to continue them or --overwrite")
+        dist.barrier()  # every process has read the old records before any is removed
+        if overwrite and dist.is_main_process():
             jsonl.unlink()
             errors_file.unlink(missing_ok=True)
-        else:
-            raise ConfigError(f"{out} already holds predictions; pass --resume to continue them or --overwrite")
     for folder in ("maps", "masks", "overlays"):
         (out / folder).mkdir(parents=True, exist_ok=True)
-    todo = [p for p in paths if str(p) not in done]
-    skipped = len(paths) - len(todo)
+    dist.barrier()
+    # Under torchrun each process takes its share; all append to the same JSON-lines files (one write per line).
+    remaining = [p for p in paths if str(p) not in done]
+    skipped = len(paths) - len(remaining)
+    todo = dist.shard(remaining)
     if skipped:
         log.info("resuming: %d of %d images already predicted", skipped, len(paths))
     image_t, pixel_t = detector.resolve_thresholds(threshold, pixel_threshold, category)
@@ -530,7 +535,12 @@ def predict_files(
                 bar.update(1)
     finally:
         bar.close()
-        if jsonl.exists():
+        if not dist.is_distributed() and jsonl.exists():  # also after an interruption
+            write_summary_csv(jsonl, out / SUMMARY_FILE)
+    if dist.is_distributed():
+        counts = np.sum(dist.all_gather_objects((predicted, failed, anomalous)), axis=0).tolist()
+        predicted, failed, anomalous = (int(c) for c in counts)
+        if dist.is_main_process() and jsonl.exists():
             write_summary_csv(jsonl, out / SUMMARY_FILE)
     return PredictionSummary(out, predicted, skipped, failed, anomalous)
 

@@ -12,7 +12,6 @@ reaches the same final weights as an uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -31,6 +30,7 @@ from cnc_ad import distributed as dist
 from cnc_ad.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from cnc_ad.config import Config, save_config
 from cnc_ad.data import DatasetIndex, Sample, TrainDataset, make_loader, scan_dataset
+from cnc_ad.device import autocast, resolve_device
 from cnc_ad.errors import CheckpointError, ConfigError, TrainingError
 from cnc_ad.files import append_jsonl
 from cnc_ad.model import CNC, build_model
@@ -47,30 +47,6 @@ class TrainResult:
     epochs: int
     steps: int
     last_loss: dict[str, float]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` picks the local CUDA device (the one ``torchrun`` assigns) when there is one, else the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist.local_rank())
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"train.device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use --device cpu or auto")
-    return device
-
-
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA for ``amp`` "auto" or "bf16"; nothing otherwise."""
-    if amp not in ("auto", "bf16", "off"):
-        raise ConfigError(f"train.amp={amp!r}; use auto, bf16 or off")
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def seed_everything(seed: int) -> None:

@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from cnc_ad.checkpoint import load_model, resolve_checkpoint, run_folder_of, store_thresholds
     from cnc_ad.config import EvalConfig
     from cnc_ad.data import scan_dataset
+    from cnc_ad.device import resolve_device
     from cnc_ad.evaluate import evaluate, markdown_table, write_results
-    from cnc_ad.train import resolve_device
 
     device = resolve_device(args.device)
     dist.init_from_env(device)

@@ -65,10 +65,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cnc_ad import distributed as dist
+    from cnc_ad.device import resolve_device
     from cnc_ad.errors import DataError
     from cnc_ad.predict import Detector, collect_inputs, predict_files, read_thresholds
 
     paths = collect_inputs(args.inputs)
+    if not args.onnx:
+        dist.init_from_env(resolve_device(args.device))  # under torchrun: join the group, shard the inputs
     if args.onnx:
         detector = Detector.from_onnx(args.onnx, thresholds=args.thresholds)
     else:
@@ -92,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         overlay_max_side=args.overlay_max_side,
         progress=not args.no_progress,
     )
+    if not dist.is_main_process():
+        return 0
     print(
         f"{summary.predicted} predicted ({summary.anomalous} anomalous), {summary.skipped} done before, "
         f"{summary.failed} failed; results: {summary.out}"
