@@ -95,10 +95,15 @@ def test_clip_weights_from_local_files(tmp_path, small_clip_name):
     model = build_model(config, clip_weights=str(tmp_path / "clip.safetensors"))
     assert torch.equal(model.encoder.clip.visual.conv1.weight, reference.visual.conv1.weight)
     assert model.config.pretrained == "openai"  # the tag; the local file stands in for it
-    with pytest.raises(WeightsError, match="pickle"):
-        build_model(config, clip_weights=str(tmp_path / "clip.pt"))
+    # A plain torch.save state dict goes through torch's restricted unpickler: no trust needed, no code run.
+    plain = build_model(config, clip_weights=str(tmp_path / "clip.pt"))
+    assert torch.equal(plain.encoder.clip.token_embedding.weight, reference.token_embedding.weight)
     trusted = build_model(config, clip_weights=str(tmp_path / "clip.pt"), trust_pickle=True)
     assert torch.equal(trusted.encoder.clip.token_embedding.weight, reference.token_embedding.weight)
+    # A TorchScript archive (what the original OpenAI .pt files are) needs --trust-pickle.
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "scripted.pt"))
+    with pytest.raises(WeightsError, match="trust-pickle"):
+        build_model(config, clip_weights=str(tmp_path / "scripted.pt"))
     (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     with pytest.raises(WeightsError, match=r"could not load CLIP weights.*--clip-weights"):
         build_model(config, clip_weights=str(tmp_path / "bad.safetensors"))

@@ -37,7 +37,14 @@ def ablation_table(means: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def run_ablation(config: Config, out: str | Path, *, progress: bool = True) -> AblationResult:
+def run_ablation(
+    config: Config,
+    out: str | Path,
+    *,
+    clip_weights: str | None = None,
+    trust_pickle: bool = False,
+    progress: bool = True,
+) -> AblationResult:
     """Train and evaluate every variant of :data:`VARIANTS` under ``out/<variant>``; return the mean metrics."""
     from cnc_ad.checkpoint import load_model
     from cnc_ad.data import scan_dataset
@@ -46,14 +53,16 @@ def run_ablation(config: Config, out: str | Path, *, progress: bool = True) -> A
     from cnc_ad.train import train
 
     out = Path(out)
-    index = scan_dataset(config.data.root, config.data.format, config.data.categories)
+    index = scan_dataset(config.data.root, config.data.format, config.data.categories, skip_bad=config.data.skip_bad)
     device = resolve_device(config.train.device)
     means: dict[str, dict[str, float]] = {}
     for name, switches in VARIANTS.items():
         folder = out / "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
         variant = config_from_dict({"model": switches}, config)
-        result = train(variant, folder, progress=progress, index=index)
-        model = load_model(result.checkpoint).to(device)
+        result = train(
+            variant, folder, progress=progress, index=index, clip_weights=clip_weights, trust_pickle=trust_pickle
+        )
+        model = load_model(result.checkpoint, clip_weights=clip_weights, trust_pickle=trust_pickle).to(device)
         evaluation = evaluate(
             model, index, variant.eval, device=device, num_workers=variant.data.num_workers, progress=progress
         )

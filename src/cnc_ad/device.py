@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -11,17 +12,26 @@ from cnc_ad.errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` picks the local CUDA device (the one ``torchrun`` assigns) when there is one, else the CPU."""
+    """The device for ``name``: "auto" is CUDA when there is one, else the CPU.
+
+    Under ``torchrun`` a CUDA device without an index ("auto", "cuda") is the process's own GPU (``LOCAL_RANK``).
+    """
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist.local_rank())
-        return torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as err:
         raise ConfigError(f"device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu or auto")
+    if device.index is None:
+        device = torch.device("cuda", dist.local_rank() if dist.launched_by_torchrun() else torch.cuda.current_device())
+    elif dist.launched_by_torchrun() and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"device {name!r} under torchrun would put every process on one GPU; use --device cuda")
+    if device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

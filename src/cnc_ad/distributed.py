@@ -10,7 +10,6 @@ import os
 from collections.abc import Sequence
 from typing import TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -76,18 +75,6 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
-
-
-def all_reduce_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Sum numeric arrays across processes (for mergeable metric states)."""
-    if not is_distributed():
-        return arrays
-    out = {}
-    for key, value in arrays.items():
-        tensor = torch.from_numpy(np.ascontiguousarray(value)).to(torch.float64)
-        dist.all_reduce(tensor)
-        out[key] = tensor.numpy().astype(value.dtype, copy=False)
-    return out
 
 
 def cleanup() -> None:

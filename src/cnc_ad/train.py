@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -164,7 +165,9 @@ class Trainer:
             )
         if config.data.root is None and index is None:
             raise ConfigError("no training data: pass --data-root DIR (or set data.root in the config)")
-        self.index = index or scan_dataset(config.data.root, config.data.format, config.data.categories)
+        self.index = index or scan_dataset(
+            config.data.root, config.data.format, config.data.categories, skip_bad=config.data.skip_bad
+        )
         self.samples: list[Sample] = self.index.train_samples()
         if not self.samples:
             raise ConfigError(f"no normal training images found under {self.index.root}")
@@ -183,13 +186,21 @@ class Trainer:
                 self.loss_module, device_ids=device_ids, find_unused_parameters=True
             )
         self.dataset = TrainDataset(self.samples, self.model.image_size)
-        global_batch = tcfg.batch_size
-        self.steps_per_epoch = max(1, len(self.samples) // global_batch)
-        total = tcfg.epochs * self.steps_per_epoch
-        self.total_steps = min(total, tcfg.max_steps) if tcfg.max_steps is not None else total
+        self._set_schedule(len(self.samples))
         self.epoch = 0
         self.step = 0
         self.cache: FeatureCache | None = None
+
+    def _set_schedule(self, usable: int) -> None:
+        """Steps per epoch and in all, from the number of usable training images (whole global batches)."""
+        tcfg = self.config.train
+        if usable < tcfg.batch_size:
+            raise ConfigError(
+                f"{usable} usable training images, fewer than train.batch_size={tcfg.batch_size}; lower the batch size"
+            )
+        self.steps_per_epoch = usable // tcfg.batch_size
+        total = tcfg.epochs * self.steps_per_epoch
+        self.total_steps = min(total, tcfg.max_steps) if tcfg.max_steps is not None else total
 
     # -- data -------------------------------------------------------------------------------------------------
 
@@ -197,6 +208,11 @@ class Trainer:
         mode = self.config.train.feature_cache
         if mode not in ("auto", "memory", "disk", "off"):
             raise ConfigError(f"train.feature_cache={mode!r}; use auto, memory, disk or off")
+        if mode == "off" and dist.world_size() > 1 and self.config.data.skip_bad:
+            raise ConfigError(
+                "with several processes, --skip-bad needs the feature cache (it finds the unreadable images once, so "
+                "every process runs the same steps); drop train.feature_cache=off"
+            )
         if mode != "auto":
             return "disk" if mode == "memory" and dist.world_size() > 1 else mode
         if dist.world_size() > 1:
@@ -243,8 +259,7 @@ class Trainer:
         if self.cache is not None:
             order = order[self.cache.valid[order]]
         batch = self.config.train.batch_size
-        usable = max(len(order) // batch, 1) * batch
-        return order[:usable]
+        return order[: len(order) // batch * batch]
 
     def _batches(self, epoch: int) -> Iterator[list[torch.Tensor]]:
         """This process's part of every global batch of ``epoch``, as encoder features on the device."""
@@ -351,6 +366,7 @@ class Trainer:
         mode = self._cache_mode()
         if mode != "off":
             self.cache = self._build_cache(mode)
+            self._set_schedule(int(self.cache.valid.sum()))
         self.model.train()
         log_path = self.run_dir / "log.jsonl"
         last: dict[str, float] = {}
@@ -397,11 +413,27 @@ class Trainer:
         if self.step >= self.total_steps:
             self.epoch = max(self.epoch, math.ceil(self.step / self.steps_per_epoch))
         checkpoint = self._save()
+        self._drop_cache()
         return TrainResult(self.run_dir, checkpoint, self.epoch, self.step, last)
+
+    def _drop_cache(self) -> None:
+        """Free the feature cache; a disk cache (tens of GB for ViT-L on MVTec AD) is deleted from the run folder."""
+        cache, self.cache = self.cache, None
+        if cache is None or cache.path is None:
+            return
+        del cache.levels  # close the memmaps before deleting their files
+        dist.barrier()
+        if dist.is_main_process():
+            shutil.rmtree(cache.path, ignore_errors=True)
 
     def _check_finite(self, losses: dict[str, torch.Tensor]) -> None:
         total = losses["loss"]
-        if torch.isfinite(total).all():
+        finite = bool(torch.isfinite(total).all())
+        if dist.is_distributed():  # every process stops together, none is left waiting in the all-reduce
+            flag = torch.tensor([1.0 if finite else 0.0], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = bool(flag.item())
+        if finite:
             return
         bad = [name for name, value in losses.items() if name != "loss" and not torch.isfinite(value).all()]
         terms = ", ".join(f"{name}={float(losses[name].detach())}" for name in bad) or f"loss={float(total.detach())}"

@@ -84,7 +84,9 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``cnc`` command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # for commands that relaunch themselves (train --nproc)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
@@ -98,3 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cnc {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch" in sys.modules:  # leave a torchrun process group cleanly (no-op otherwise)
+            from cnc_ad import distributed
+
+            distributed.cleanup()

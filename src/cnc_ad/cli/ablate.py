@@ -33,6 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a config key (repeatable)",
     )
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides train.device)")
+    parser.add_argument("--format", help="dataset layout (auto-detected by default)")
+    parser.add_argument("--clip-weights", metavar="PATH", help="local CLIP weights file (offline use)")
+    parser.add_argument("--trust-pickle", action="store_true", help="allow a TorchScript CLIP weights file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
@@ -41,8 +45,13 @@ def run(args: argparse.Namespace) -> int:
     from cnc_ad.ablate import run_ablation
     from cnc_ad.config import load_config
 
-    config = load_config(args.config, [*args.overrides, f"data.root={args.data_root}"])
-    result = run_ablation(config, args.out, progress=not args.no_progress)
+    overrides = [*args.overrides, f"data.root={args.data_root}"]
+    overrides += [f"train.device={args.device}"] if args.device else []
+    overrides += [f"data.format={args.format}"] if args.format else []
+    config = load_config(args.config, overrides)
+    result = run_ablation(
+        config, args.out, clip_weights=args.clip_weights, trust_pickle=args.trust_pickle, progress=not args.no_progress
+    )
     print(result.table)
     print(f"\nresults: {args.out}/ablation.md")
     return 0

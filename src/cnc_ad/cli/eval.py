@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         if value is not None
     }
     config = dataclasses.replace(EvalConfig(), **changes)
-    index = scan_dataset(args.data_root, args.format, args.categories)
+    index = scan_dataset(args.data_root, args.format, args.categories, skip_bad=args.skip_bad)
     result = evaluate(
         model,
         index,

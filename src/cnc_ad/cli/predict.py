@@ -67,10 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from cnc_ad import distributed as dist
     from cnc_ad.device import resolve_device
-    from cnc_ad.errors import DataError
+    from cnc_ad.errors import ConfigError, DataError
     from cnc_ad.predict import Detector, collect_inputs, predict_files, read_thresholds
 
     paths = collect_inputs(args.inputs)
+    if args.onnx and dist.launched_by_torchrun():
+        raise ConfigError("--onnx runs in one process (onnxruntime); start it without torchrun")
     if not args.onnx:
         dist.init_from_env(resolve_device(args.device))  # under torchrun: join the group, shard the inputs
     if args.onnx:

@@ -78,29 +78,20 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def _relaunch_with_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
-    forwarded = []
-    skip = False
-    for item in argv:
+def _relaunch_with_torchrun(args: argparse.Namespace, run_dir: Path) -> int:
+    """Run this same command in ``args.nproc`` processes through torchrun, all writing to ``run_dir``."""
+    forwarded, skip = [], False
+    for item in args.argv:
         if skip:
             skip = False
-            continue
-        if item == "--nproc":
+        elif item == "--nproc":
             skip = True
-            continue
-        if item.startswith("--nproc="):
-            continue
-        forwarded.append(item)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={args.nproc}",
-        "-m",
-        "cnc_ad",
-        *forwarded,
-    ]
+        elif not item.startswith("--nproc="):
+            forwarded.append(item)
+    if not args.out and not args.resume:
+        forwarded += ["--out", str(run_dir)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "cnc_ad", *forwarded]  # fmt: skip
     return subprocess.call(command)
 
 
@@ -108,8 +99,12 @@ def run(args: argparse.Namespace) -> int:
     from cnc_ad.config import load_config
     from cnc_ad.train import train
 
-    if args.nproc and args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return _relaunch_with_torchrun(args, sys.argv[1:])
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    default_run_dir = Path(f"runs/{Path(args.config or 'run').stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.nproc and args.nproc > 1 and not under_torchrun:
+        return _relaunch_with_torchrun(args, default_run_dir)
+    if under_torchrun and not (args.out or args.resume):
+        raise ConfigError("under torchrun pass --out RUN_DIR, so that every process writes to the same run folder")
     overrides = _overrides(args)
     if args.resume:
         run_dir = Path(args.resume)
@@ -120,8 +115,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.config:
             raise ConfigError("pass --config FILE (e.g. configs/demo.yaml) or --resume RUN_DIR")
         config = load_config(args.config, overrides)
-        stem = Path(args.config).stem
-        run_dir = Path(args.out or f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = Path(args.out) if args.out else default_run_dir
     result = train(
         config,
         run_dir,

@@ -232,20 +232,23 @@ def create_clip(
     if is_path:
         if not path.is_file():
             raise WeightsError(f"CLIP weights file {path} not found; {how}")
-        if is_pickle_file(path) and not trust_pickle:
-            raise WeightsError(
-                f"CLIP weights file {path} is a pickle/TorchScript file, which can run code when loaded; pass "
-                "--trust-pickle (trust_pickle=True) only for a file you trust (the original OpenAI CLIP .pt files), "
-                "or use a .safetensors file"
-            )
         source = str(path)
     else:
         source = weights
+    # Without trust_pickle, pickle-based files (open_clip's .bin/.pt state dicts) go through torch's restricted
+    # unpickler (weights_only=True), which runs no code; TorchScript files (the original OpenAI .pt) fail there.
     try:
         return open_clip.create_model(
             backbone, pretrained=source, force_image_size=image_size, weights_only=not trust_pickle
         )
     except Exception as err:  # open_clip raises RuntimeError / OSError / HTTP errors; one clear message
+        if is_path and not trust_pickle and is_pickle_file(path):
+            raise WeightsError(
+                f"CLIP weights file {path} could not be read as plain tensors (torch.load weights_only=True): it is "
+                "a TorchScript or arbitrary pickle file, which can run code when loaded. Pass --trust-pickle "
+                "(trust_pickle=True) only for a file you trust, such as the original OpenAI CLIP .pt files, or "
+                "use a .safetensors file"
+            ) from err
         raise WeightsError(f"could not load CLIP weights {weights!r} for {backbone}: {err}; {how}") from err
 
 
