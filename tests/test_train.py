@@ -49,24 +49,16 @@ def test_feature_cache_gives_the_same_model(synth_root, tmp_path):
     assert_same_weights(a, b, atol=1e-6)
 
 
-def test_disk_cache_gives_the_same_model(synth_root, tmp_path):
-    memory = train(
-        tiny_config(synth_root, "train.feature_cache=memory", "train.epochs=1"),
-        tmp_path / "a",
-        progress=False,
-        pretrained=False,
-    )
-    disk = train(
-        tiny_config(synth_root, "train.feature_cache=disk", "train.epochs=1"),
-        tmp_path / "b",
-        progress=False,
-        pretrained=False,
-    )
-    assert (tmp_path / "b" / "feature_cache").is_dir()
-    assert_same_weights(
-        trainable(load_model(memory.checkpoint, pretrained=False)),
-        trainable(load_model(disk.checkpoint, pretrained=False)),
-    )
+def test_disk_cache_gives_the_same_model(synth_root, tmp_path, caplog):
+    caplog.set_level("INFO", logger="cnc_ad.train")
+    memory = train(tiny_config(synth_root, "train.feature_cache=memory", "train.epochs=1"), tmp_path / "a",
+                   progress=False, pretrained=False)  # fmt: skip
+    disk = train(tiny_config(synth_root, "train.feature_cache=disk", "train.epochs=1"), tmp_path / "b",
+                 progress=False, pretrained=False)  # fmt: skip
+    assert "feature cache: disk" in caplog.text
+    assert not (tmp_path / "b" / "feature_cache").exists()  # removed once training ends
+    assert_same_weights(trainable(load_model(memory.checkpoint, pretrained=False)),
+                        trainable(load_model(disk.checkpoint, pretrained=False)))  # fmt: skip
 
 
 def test_resume_reaches_the_same_weights(synth_root, tmp_path, monkeypatch):
@@ -134,3 +126,45 @@ def test_learning_rate_schedule():
     assert rates[0] == pytest.approx(0.5) and rates[1] == pytest.approx(1.0)
     assert rates[-1] == pytest.approx(0.1, abs=0.05)
     assert all(a >= b for a, b in itertools.pairwise(rates[1:]))
+
+
+def test_skip_bad_reaches_the_scanner(synth_root, tmp_path):
+    import shutil
+
+    from cnc_ad.errors import DataError
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    next((root / "brick" / "ground_truth").rglob("*_mask.png")).unlink()  # a test image without its mask
+    with pytest.raises(DataError, match="skip-bad"):
+        Trainer(tiny_config(root), tmp_path / "a", progress=False, pretrained=False)
+    trainer = Trainer(tiny_config(root, "data.skip_bad=true"), tmp_path / "b", progress=False, pretrained=False)
+    assert len(trainer.samples) == 18
+
+
+def test_too_few_images_for_the_batch_is_a_clear_error(synth_root, tmp_path):
+    from cnc_ad.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+        Trainer(tiny_config(synth_root, "train.batch_size=64"), tmp_path / "a", progress=False, pretrained=False)
+
+
+def test_torchrun_needs_one_run_folder(synth_root, monkeypatch, capsys):
+    from cnc_ad.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--config", "demo", "--data-root", str(synth_root)]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_devices_are_checked():
+    from cnc_ad.device import resolve_device
+    from cnc_ad.errors import ConfigError
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="not a device"):
+        resolve_device("tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda")
