@@ -62,6 +62,7 @@ def test_synth_train_eval_report(tmp_path, capsys):
     assert header == ["category", *METRIC_KEYS]
     thresholds = json.loads((out / "thresholds.json").read_text())
     assert {"brick", "washer", "__all__"} <= set(thresholds["image"])
+    assert math.isfinite(thresholds["image"]["__all__"]) and math.isfinite(thresholds["pixel"]["__all__"])
     # The thresholds also sit beside the checkpoint, where predict finds them.
     checkpoint = run / (run / "latest").read_text().strip()
     assert json.loads((checkpoint / "thresholds.json").read_text()) == thresholds

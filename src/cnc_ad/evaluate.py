@@ -30,6 +30,7 @@ from cnc_ad.files import atomic_write_bytes, atomic_write_json, atomic_write_tex
 from cnc_ad.metrics import (
     METRIC_KEYS,
     MetricAccumulator,
+    f1_max_threshold,
     mean_metrics,
 )
 from cnc_ad.model import CNC
@@ -49,6 +50,8 @@ class CategoryResult:
     pixel_threshold: float
     curves: dict[str, dict[str, list[float]]]
     examples: list[dict[str, Any]] = field(default_factory=list)
+    image_scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (N,) all processes
+    image_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (N,)
 
 
 @dataclass
@@ -172,7 +175,16 @@ def _finish_category(
     most = candidates[:examples]
     least = [c for c in candidates[::-1][:examples] if c not in most]
     picked = [{**c, "rank": "most"} for c in most] + [{**c, "rank": "least"} for c in least]
-    return CategoryResult(metrics, float(thresholds["image"]), float(thresholds["pixel"]), curves, picked)
+    state = merged.state_dict()
+    return CategoryResult(
+        metrics,
+        float(thresholds["image"]),
+        float(thresholds["pixel"]),
+        curves,
+        picked,
+        state["image_scores"],
+        state["image_labels"],
+    )
 
 
 def evaluate(
@@ -218,9 +230,14 @@ def evaluate(
         "image": {cat: d.image_threshold for cat, d in details.items()},
         "pixel": {cat: d.pixel_threshold for cat, d in details.items()},
     }
-    for kind in ("image", "pixel"):
-        finite = [t for t in thresholds[kind].values() if math.isfinite(t)]
-        thresholds[kind]["__all__"] = float(np.median(finite)) if finite else math.nan
+    # For images of unknown category: the F1-max threshold over all test images pooled; for pixels (pooling every
+    # pixel of every category would be costly) the median of the category thresholds.
+    scores = np.concatenate([d.image_scores for d in details.values()])
+    labels = np.concatenate([d.image_labels for d in details.values()])
+    pooled = f1_max_threshold(scores, labels)[1] if 0 < labels.sum() < len(labels) else math.nan
+    thresholds["image"]["__all__"] = float(pooled)
+    finite = [t for t in thresholds["pixel"].values() if math.isfinite(t)]
+    thresholds["pixel"]["__all__"] = float(np.median(finite)) if finite else math.nan
     return EvalResult(per_category, mean, thresholds, left_out, config.protocol, details)
 
 
