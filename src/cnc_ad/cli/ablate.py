@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cnc_ad.cli import add_overrides_argument
+
 EPILOG = """\
 variants: full CNC; without the cross-modal normality constraint (model.use_text=false); without the gated
 MoE (model.use_moe=false); without both (plain multi-layer feature reconstruction).
@@ -25,14 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", required=True, help="YAML config file or preset name")
     parser.add_argument("--data-root", required=True, help="dataset folder")
     parser.add_argument("--out", default="runs/ablation", help="output folder (default runs/ablation)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (repeatable)",
-    )
+    add_overrides_argument(parser, "override a config key")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides train.device)")
     parser.add_argument("--format", help="dataset layout (auto-detected by default)")
     parser.add_argument("--clip-weights", metavar="PATH", help="local CLIP weights file (offline use)")

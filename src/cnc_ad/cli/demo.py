@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cnc_ad.cli import add_overrides_argument
+
 EPILOG = """\
 The demo synthesises a multi-class dataset (textures cut from real photographs and procedural parts, with
 scratches, holes, stains, pasted patches and missing or extra parts), trains the offline preset
@@ -28,14 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--per-category", type=int, default=40, help="training images per category (default 40)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the synthetic data")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of configs/demo.yaml (repeatable)",
-    )
+    add_overrides_argument(parser, "override a key of configs/demo.yaml")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 

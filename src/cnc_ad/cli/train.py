@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from cnc_ad.cli import add_overrides_argument
 from cnc_ad.errors import ConfigError
 
 EPILOG = """\
@@ -18,7 +19,7 @@ examples:
   cnc train --config mvtec --data-root /data/mvtec_ad --set train.epochs=100 --set model.use_moe=false
   cnc train --resume runs/mvtec                      # continue from the run's latest checkpoint
   cnc train --config mvtec --data-root /data/mvtec_ad --nproc 4     # 4 GPUs (torchrun underneath)
-  torchrun --nproc-per-node 4 -m cnc_ad train --config mvtec --data-root /data/mvtec_ad
+  torchrun --nproc-per-node 4 -m cnc_ad train --config mvtec --data-root /data/mvtec_ad --out runs/mvtec
 
 The run folder receives config.yaml (the resolved config), log.jsonl (one line per logging step) and
 checkpoints/ (a `latest` file names the newest). Config keys: see configs/*.yaml and `cnc_ad.config`.
@@ -37,14 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-root", help="dataset folder (overrides data.root)")
     parser.add_argument("--format", help="dataset layout, auto-detected by default (overrides data.format)")
     parser.add_argument("--out", help="run folder (default runs/<config>-<time>)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.lr=1e-4 (repeatable)",
-    )
+    add_overrides_argument(parser, "override a config key, e.g. --set train.lr=1e-4")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides train.device)")
     parser.add_argument("--epochs", type=int, help="overrides train.epochs")
