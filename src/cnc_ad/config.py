@@ -29,7 +29,9 @@ class ModelConfig:
     # Encoder (None = from the preset).
     encoder: str | None = None  # "clip" | "timm"
     backbone: str | None = None  # open_clip model name, or timm model name
-    pretrained: str | None = None  # open_clip tag ("openai"), a local weights file, or "none" for random weights
+    # CLIP: an open_clip tag ("openai") or a local file; timm: "efficientnet-lite0" (the packaged ImageNet weights),
+    # "timm" (timm's own download) or a local .safetensors file; "none": random weights.
+    pretrained: str | None = None
     image_size: int | None = None  # square input side in pixels
     layers: tuple[int, ...] | None = None  # 0-based encoder blocks (ViT) or stages (CNN) to tap
     # Bottleneck, gated MoE, decoder.
