@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 # torch/torchvision pins: the wheels that lie on the development machine; override for other platforms,
 # e.g. `make test TORCH="torch torchvision"`.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
-STAMP := $(VENV)/.installed
+# One stamp per torch spec, so that `make test TORCH=...` reinstalls.
+STAMP := $(VENV)/.installed-$(shell echo '$(TORCH)' | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
 .PHONY: demo test lint format venv clean
@@ -15,7 +16,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q $(TORCH) || $(PY) -m pip install -q torch torchvision
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 

