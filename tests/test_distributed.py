@@ -76,39 +76,10 @@ def test_two_processes_train_like_one(synth_root, tmp_path):
         (tmp_path / "one" / "log.jsonl").read_text().splitlines()
     )
 
-    cnc(
-        "eval",
-        "--checkpoint",
-        str(tmp_path / "one"),
-        "--data-root",
-        str(synth_root),
-        "--out",
-        str(tmp_path / "eval1"),
-        "--device",
-        "cpu",
-        "--num-workers",
-        "0",
-        "--no-progress",
-        "--metrics",
-        "exact",
-    )
-    cnc(
-        "eval",
-        "--checkpoint",
-        str(tmp_path / "one"),
-        "--data-root",
-        str(synth_root),
-        "--out",
-        str(tmp_path / "eval2"),
-        "--device",
-        "cpu",
-        "--num-workers",
-        "0",
-        "--no-progress",
-        "--metrics",
-        "exact",
-        nproc=2,
-    )
+    evaluate = ["eval", "--checkpoint", str(tmp_path / "one"), "--data-root", str(synth_root), "--device", "cpu",
+                "--num-workers", "0", "--no-progress", "--metrics", "exact"]  # fmt: skip
+    cnc(*evaluate, "--out", str(tmp_path / "eval1"))
+    cnc(*evaluate, "--out", str(tmp_path / "eval2"), nproc=2)
     single = json.loads((tmp_path / "eval1" / "metrics.json").read_text())
     sharded = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
     for cat, values in single["categories"].items():
