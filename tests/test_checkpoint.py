@@ -170,3 +170,17 @@ def test_thresholds_beside_checkpoint(tmp_path):
     store_thresholds(folder, {"image": {"__all__": 0.5}, "pixel": {"__all__": 0.25}})
     assert read_thresholds(folder)["pixel"]["__all__"] == 0.25
     load_model(folder)  # thresholds do not disturb the checksum
+
+
+@pytest.mark.parametrize(("preset", "expected"), [("tiny", "clip"), ("cnc-effnet-lite0", "imagenet")])
+def test_checkpoints_from_before_the_normalize_key_keep_their_arithmetic(tmp_path, preset, expected):
+    # cnc-ad 0.1 wrote no model.normalize / model.token_stride: its timm encoders used ImageNet mean/std on the 1/16
+    # grid whatever a preset says today.
+    model, _ = _trained(preset)
+    folder = save_checkpoint(tmp_path / "ck", model)
+    meta = json.loads((folder / "model.json").read_text())
+    del meta["config"]["normalize"], meta["config"]["token_stride"]
+    (folder / "model.json").write_text(json.dumps(meta))
+    loaded = load_model(folder)
+    assert loaded.config.normalize == expected
+    assert loaded.config.token_stride == (16 if preset == "cnc-effnet-lite0" else None)

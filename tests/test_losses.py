@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cnc_ad.config import ModelConfig
-from cnc_ad.losses import cfd_loss, moe_balance_loss, ngd_loss, reconstruction_loss, total_loss
+from cnc_ad.losses import (
+    cfd_loss,
+    hard_mining_share,
+    moe_balance_loss,
+    ngd_loss,
+    reconstruction_loss,
+    total_loss,
+)
 from cnc_ad.model import build_model
 
 
@@ -49,6 +57,48 @@ def test_ngd_zero_when_decoded_tokens_match_text_and_gradient_to_decoder_only():
     text = _tokens(6, grad=True)
     ngd_loss([decoded], [text]).backward()
     assert text.grad is None and decoded.grad.abs().sum() > 0
+
+
+def test_hard_mining_keeps_the_value_and_scales_the_easy_gradients():
+    torch.manual_seed(0)
+    enc = [torch.randn(2, 10, 6)]
+    decoded = enc[0] + 0.05 * torch.arange(1.0, 21.0).view(2, 10, 1) * torch.randn(2, 10, 6)  # ever worse tokens
+    plain_d = decoded.clone().requires_grad_(True)
+    mined_d = decoded.clone().requires_grad_(True)
+    plain = reconstruction_loss(enc, [plain_d])
+    mined = reconstruction_loss(enc, [mined_d], hard_share=0.5, easy_factor=0.1)
+    assert mined.item() == pytest.approx(plain.item(), abs=1e-6)
+    plain.backward()
+    mined.backward()
+    distance = 1 - F.cosine_similarity(enc[0], decoded, dim=-1).flatten()
+    easy = distance <= distance.kthvalue(10).values  # the 50 % best-reconstructed tokens
+    ratio = mined_d.grad.norm(dim=-1).flatten() / plain_d.grad.norm(dim=-1).flatten()
+    torch.testing.assert_close(ratio[easy], torch.full((10,), 0.1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ratio[~easy], torch.ones(10), atol=1e-4, rtol=1e-4)
+
+
+def test_hard_mining_share_ramps_linearly():
+    assert hard_mining_share(0, 0.9, 100) == 0.0
+    assert hard_mining_share(50, 0.9, 100) == pytest.approx(0.45)
+    assert hard_mining_share(500, 0.9, 100) == pytest.approx(0.9)
+    assert hard_mining_share(500, 0.0, 100) == 0.0
+
+
+def test_ngd_hinge_leaves_a_perfect_reconstruction_alone():
+    torch.manual_seed(0)
+    text = torch.randn(6)
+    enc = torch.randn(2, 5, 6)
+    decoded = enc.clone().requires_grad_(True)
+    hinge = ngd_loss([decoded], [text], form="hinge", encoder_joint=[enc])
+    assert hinge.item() == 0.0
+    assert ngd_loss([enc], [text], form="pull").item() > 0.1  # the paper's form pulls it all the same
+    # A decoded token less normal than its encoder token is pulled back, up to the encoder token only.
+    worse = (enc - 2.0 * text).requires_grad_(True)
+    hinge = ngd_loss([worse], [text], form="hinge", encoder_joint=[enc])
+    hinge.backward()
+    assert hinge.item() > 0 and worse.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="encoder tokens"):
+        ngd_loss([enc], [text], form="hinge")
 
 
 def test_total_loss_weights_and_missing_terms():

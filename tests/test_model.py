@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cnc_ad.config import ModelConfig
 from cnc_ad.errors import ConfigError, DataError
@@ -30,8 +31,14 @@ def _check_preset(name: str, batch: int = 2, **overrides) -> None:
     assert all(f.shape[:2] == (batch, model.grid_size**2) and not f.requires_grad for f in features)
     model.train()
     losses = model.training_losses(features)
-    assert set(losses) == {"loss", "rec", "cfd", "ngd", "moe"}
+    assert {k for k in losses if not k.startswith("diag_")} == {"loss", "rec", "cfd", "ngd", "moe"}
     assert all(torch.isfinite(v) for v in losses.values())
+    levels = range(model.num_levels)
+    diagnostics = {f"diag_cos_{side}_{level}" for side in ("enc", "dec") for level in levels}
+    diagnostics |= {f"diag_load_{e}" for e in range(model.config.num_experts)}
+    assert {k for k in losses if k.startswith("diag_")} == diagnostics
+    assert sum(losses[f"diag_load_{e}"].item() for e in range(model.config.num_experts)) == pytest.approx(1.0)
+    assert not any(v.requires_grad for k, v in losses.items() if k.startswith("diag_"))
     losses["loss"].backward()
     assert all(p.grad is None for p in model.encoder.parameters())
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.trainable_parameters())
@@ -42,9 +49,46 @@ def _check_preset(name: str, batch: int = 2, **overrides) -> None:
     assert torch.isfinite(prediction.anomaly_map).all()
 
 
-@pytest.mark.parametrize("name", ["tiny", "cnc-effnet-lite0"])
-def test_preset_shapes_losses_and_gradients(name):
-    _check_preset(name)
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("tiny", {}),
+        ("cnc-effnet-lite0", {}),
+        ("tiny", {"attention": "linear"}),
+        ("cnc-effnet-lite0", {"backbone": "tf_efficientnet_lite0", "normalize": "inception", "token_stride": 8}),
+    ],
+)
+def test_preset_shapes_losses_and_gradients(name, overrides):
+    _check_preset(name, **overrides)
+
+
+def test_token_stride_sets_the_grid_and_normalize_the_input():
+    config = ModelConfig(preset="cnc-effnet-lite0", token_stride=8, normalize="inception")
+    model = build_model(config, pretrained=False)
+    assert model.grid_size == 32
+    assert [f.shape for f in model.encode(torch.rand(1, 3, 256, 256))] == [(1, 1024, 24), (1, 1024, 40), (1, 1024, 112)]
+    assert model.encoder.normalize.mean.flatten().tolist() == [0.5, 0.5, 0.5]
+    with pytest.raises(ConfigError, match="token_stride"):
+        build_model(ModelConfig(preset="tiny", token_stride=8), pretrained=False)
+    with pytest.raises(ConfigError, match="normalize"):
+        build_model(ModelConfig(preset="tiny", normalize="bgr"), pretrained=False)
+
+
+def test_linear_attention_matches_its_formula_and_spreads_attention():
+    from cnc_ad.model.decoder import LinearAttention
+
+    torch.manual_seed(0)
+    attention = LinearAttention(8, num_heads=2, qkv_bias=True)
+    x = torch.randn(2, 5, 8)
+    q, k, v = attention.qkv(x).chunk(3, dim=-1)
+    heads = []
+    for h in range(2):
+        part = slice(4 * h, 4 * h + 4)
+        phi_q, phi_k = F.elu(q[..., part]) + 1, F.elu(k[..., part]) + 1  # (B, L, d)
+        weights = phi_q @ phi_k.transpose(1, 2)  # (B, L, L), unnormalised positive attention
+        heads.append((weights / weights.sum(-1, keepdim=True)) @ v[..., part])
+    expected = attention.proj(torch.cat(heads, dim=-1))
+    torch.testing.assert_close(attention(x), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow

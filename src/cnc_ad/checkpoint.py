@@ -297,9 +297,19 @@ def _load_verified(path: Path, expected_sha: str, what: str) -> dict[str, Tensor
 
 
 def checkpoint_config(meta: Mapping[str, Any]) -> ModelConfig:
-    """The validated model config of a checkpoint's metadata (ConfigError names a bad key)."""
+    """The validated model config of a checkpoint's metadata (ConfigError names a bad key).
+
+    Checkpoints written before ``model.normalize`` / ``model.token_stride`` existed (cnc-ad 0.1) ran CLIP encoders
+    with CLIP mean/std and timm encoders with ImageNet mean/std on the 1/16 grid: those values are filled in, so the
+    preset's newer defaults never change an old model.
+    """
+    values = dict(meta["config"])
+    if "normalize" not in values:
+        values["normalize"] = "clip" if values.get("encoder") == "clip" else "imagenet"
+    if "token_stride" not in values and values.get("encoder") == "timm":
+        values["token_stride"] = 16
     try:
-        return config_from_dict({"model": meta["config"]}).model
+        return config_from_dict({"model": values}).model
     except ConfigError as err:
         raise ConfigError(f"checkpoint {meta.get('path', '')}: {err}") from err
 

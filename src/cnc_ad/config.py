@@ -60,6 +60,11 @@ class ModelConfig:
     fnp_theta: float = 5.0
     blur_sigma: float = 4.0
     map_size: int = 256  # side of the anomaly map returned by predict()
+    # Encoder input and token grid (None = from the preset).
+    normalize: str | None = None  # input mean/std the weights were trained with: "clip" | "imagenet" | "inception"
+    token_stride: int | None = None  # CNN encoders: pixels per token side (16: 1/16 grid; 8: finer maps, 4x tokens)
+    # Decoder attention: "softmax" (ViT blocks) | "linear" (Dinomaly's: cannot focus on one token, so cannot copy it).
+    attention: str = "softmax"
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,15 @@ class TrainConfig:
     cache_memory_gb: float = 8.0  # "auto" keeps the cache in memory up to this size, else a disk memmap
     log_every: int = 10  # steps between log.jsonl lines
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
+    # Loose reconstruction (Dinomaly's hard-mined cosine loss): the tokens reconstructed best, a share ramped linearly
+    # from 0 to hard_mining over hard_mining_steps, get their gradient scaled by hard_mining_factor. 0 = off.
+    hard_mining: float = 0.0
+    hard_mining_steps: int = 1000
+    hard_mining_factor: float = 0.1
+    # Normality-guided decoding: "pull" (the paper's form: every decoded token toward the normality feature) or
+    # "hinge" (only where the decoded token is farther from normality than its encoder token: a perfect
+    # reconstruction of a normal token costs nothing).
+    ngd: str = "pull"
 
 
 @dataclass(frozen=True)

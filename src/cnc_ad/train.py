@@ -36,6 +36,7 @@ from cnc_ad.data import DatasetIndex, Sample, TrainDataset, make_loader, scan_da
 from cnc_ad.device import autocast, resolve_device
 from cnc_ad.errors import CheckpointError, ConfigError, TrainingError
 from cnc_ad.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from cnc_ad.losses import hard_mining_share
 from cnc_ad.model import CNC, build_model
 
 log = logging.getLogger(__name__)
@@ -129,13 +130,22 @@ class FeatureCache:
 class _LossModule(nn.Module):
     """Wraps the detector so DDP sees a forward() that returns the losses."""
 
-    def __init__(self, model: CNC, lambdas: tuple[float, float, float]) -> None:
+    def __init__(self, model: CNC, config: Any) -> None:
         super().__init__()
         self.model = model
-        self.lambdas = lambdas
+        self.config = config
 
-    def forward(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.model.training_losses(features, *self.lambdas)
+    def forward(self, features: list[torch.Tensor], step: int = 0) -> dict[str, torch.Tensor]:
+        c = self.config
+        return self.model.training_losses(
+            features,
+            c.lambda_cfd,
+            c.lambda_ngd,
+            c.lambda_moe,
+            ngd=c.ngd,
+            hard_share=hard_mining_share(step, c.hard_mining, c.hard_mining_steps),
+            hard_factor=c.hard_mining_factor,
+        )
 
 
 class Trainer:
@@ -177,10 +187,9 @@ class Trainer:
         self.model = build_model(
             config.model, pretrained=pretrained, clip_weights=clip_weights, trust_pickle=trust_pickle
         ).to(self.device)
-        self.lambdas = (tcfg.lambda_cfd, tcfg.lambda_ngd, tcfg.lambda_moe)
         params = list(self.model.trainable_parameters())
         self.optimizer = torch.optim.Adam(params, lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
-        self.loss_module: nn.Module = _LossModule(self.model, self.lambdas)
+        self.loss_module: nn.Module = _LossModule(self.model, tcfg)
         if dist.is_distributed():
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             # An expert that no token of a batch chose gets no gradient, hence find_unused_parameters.
@@ -394,7 +403,7 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 with autocast(self.device, tcfg.amp):
-                    losses = self.loss_module(features)
+                    losses = self.loss_module(features, self.step)
                 self._check_finite(losses)
                 self.optimizer.zero_grad(set_to_none=True)
                 losses["loss"].backward()
@@ -405,7 +414,7 @@ class Trainer:
                 seen += features[0].shape[0] * dist.world_size()
                 last = {k: float(v.detach()) for k, v in losses.items()}
                 bar.update(1)
-                bar.set_postfix({k: f"{v:.4f}" for k, v in last.items()}, refresh=False)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in last.items() if not k.startswith("diag_")}, refresh=False)
                 if self.step % tcfg.log_every == 0 or self.step == self.total_steps:
                     elapsed = time.perf_counter() - tick
                     record = {"step": self.step, "epoch": self.epoch, "lr": lr, **last}

@@ -80,6 +80,7 @@ class CNC(nn.Module):
             config.decoder_layers,
             encoder.level_dims,
             config.mlp_ratio,
+            config.attention,
         )
         self.prompts: PromptLearner | NormalityVectors | None = None
         self.logit_scale = DEFAULT_LOGIT_SCALE
@@ -171,23 +172,38 @@ class CNC(nn.Module):
         return self.prompts(self.encoder.text_model)
 
     def training_losses(
-        self, features: list[Tensor], lambda_cfd: float = 1.0, lambda_ngd: float = 0.1, lambda_moe: float = 0.01
+        self,
+        features: list[Tensor],
+        lambda_cfd: float = 1.0,
+        lambda_ngd: float = 0.1,
+        lambda_moe: float = 0.01,
+        *,
+        ngd: str = "pull",
+        hard_share: float = 0.0,
+        hard_factor: float = 0.1,
     ) -> dict[str, Tensor]:
-        """The training objective on a batch of encoder features (METHOD.md §3).
+        """The training objective on a batch of encoder features (docs/method.md, "Training objective").
 
         Args:
             features: per level (B, L, C_l) encoder tokens.
             lambda_cfd: weight of the cross-modal feature distillation term.
             lambda_ngd: weight of the normality-guided decoding term.
             lambda_moe: weight of the MoE balance term.
+            ngd: form of the normality-guided decoding term, ``"pull"`` or ``"hinge"`` (see :func:`ngd_loss`).
+            hard_share: share of the best-reconstructed tokens whose gradient is scaled by ``hard_factor`` (0: off).
+            hard_factor: that gradient scale.
 
         Returns:
             ``{"loss", "rec", "cfd", "ngd", "moe"}`` scalar tensors; terms switched off by the config
-            (``use_text=False``: cfd, ngd; ``use_moe=False``: moe) are 0-valued tensors.
+            (``use_text=False``: cfd, ngd; ``use_moe=False``: moe) are 0-valued tensors. Diagnostics (no gradient),
+            whose keys start with ``diag_``: per level ``diag_cos_enc_<l>`` / ``diag_cos_dec_<l>``, the mean cosine of
+            the encoder / decoded tokens to the normality feature; with MoE, ``diag_load_<e>``, the share of token
+            assignments routed to expert ``e``.
         """
         out = self(features)
-        rec = reconstruction_loss(out.encoder, out.decoder)
-        cfd = ngd = None
+        rec = reconstruction_loss(out.encoder, out.decoder, hard_share, hard_factor)
+        cfd = ngd_term = None
+        diagnostics: dict[str, Tensor] = {}
         if self.prompts is not None:
             text = self.text_features()
             with torch.no_grad():
@@ -196,9 +212,20 @@ class CNC(nn.Module):
             cfd = cfd_loss(
                 encoder_joint, text.normal, self.config.cfd_pool, self.config.cfd_tau, text.abnormal, self.logit_scale
             )
-            ngd = ngd_loss(decoder_joint, text.normal)
+            ngd_term = ngd_loss(decoder_joint, text.normal, ngd, encoder_joint)
+            with torch.no_grad():
+                for level, (e, d, t) in enumerate(zip(encoder_joint, decoder_joint, text.normal, strict=True)):
+                    t = F.normalize(t.detach().float(), dim=-1)
+                    diagnostics[f"diag_cos_enc_{level}"] = (F.normalize(e.float(), dim=-1) @ t).mean()
+                    diagnostics[f"diag_cos_dec_{level}"] = (F.normalize(d.detach().float(), dim=-1) @ t).mean()
         moe = moe_balance_loss(out.importance) if self.moe is not None else None
-        return total_loss(rec, cfd, ngd, moe, lambda_cfd=lambda_cfd, lambda_ngd=lambda_ngd, lambda_moe=lambda_moe)
+        if self.moe is not None:
+            load = (out.gates.detach() > 0).float().flatten(0, 1).mean(dim=0) / self.config.top_k  # (E,)
+            diagnostics.update({f"diag_load_{e}": share for e, share in enumerate(load)})
+        losses = total_loss(
+            rec, cfd, ngd_term, moe, lambda_cfd=lambda_cfd, lambda_ngd=lambda_ngd, lambda_moe=lambda_moe
+        )
+        return {**losses, **diagnostics}
 
     @torch.no_grad()
     def store_text_features(self) -> None:

@@ -13,7 +13,7 @@ from cnc_ad.config import ModelConfig
 from cnc_ad.errors import ConfigError
 from cnc_ad.model.anomaly_map import SCORES
 from cnc_ad.model.detector import CNC
-from cnc_ad.model.encoders import CLIPEncoder, TimmEncoder, create_clip, create_timm
+from cnc_ad.model.encoders import NORMALIZATIONS, CLIPEncoder, TimmEncoder, create_clip, create_timm
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ class Preset:
     decoder_depth: int
     decoder_heads: int
     decoder_layers: tuple[int, ...]
+    normalize: str = "clip"
+    token_stride: int | None = None  # CNN encoders only
 
 
 PRESETS: dict[str, Preset] = {
@@ -70,6 +72,8 @@ PRESETS: dict[str, Preset] = {
         decoder_depth=4,
         decoder_heads=4,
         decoder_layers=(1, 2, 3),
+        normalize="imagenet",
+        token_stride=16,
     ),
     "tiny": Preset(
         "tests: a tiny random-weight CLIP (32 px, 8x8 tokens)",
@@ -86,7 +90,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 _FILLED = ("encoder", "backbone", "pretrained", "image_size", "layers", "width", "decoder_depth", "decoder_heads",
-           "decoder_layers")  # fmt: skip
+           "decoder_layers", "normalize", "token_stride")  # fmt: skip
 
 
 def resolve_config(config: ModelConfig) -> ModelConfig:
@@ -112,6 +116,14 @@ def _check(c: ModelConfig) -> None:
         fail("encoder", "must be 'clip' or 'timm'")
     if c.score not in SCORES:
         fail("score", f"must be one of {', '.join(SCORES)}")
+    if c.normalize not in NORMALIZATIONS:
+        fail("normalize", f"must be one of {', '.join(NORMALIZATIONS)}")
+    if c.attention not in ("softmax", "linear"):
+        fail("attention", "must be 'softmax' or 'linear'")
+    if c.encoder == "timm" and c.token_stride not in (4, 8, 16, 32):
+        fail("token_stride", "must be 4, 8, 16 or 32 pixels for a CNN encoder")
+    if c.encoder == "clip" and c.token_stride is not None:
+        fail("token_stride", "applies to CNN encoders only (a ViT's token grid is its patch grid); leave it unset")
     if c.cfd_pool not in ("mean", "softmax"):
         fail("cfd_pool", "must be 'mean' or 'softmax'")
     if len(c.decoder_layers) != len(c.layers):
@@ -164,15 +176,15 @@ def build_model(
 
             weights = clip_weights if (clip_weights and config.pretrained != "none") else config.pretrained
             clip = create_clip(config.backbone, config.image_size, weights, trust_pickle=trust_pickle)
-            encoder = CLIPEncoder(clip, config.layers)
+            encoder = CLIPEncoder(clip, config.layers, config.normalize)
             tokenizer = (
                 open_clip.SimpleTokenizer() if config.backbone == "tiny" else open_clip.get_tokenizer(config.backbone)
             )
         else:
             if clip_weights:
                 log.warning("clip_weights is ignored by the %s encoder (no CLIP)", config.backbone)
-            encoder = TimmEncoder(create_timm(config.backbone, pretrained=config.pretrained), config.layers,
-                                  config.image_size)  # fmt: skip
+            backbone = create_timm(config.backbone, pretrained=config.pretrained)
+            encoder = TimmEncoder(backbone, config.layers, config.image_size, config.normalize, config.token_stride)
         return CNC(encoder, config, tokenizer)
     except ValueError as err:  # architecture arguments that do not fit together
         if isinstance(err, ConfigError):
