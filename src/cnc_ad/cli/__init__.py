@@ -17,7 +17,7 @@ from cnc_ad import __version__
 from cnc_ad.errors import CNCError
 
 # Subcommand modules, in the order `cnc --help` lists them.
-COMMANDS = ("data", "models", "train", "eval", "report", "predict", "export", "demo", "ablate")
+COMMANDS = ("data", "models", "train", "eval", "report", "predict", "export", "serve", "demo", "ablate")
 
 DESCRIPTION = """\
 CNC: unsupervised multi-class anomaly detection with a cross-modal normality constraint (AAAI 2025).
