@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -437,3 +438,161 @@ def test_cli_serves_until_interrupted(checkpoint: Path, images: list[Path], tmp_
         output = process.communicate(timeout=30)[0].decode()
     assert process.returncode == 0, output
     assert f"http://127.0.0.1:{port}/" in output and "token required" in output
+
+
+# ------------------------------------------------------------------------------------------------------- page
+def test_page_is_self_contained(server):
+    url, _ = server
+    response = httpx.get(f"{url}/")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    text = response.text
+    assert "/v1/predict" in text and "/v1/model" in text and 'type="file"' in text and 'type="range"' in text
+    assert "http://" not in text and "https://" not in text and "@import" not in text  # no CDN, no external fetch
+    assert "<script src" not in text and "<link" not in text
+
+
+class DevTools:
+    """A minimal Chrome DevTools Protocol client over one page's websocket."""
+
+    def __init__(self, ws_url: str) -> None:
+        import websocket  # websocket-client (the test extra)
+
+        self.socket = websocket.create_connection(ws_url, timeout=60, suppress_origin=True)
+        self.next_id = 0
+
+    def call(self, method: str, **params) -> dict:
+        self.next_id += 1
+        self.socket.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.socket.recv())
+            if message.get("id") == self.next_id:
+                assert "error" not in message, message
+                return message["result"]
+
+    def evaluate(self, expression: str):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in result, result
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 60.0):
+        deadline = time.monotonic() + timeout
+        while True:  # the page may still be loading: an error counts as "not yet"
+            value = self.evaluate(f"(() => {{ try {{ return ({expression}); }} catch (e) {{ return false; }} }})()")
+            if value:
+                return value
+            assert time.monotonic() < deadline, f"timed out waiting for: {expression}"
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def chromium_page(profile: Path) -> Iterator[DevTools]:
+    """Headless Chromium with remote debugging on a free port; yields a DevTools client on its first page."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("headless Chromium is not installed (`apt-get install chromium`; .ci/run installs it)")
+    pytest.importorskip("websocket", reason="the browser test drives Chromium with websocket-client (test extra)")
+    command = [
+        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1300,1000",
+        f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+        "about:blank",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 60
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "Chromium did not open its debugging port"
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        targets = httpx.get(f"http://127.0.0.1:{port}/json/list").json()
+        page = next(t for t in targets if t["type"] == "page")
+        tools = DevTools(page["webSocketDebuggerUrl"])
+        try:
+            yield tools
+        finally:
+            tools.socket.close()
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+
+
+@pytest.mark.browser
+def test_page_scores_an_upload_in_headless_chromium(detector: Detector, tmp_path: Path):
+    # A synthetic part with a defect: a grey textured square with a dark scratch.
+    rng = np.random.default_rng(3)
+    part = (rng.normal(150, 8, (96, 80, 3))).clip(0, 255).astype(np.uint8)
+    part[40:46, 10:70] = 20
+    defect = tmp_path / "defect.png"
+    Image.fromarray(part).save(defect)
+    score = float(detector.predict(str(defect)).scores[0])
+    thresholds = {"image": {"__all__": score - 0.01}, "pixel": {"__all__": score * 0.9}}
+    app = create_app(Detector(detector.backend, detector.image_size, thresholds), LIMITS)
+
+    with running(app) as url, chromium_page(tmp_path / "profile") as page:
+        page.call("Page.enable")
+        page.call("Page.navigate", url=f"{url}/")
+        page.wait_for("document.getElementById('status').textContent.startsWith('Ready')")
+        slider = page.evaluate("Number(document.getElementById('threshold').value)")
+        assert slider == pytest.approx(score - 0.01, abs=1e-3)
+        assert "all categories" in page.evaluate("document.getElementById('thresholds').textContent")
+        assert "tiny" in page.evaluate("document.getElementById('model-info').textContent")
+
+        root = page.call("DOM.getDocument")["root"]["nodeId"]
+        node = page.call("DOM.querySelector", nodeId=root, selector="#file")["nodeId"]
+        page.call("DOM.setFileInputFiles", files=[str(defect)], nodeId=node)
+        card = page.wait_for(
+            """(() => { const c = document.querySelector('.card'); const o = c && c.querySelector('img.overlay');
+                 const m = c && c.querySelector('canvas.mask');
+                 return c && o.complete && o.naturalWidth > 0 && m.width > 0 && {
+                   verdict: c.dataset.verdict, text: c.querySelector('.verdict').textContent,
+                   score: Number(c.querySelector('.score').textContent), overlay: [o.naturalWidth, o.naturalHeight],
+                   mask: [m.width, m.height], requests: window.cncState.requests }; })()"""
+        )
+        assert card["verdict"] == "anomalous" and card["text"] == "anomalous", card
+        assert card["score"] == pytest.approx(score, abs=1e-4)
+        assert card["overlay"] == [80, 96] and card["mask"] == [80, 96]
+        white = page.evaluate(
+            """(() => { const m = document.querySelector('canvas.mask');
+                 const d = m.getContext('2d').getImageData(0, 0, m.width, m.height).data;
+                 let n = 0; for (let i = 0; i < d.length; i += 4) n += d[i] > 127; return n; })()"""
+        )
+        # Moving the slider above the score re-decides on the page, without a new request.
+        page.evaluate(
+            f"""(() => {{ const s = document.getElementById('threshold'); s.max = {score * 4}; s.value = {score + 0.01};
+                  s.dispatchEvent(new Event('input')); }})()"""
+        )
+        after = page.evaluate(
+            "({verdict: document.querySelector('.card').dataset.verdict, requests: window.cncState.requests})"
+        )
+        assert after == {"verdict": "normal", "requests": card["requests"]}
+        # The pixel-threshold slider redraws the mask from the returned map: at 0 every pixel is anomalous.
+        page.evaluate(
+            """(() => { const s = document.getElementById('pixel-threshold'); s.value = 0;
+                 s.dispatchEvent(new Event('input')); })()"""
+        )
+        everything = page.evaluate(
+            """(() => { const m = document.querySelector('canvas.mask');
+                 const d = m.getContext('2d').getImageData(0, 0, m.width, m.height).data;
+                 let n = 0; for (let i = 0; i < d.length; i += 4) n += d[i] > 127; return n; })()"""
+        )
+        assert everything == 80 * 96 and white < everything
+        shot = base64.b64decode(page.call("Page.captureScreenshot", format="png")["data"])
+        (tmp_path / "page.png").write_bytes(shot)
+        pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"))
+        assert pixels.std() > 20  # a drawn page, not a blank one
+
+    # With a token, the page asks for it before anything else.
+    with running(create_app(detector, ServeSettings(token="s3cret"))) as url, chromium_page(tmp_path / "p2") as page:
+        page.call("Page.navigate", url=f"{url}/")
+        page.wait_for("document.getElementById('status').textContent.includes('token')")
+        assert page.evaluate("!document.getElementById('token-box').classList.contains('hidden')")
+        page.evaluate(
+            "document.getElementById('token').value = 's3cret'; document.getElementById('token-save').click()"
+        )
+        page.wait_for("document.getElementById('status').textContent.startsWith('Ready')")
