@@ -291,6 +291,32 @@ def test_a_failing_model_answers_503_and_the_worker_lives_on(detector: Detector,
     assert stats["failed_calls"] == 1 and stats["model_calls"] >= 1
 
 
+def test_a_full_queue_and_a_slow_model_answer_503(detector: Detector, images: list[Path]):
+    release = threading.Event()
+
+    def slow(batch):
+        release.wait(10)
+        return detector.backend(batch)
+
+    settings = ServeSettings(max_batch_size=1, max_wait_ms=0, max_queue=1, request_timeout_s=0.5)
+    with running(create_app(Detector(slow, detector.image_size, THRESHOLDS), settings)) as url:
+        # One image is in the model, the next waits in the queue (it holds one): a third request is refused.
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(httpx.post, f"{url}/v1/predict", files=_files(images[:1]), timeout=30)
+            time.sleep(0.2)
+            second = pool.submit(httpx.post, f"{url}/v1/predict", files=_files(images[:1]), timeout=30)
+            time.sleep(0.2)
+            busy = httpx.post(f"{url}/v1/predict", files=_files(images[:1]))
+            _error(busy, 503, "busy")
+            assert busy.headers["retry-after"] == "1"
+            _error(first.result(), 503, "timeout")  # no result within request_timeout_s
+            _error(second.result(), 503, "timeout")
+        release.set()
+        time.sleep(0.2)
+        ok = httpx.post(f"{url}/v1/predict", files=_files(images[:1]), timeout=30)
+        assert ok.status_code == 200, ok.text
+
+
 # ------------------------------------------------------------------------------------- limits and bad input
 def test_bad_requests_get_a_4xx_json_error_and_the_server_goes_on(server, images: list[Path], server_log):
     url, app = server
