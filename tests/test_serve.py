@@ -201,6 +201,15 @@ def test_thresholds_and_their_source(server, detector: Detector, images: list[Pa
         assert result["map_stats"]["anomalous_fraction"] is None and result["mask"] is None
         assert httpx.get(f"{bare_url}/v1/model").json()["categories"] == []
 
+    # A NaN threshold (a category without anomalous test images) is JSON null and decides nothing.
+    nan = {"image": {"__all__": 0.5, "screw": float("nan")}, "pixel": {"__all__": 0.6, "screw": float("nan")}}
+    with running(create_app(Detector(detector.backend, detector.image_size, nan), LIMITS)) as nan_url:
+        model = httpx.get(f"{nan_url}/v1/model")
+        assert model.status_code == 200 and model.json()["thresholds"]["image"] == {"__all__": 0.5, "screw": None}
+        response = httpx.post(f"{nan_url}/v1/predict", files=_files(images[:1]), params={"category": "screw"})
+        result = response.json()["images"][0]
+        assert result["threshold"] is None and result["threshold_source"] is None and result["is_anomalous"] is None
+
 
 def test_map_mask_and_overlay_pngs(server, detector: Detector, images: list[Path]):
     url, _ = server

@@ -32,7 +32,7 @@ from cnc_ad.errors import ConfigError
 from cnc_ad.predict import ALL, Detector, read_thresholds  # the one import of the inference API here
 from cnc_ad.serve.batcher import Batcher, BatcherBusy, BatcherClosed, ModelFailure
 from cnc_ad.serve.errors import APIError
-from cnc_ad.serve.images import OUTPUTS, image_result, read_upload
+from cnc_ad.serve.images import OUTPUTS, image_result, json_float, read_upload
 from cnc_ad.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,10 @@ def describe_model(detector: Detector) -> dict[str, Any]:
         backend = type(detector.backend).__name__
     thresholds = detector.thresholds
     categories = sorted({key for table in (thresholds or {}).values() for key in table} - {ALL})
+    if thresholds is not None:  # NaN (a category without anomalies) is not JSON: null
+        thresholds = {
+            kind: {key: json_float(value) for key, value in table.items()} for kind, table in thresholds.items()
+        }
     return {
         "preset": config.get("preset"),
         "backend": backend,
@@ -245,12 +249,11 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Fas
     settings = settings or ServeSettings()
     batcher = Batcher(detector.score_batch, settings.max_batch_size, settings.max_wait_ms / 1000.0, settings.max_queue)
     page = resources.files("cnc_ad.serve").joinpath("static/index.html").read_text(encoding="utf-8")
-    model_info = describe_model(detector)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
-        log.info("model %s ready (%s)", model_info["preset"], detector.source)
+        log.info("model %s ready (%s)", describe_model(detector)["preset"], detector.source)
         try:
             yield
         finally:
@@ -330,7 +333,7 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Fas
             "max_images": settings.max_images,
             "max_batch_size": settings.max_batch_size,
         }
-        return {**model_info, "thresholds": detector.thresholds, "limits": limits}
+        return {**describe_model(detector), "limits": limits}
 
     @app.get("/v1/stats", summary="Batcher counters: model calls, images, mean batch size", dependencies=authorized)
     async def stats() -> dict[str, Any]:
@@ -407,7 +410,7 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Fas
                 outputs=outputs,
                 max_side=settings.output_max_side,
             )
-            results.append({"name": name, **result, "threshold": image_t, "threshold_source": source})
+            results.append({"name": name, **result, "threshold": json_float(image_t), "threshold_source": source})
         return {"category": category, "images": results}
 
     return app
