@@ -254,6 +254,26 @@ def test_model_and_health(server, detector: Detector):
     assert httpx.get(f"{url}/docs").status_code == 200
 
 
+def test_an_onnx_graph_serves_the_same_scores(checkpoint: Path, detector: Detector, images: list[Path], tmp_path: Path):
+    pytest.importorskip("onnxruntime", reason="ONNX serving needs the export extra (in the test extra)")
+    from cnc_ad.checkpoint import load_model
+    from cnc_ad.export import export_onnx
+    from cnc_ad.serve.app import load_detector
+
+    graph = export_onnx(load_model(checkpoint, pretrained=False), tmp_path / "tiny.onnx")
+    (tmp_path / "thresholds.json").write_text(json.dumps(THRESHOLDS))
+    served = load_detector(onnx=graph, thresholds=tmp_path / "thresholds.json")
+    expected = detector.predict([str(p) for p in images[:3]]).scores
+    with running(create_app(served, LIMITS)) as url:
+        model = httpx.get(f"{url}/v1/model").json()
+        assert model["backend"] == "onnxruntime" and model["preset"] == "tiny" and model["categories"] == ["brick"]
+        response = httpx.post(f"{url}/v1/predict", files=_files(images[:3]))
+    assert response.status_code == 200, response.text
+    np.testing.assert_allclose([r["score"] for r in response.json()["images"]], expected, atol=1e-4)
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_detector(checkpoint, graph)
+
+
 # ------------------------------------------------------------------------------------------------ batching
 def test_concurrent_requests_are_batched(server, detector: Detector, images: list[Path]):
     url, app = server
