@@ -604,7 +604,7 @@ def test_page_scores_an_upload_in_headless_chromium(detector: Detector, tmp_path
         card = page.wait_for(
             """(() => { const c = document.querySelector('.card'); const o = c && c.querySelector('img.overlay');
                  const m = c && c.querySelector('canvas.mask');
-                 return c && o.complete && o.naturalWidth > 0 && m.width > 0 && {
+                 return c && o.complete && o.naturalWidth > 0 && c.dataset.mask === 'drawn' && {
                    verdict: c.dataset.verdict, text: c.querySelector('.verdict').textContent,
                    score: Number(c.querySelector('.score').textContent), overlay: [o.naturalWidth, o.naturalHeight],
                    mask: [m.width, m.height], requests: window.cncState.requests }; })()"""
