@@ -19,9 +19,11 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
+import torch
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,7 +34,7 @@ from cnc_ad.errors import ConfigError
 from cnc_ad.predict import ALL, Detector, read_thresholds  # the one import of the inference API here
 from cnc_ad.serve.batcher import Batcher, BatcherBusy, BatcherClosed, ModelFailure
 from cnc_ad.serve.errors import APIError
-from cnc_ad.serve.images import OUTPUTS, image_result, json_float, read_upload
+from cnc_ad.serve.images import OUTPUTS, image_result, json_float, output_size, read_upload
 from cnc_ad.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -249,6 +251,7 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Fas
     settings = settings or ServeSettings()
     batcher = Batcher(detector.score_batch, settings.max_batch_size, settings.max_wait_ms / 1000.0, settings.max_queue)
     page = resources.files("cnc_ad.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    decode_slots = asyncio.Semaphore(max(2, os.cpu_count() or 1))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -375,7 +378,7 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Fas
         images, fields = await _read_images(request, settings)
         if len(images) > settings.max_images:
             raise APIError(413, "too_many_images", f"more than {settings.max_images} images in one request; split it")
-        category = category if category is not None else fields.get("category") or None
+        category = (category if category is not None else fields.get("category")) or None
         threshold = _parse_float("threshold", threshold if threshold is not None else fields.get("threshold"))
         pixel_threshold = _parse_float(
             "pixel_threshold", pixel_threshold if pixel_threshold is not None else fields.get("pixel_threshold")
@@ -389,12 +392,22 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Fas
         if source is None and image_t is not None:
             source = "category" if category is not None else ALL
 
+        def prepare(data: bytes, name: str) -> tuple[Image.Image | None, tuple[int, int], torch.Tensor]:
+            """Decode; keep the model input and, for an overlay, the picture at the returned size (not full size)."""
+            picture, size = read_upload(data, name, detector.image_size, settings.max_pixels)
+            tensor, _ = detector.preprocess(picture)
+            if "overlay" not in outputs:
+                return None, size, tensor
+            height, width = output_size(size, settings.output_max_side)
+            return picture.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0), size, tensor
+
         decoded = []
-        for name, data in images:
-            picture, size = await run_in_threadpool(read_upload, data, name, detector.image_size, settings.max_pixels)
-            tensor, _ = await run_in_threadpool(detector.preprocess, picture)
-            decoded.append((name, picture if "overlay" in outputs else None, size, tensor))
-        del images
+        for index in range(len(images)):
+            name, data = images[index]
+            images[index] = (name, b"")  # the encoded bytes are not needed any more
+            async with decode_slots:  # bounds the full-size decoded images held at once
+                decoded.append((name, *await run_in_threadpool(prepare, data, name)))
+            del data
         scored = await _score(batcher, [tensor for *_, tensor in decoded], settings.request_timeout_s)
 
         results = []
