@@ -33,6 +33,7 @@ typical workflow:
   cnc report runs/demo/eval
   cnc predict --checkpoint runs/demo/last images/ --out predictions
   cnc export --checkpoint runs/demo/last --format onnx --out model.onnx
+  cnc serve --checkpoint runs/demo/last             # HTTP API + web page on http://127.0.0.1:8000/
 
   cnc demo                                          # all of the above on synthetic data, offline
 """

@@ -53,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels (default 40M)")
     parser.add_argument("--max-images", type=int, default=32, help="images per request (default 32)")
     parser.add_argument("--output-max-side", type=int, default=1024, help="longest side of returned PNGs (1024)")
+    parser.add_argument("--request-timeout", type=float, default=60.0, help="503 when no result within (60 s)")
     parser.add_argument("--clip-weights", metavar="PATH", help="local CLIP weights file (offline use)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow a pickle/TorchScript CLIP weights file")
     parser.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         max_images=args.max_images,
         output_max_side=args.output_max_side,
+        request_timeout_s=args.request_timeout,
         token=token,
     )
     detector = load_detector(
