@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     top = rows[-1]
     errors = sum(row["errors"] for row in rows)
     print(f"server RSS: {rss_before:.1f} MiB after warm-up, {rss_after:.1f} MiB at the end")
-    print(f"cores: {os.cpu_count()}; clients share them with the server")
+    print(f"cores usable: {len(os.sched_getaffinity(0))} of {os.cpu_count()}; the clients share them with the server")
     print(
         f"serve: rps_c{top['concurrency']}={top['ips']:.2f} inprocess_ips={inprocess_ips:.2f} "
         f"ratio={top['ips'] / inprocess_ips:.3f} p99_ms_c{top['concurrency']}={top['p99_ms']:.1f} errors={errors} "
