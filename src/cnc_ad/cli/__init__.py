@@ -17,7 +17,7 @@ from cnc_ad import __version__
 from cnc_ad.errors import CNCError
 
 # Subcommand modules, in the order `cnc --help` lists them.
-COMMANDS = ("data", "models", "train", "eval", "report", "predict", "export", "demo", "ablate")
+COMMANDS = ("data", "models", "train", "eval", "report", "predict", "export", "serve", "demo", "ablate")
 
 DESCRIPTION = """\
 CNC: unsupervised multi-class anomaly detection with a cross-modal normality constraint (AAAI 2025).
@@ -33,6 +33,7 @@ typical workflow:
   cnc report runs/demo/eval
   cnc predict --checkpoint runs/demo/last images/ --out predictions
   cnc export --checkpoint runs/demo/last --format onnx --out model.onnx
+  cnc serve --checkpoint runs/demo/last             # HTTP API + web page on http://127.0.0.1:8000/
 
   cnc demo                                          # all of the above on synthetic data, offline
 """

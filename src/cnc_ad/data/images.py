@@ -8,8 +8,10 @@ scale (``Image.draft``) so a 12000 x 12000 photograph does not need gigabytes of
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -67,8 +69,8 @@ def _describe_failure(path: Path, kind: str, err: Exception) -> DataError:
     return DataError(f"cannot decode {kind} {path} ({reason}); re-copy, convert or remove the file, or pass --skip-bad")
 
 
-def _open(path: Path, target: int | None, mode: str) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode ``path`` fully; return the (possibly draft-reduced) image and the full-scale oriented size (H, W)."""
+def _open(path: Path | BinaryIO, target: int | None, mode: str) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode a file or binary stream fully: the (maybe draft-reduced) image and the full oriented size (H, W)."""
     with Image.open(path) as im:
         width, height = im.size
         orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
@@ -123,6 +125,38 @@ def decode_image(path: str | os.PathLike, target: int | None = None) -> tuple[Im
         return _to_rgb(im), size
     except Exception as err:  # any decoder failure is a data problem; report it on one line
         raise _describe_failure(path, "image", err) from err
+
+
+def decode_image_bytes(
+    data: bytes, target: int | None = None, name: str = "upload"
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode an image held in memory (an upload) exactly as :func:`decode_image` decodes the same bytes from a file.
+
+    Args:
+        data: the encoded file's bytes.
+        target: see :func:`decode_image`.
+        name: what to call the image in messages (e.g. the uploaded file's name).
+
+    Returns:
+        The RGB image (EXIF orientation applied) and its full-scale size ``(H, W)`` in pixels.
+
+    Raises:
+        DataError: the bytes are empty, truncated, not an image or too large.
+    """
+    _apply_pixel_limit()
+    if not data:
+        raise DataError(f"image {name} is empty (0 bytes); send the file's content")
+    try:
+        im, size = _open(io.BytesIO(data), target, "RGB")
+        return _to_rgb(im), size
+    except Exception as err:  # any decoder failure is a data problem; report it on one line
+        if isinstance(err, Image.DecompressionBombError):
+            reason = f"larger than Pillow's decompression-bomb limit: {err}"
+        elif isinstance(err, UnidentifiedImageError):
+            reason = "not an image format Pillow can read"
+        else:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"cannot decode image {name} ({reason}); send a PNG, JPEG, BMP, TIFF or WebP file") from err
 
 
 def load_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:

@@ -1,0 +1,242 @@
+"""Throughput and latency of ``cnc serve`` under concurrent clients, next to in-process batch prediction. Prints;
+never asserts.
+
+The model is a checkpoint given with ``--checkpoint``, or else ``--config``'s model (default ``demo``: the offline
+``cnc-effnet-lite0`` preset with its shipped ImageNet weights, untrained decoder) saved to a temporary folder. The
+images are ``--distinct`` synthetic PNGs of ``--image-size`` pixels (textured noise with a dark scratch), cycled.
+
+1. In-process: ``Detector.predict`` on the PNG files, ``--max-batch-size`` per call (decoding included, as in the
+   server), images per second after one untimed warm-up batch.
+2. The server: ``python -m cnc_ad serve`` in a subprocess on 127.0.0.1 (a free port, no token), with the same batch
+   size and ``--max-wait-ms``. For each concurrency C in ``--concurrency``, C client threads send one image per
+   request (multipart, ``POST /v1/predict``) until ``--requests / len(concurrency)`` requests are done: images per
+   second over the wall time, p50 and p99 latency, errors (any non-200 answer or transport error), and the server's
+   mean batch size (``/v1/stats``). The server process's resident memory (``VmRSS``) is read after a warm-up and at
+   the end. The client threads run on the same machine and share its cores with the server.
+
+The last line is
+
+    serve: rps_c32=<x> inprocess_ips=<x> ratio=<rps_c32 / inprocess_ips> p99_ms_c32=<x> errors=<n> rss_growth_mb=<x>
+
+(``c32`` is the highest concurrency run). Full run (>= 2000 requests) and a smoke run:
+
+    .venv/bin/python benchmarks/serve.py
+    .venv/bin/python benchmarks/serve.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from cnc_ad import Detector
+from cnc_ad.checkpoint import save_checkpoint
+from cnc_ad.config import load_config
+from cnc_ad.model import build_model
+
+
+# ------------------------------------------------------------------------------------------------------ inputs
+def synthetic_pngs(count: int, size: int, seed: int = 0) -> list[bytes]:
+    """``count`` PNG files (``size`` x ``size`` RGB): smooth random texture, half of them with a dark scratch."""
+    rng = np.random.default_rng(seed)
+    files = []
+    for index in range(count):
+        coarse = rng.integers(90, 200, (size // 16 + 1, size // 16 + 1, 3), dtype=np.uint8)
+        texture = np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC), np.int16)
+        image = np.clip(texture + rng.normal(0, 6, texture.shape), 0, 255).astype(np.uint8)
+        if index % 2:
+            top = int(rng.integers(size // 4, 3 * size // 4))
+            image[top : top + max(2, size // 40), size // 5 : 4 * size // 5] = 25
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        files.append(buffer.getvalue())
+    return files
+
+
+def prepare_checkpoint(args: argparse.Namespace, workdir: Path) -> Path:
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    model = build_model(load_config(args.config).model, pretrained=True)
+    return save_checkpoint(workdir / "checkpoint", model)
+
+
+# ------------------------------------------------------------------------------------------------- in-process
+def inprocess_throughput(checkpoint: Path, paths: list[Path], batch_size: int) -> float:
+    """Images per second of ``Detector.predict`` on image files, ``batch_size`` per model call."""
+    detector = Detector.from_checkpoint(checkpoint, device="cpu")
+    detector.predict([str(p) for p in paths[:batch_size]], batch_size=batch_size)  # warm-up
+    start = time.perf_counter()
+    detector.predict([str(p) for p in paths], batch_size=batch_size)
+    return len(paths) / (time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------------------------------ server
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` in MiB (``VmRSS``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@contextlib.contextmanager
+def server_process(checkpoint: Path, args: argparse.Namespace) -> Iterator[tuple[str, subprocess.Popen]]:
+    port = free_port()
+    command = [
+        sys.executable, "-m", "cnc_ad", "-q", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
+        "--device", "cpu", "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
+        "--max-queue", str(max(256, 4 * max(args.concurrency))), "--log-level", "warning",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited: {process.stdout.read().decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not answer /v1/health within 300 s")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/v1/health", timeout=5).status_code == 200:
+                    break
+            time.sleep(0.2)
+        yield url, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def load(url: str, files: list[bytes], requests: int, concurrency: int) -> dict[str, float]:
+    """Send ``requests`` one-image requests from ``concurrency`` threads; latencies, errors and throughput."""
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
+    lock = threading.Lock()
+    client = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=concurrency + 2))
+
+    def worker() -> None:
+        nonlocal errors, issued
+        while True:
+            with lock:
+                if issued >= requests:
+                    return
+                index = issued
+                issued += 1
+            body = files[index % len(files)]
+            start = time.perf_counter()
+            try:
+                response = client.post(f"{url}/v1/predict", files=[("files", (f"{index}.png", body, "image/png"))])
+                ok = response.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            elapsed = time.perf_counter() - start
+            with lock:
+                latencies.append(elapsed)
+                errors += not ok
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    client.close()
+    ordered = sorted(latencies)
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "ips": len(latencies) / wall,
+        "p50_ms": 1000 * statistics.median(ordered),
+        "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+        "errors": errors,
+    }
+
+
+# -------------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="run or checkpoint folder (default: --config's model, saved to a tmp dir)")
+    parser.add_argument("--config", default="demo", help="config whose model is built when no checkpoint is given")
+    parser.add_argument("--requests", type=int, default=2100, help="requests in total, split over the concurrencies")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="client threads per phase")
+    parser.add_argument("--image-size", type=int, default=256, help="side of the synthetic PNGs in pixels")
+    parser.add_argument("--distinct", type=int, default=32, help="distinct images (cycled)")
+    parser.add_argument("--inprocess-images", type=int, default=128, help="images for the in-process measurement")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="server and in-process batch size")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the server's batching wait")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 60 requests, 32 in-process images")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.inprocess_images, args.distinct = 60, 32, 8
+    per_level = max(1, args.requests // len(args.concurrency))
+
+    with tempfile.TemporaryDirectory(prefix="cnc-serve-bench-") as tmp:
+        workdir = Path(tmp)
+        checkpoint = prepare_checkpoint(args, workdir)
+        files = synthetic_pngs(args.distinct, args.image_size)
+        paths = []
+        for index in range(args.inprocess_images):
+            path = workdir / f"image-{index:04d}.png"
+            path.write_bytes(files[index % len(files)])
+            paths.append(path)
+        inprocess_ips = inprocess_throughput(checkpoint, paths, args.max_batch_size)
+        print(f"in-process Detector.predict: {inprocess_ips:.1f} images/s (batch {args.max_batch_size})", flush=True)
+
+        rows = []
+        with server_process(checkpoint, args) as (url, process):
+            load(url, files, min(2 * args.max_batch_size, per_level), max(args.concurrency))  # warm-up
+            rss_before = rss_mb(process.pid)
+            for concurrency in args.concurrency:
+                stats_before = httpx.get(f"{url}/v1/stats").json()
+                row = load(url, files, per_level, concurrency)
+                stats = httpx.get(f"{url}/v1/stats").json()
+                calls = stats["model_calls"] - stats_before["model_calls"]
+                row["mean_batch"] = (stats["images"] - stats_before["images"]) / calls if calls else float("nan")
+                rows.append(row)
+                print(
+                    f"c={concurrency:<3d} {row['requests']:5d} requests  {row['ips']:7.1f} images/s  "
+                    f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  mean batch {row['mean_batch']:5.2f}  "
+                    f"errors {row['errors']}",
+                    flush=True,
+                )
+            rss_after = rss_mb(process.pid)
+    top = rows[-1]
+    errors = sum(row["errors"] for row in rows)
+    print(f"server RSS: {rss_before:.1f} MiB after warm-up, {rss_after:.1f} MiB at the end")
+    print(f"cores usable: {len(os.sched_getaffinity(0))} of {os.cpu_count()}; the clients share them with the server")
+    print(
+        f"serve: rps_c{top['concurrency']}={top['ips']:.2f} inprocess_ips={inprocess_ips:.2f} "
+        f"ratio={top['ips'] / inprocess_ips:.3f} p99_ms_c{top['concurrency']}={top['p99_ms']:.1f} errors={errors} "
+        f"rss_growth_mb={rss_after - rss_before:.1f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

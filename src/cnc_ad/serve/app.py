@@ -1,0 +1,449 @@
+"""The FastAPI application: ``/v1/predict``, ``/v1/model``, ``/v1/health``, ``/v1/stats`` and the web page at ``/``.
+
+Every image of every request is decoded in a worker thread, queued to the :class:`~cnc_ad.serve.batcher.Batcher`
+(one model call for many concurrent images), and rendered (statistics, PNGs) back in a worker thread. Every refusal
+is a JSON error ``{"error": {"code": ..., "message": ...}}`` with a 4xx status (503 when the model failed or is
+overloaded: try again); see ``docs/serve.md`` for the catalogue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import os
+from collections.abc import Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+import torch
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from cnc_ad import __version__
+from cnc_ad.errors import ConfigError
+from cnc_ad.predict import ALL, Detector, read_thresholds  # the one import of the inference API here
+from cnc_ad.serve.batcher import Batcher, BatcherBusy, BatcherClosed, ModelFailure
+from cnc_ad.serve.errors import APIError
+from cnc_ad.serve.images import OUTPUTS, image_result, json_float, output_size, read_upload
+from cnc_ad.serve.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+FILES_FIELD = "files"
+RAW_TYPES = ("image/", "application/octet-stream")
+_MAX_FORM_FIELDS = 16
+_MAX_FIELD_BYTES = 64 * 1024
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+# ------------------------------------------------------------------------------------------------ body limit
+class BodyLimit:
+    """ASGI middleware: refuse a body larger than ``max_bytes`` (by its Content-Length, or while it streams in).
+
+    A declared length over the limit is answered with 413 before the body is read; an undeclared (chunked) body
+    raises :class:`APIError` from ``receive`` as soon as it passes the limit, which the route answers with 413.
+    """
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self, size: str) -> APIError:
+        return APIError(
+            413,
+            "upload_too_large",
+            f"the request body is {size} bytes, more than the server's limit of "
+            f"{self.max_bytes}; send fewer or smaller images per request",
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            error = self._too_large(declared.decode("latin-1"))
+            await JSONResponse(error.body(), status_code=error.status, headers={"Connection": "close"})(
+                scope, receive, send
+            )
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._too_large(f"more than {received}")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+# ---------------------------------------------------------------------------------------------- model details
+def describe_model(detector: Detector) -> dict[str, Any]:
+    """What ``GET /v1/model`` tells about the model: preset, sizes, categories and thresholds, backend."""
+    config: dict[str, Any] = {}
+    model = getattr(detector.backend, "model", None)
+    session = getattr(detector.backend, "session", None)
+    if model is not None and hasattr(model, "config"):
+        config = dict(vars(model.config))
+        backend = "torch"
+    elif session is not None:
+        backend = "onnxruntime"
+        try:
+            config = json.loads(session.get_modelmeta().custom_metadata_map.get("cnc_ad.config", "{}"))
+        except ValueError:
+            config = {}
+    else:
+        backend = type(detector.backend).__name__
+    thresholds = detector.thresholds
+    categories = sorted({key for table in (thresholds or {}).values() for key in table} - {ALL})
+    if thresholds is not None:  # NaN (a category without anomalies) is not JSON: null
+        thresholds = {
+            kind: {key: json_float(value) for key, value in table.items()} for kind, table in thresholds.items()
+        }
+    return {
+        "preset": config.get("preset"),
+        "backend": backend,
+        "image_size": detector.image_size,
+        "map_size": config.get("map_size"),
+        "categories": categories,
+        "thresholds": thresholds,
+        "version": __version__,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ parameters
+def _parse_float(name: str, value: str | float | None) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise APIError(422, "invalid_parameter", f"{name} must be a number, got {str(value)[:40]!r}") from None
+    if not math.isfinite(number):
+        raise APIError(422, "invalid_parameter", f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def _parse_outputs(value: str | None) -> frozenset[str]:
+    names = frozenset(part.strip() for part in (value or "").split(",") if part.strip())
+    unknown = sorted(names - set(OUTPUTS))
+    if unknown:
+        raise APIError(
+            422, "invalid_parameter", f"return={','.join(unknown)[:60]} is unknown; use a comma list of {OUTPUTS}"
+        )
+    return names
+
+
+def _form_text(form: Any, name: str) -> str | None:
+    value = form.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    raise APIError(422, "invalid_parameter", f"form field {name!r} must be text, not a file")
+
+
+async def _form_images(form: Any) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
+    uploads = form.getlist(FILES_FIELD)
+    if not uploads:
+        other = sorted({key for key, value in form.multi_items() if isinstance(value, UploadFile)})
+        hint = f" (got files in {other})" if other else ""
+        raise APIError(400, "no_images", f"no image in the multipart field {FILES_FIELD!r}{hint}; attach one")
+    images = []
+    for index, upload in enumerate(uploads):
+        if not isinstance(upload, UploadFile):
+            raise APIError(400, "no_images", f"the field {FILES_FIELD!r} must hold files, not text")
+        images.append((upload.filename or f"file {index}", await upload.read()))
+    fields = {
+        name: text
+        for name in ("category", "threshold", "pixel_threshold", "return")
+        if (text := _form_text(form, name)) is not None
+    }
+    return images, fields
+
+
+async def _read_images(request: Request, settings: ServeSettings) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
+    """The uploaded files ``[(name, bytes)]`` and the text form fields of a multipart or raw-image request."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        try:
+            async with request.form(
+                max_files=settings.max_images, max_fields=_MAX_FORM_FIELDS, max_part_size=_MAX_FIELD_BYTES
+            ) as form:  # closes the spooled upload files on the way out
+                return await _form_images(form)
+        except StarletteHTTPException as err:  # Starlette's multipart parser refused the body
+            detail = str(err.detail)
+            if detail.startswith("Too many files"):
+                raise APIError(
+                    413, "too_many_images", f"more than {settings.max_images} images in one request; split it"
+                ) from None
+            raise APIError(400, "malformed_request", f"the multipart body cannot be parsed ({detail})") from None
+    if content_type.startswith(RAW_TYPES):
+        return [("body", await request.body())], {}
+    shown = content_type or "none"
+    raise APIError(
+        415,
+        "unsupported_media_type",
+        f"content type {shown[:60]!r} is not accepted; send multipart/form-data with files in {FILES_FIELD!r}, "
+        "or one raw image with an image/* content type",
+    )
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_detector(
+    checkpoint: str | os.PathLike | None = None,
+    onnx: str | os.PathLike | None = None,
+    *,
+    thresholds: str | os.PathLike | None = None,
+    device: str = "auto",
+    clip_weights: str | None = None,
+    trust_pickle: bool = False,
+) -> Detector:
+    """The model to serve, from a checkpoint (or run folder) or an exported ONNX graph.
+
+    Args:
+        checkpoint: run folder or checkpoint folder (exclusive with ``onnx``).
+        onnx: a graph written by ``cnc export``.
+        thresholds: a ``thresholds.json`` to decide by instead of the stored one.
+        device: torch device for a checkpoint (``"auto"``: CUDA when available).
+        clip_weights: local CLIP weights file (offline use).
+        trust_pickle: allow a pickle / TorchScript ``clip_weights`` file.
+    """
+    if (checkpoint is None) == (onnx is None):
+        raise ConfigError("serve either a checkpoint or an ONNX graph (exactly one)")
+    if onnx is not None:
+        return Detector.from_onnx(onnx, thresholds=thresholds)
+    detector = Detector.from_checkpoint(checkpoint, device=device, clip_weights=clip_weights, trust_pickle=trust_pickle)
+    if thresholds is not None:
+        detector.thresholds = read_thresholds(thresholds)
+    return detector
+
+
+# ------------------------------------------------------------------------------------------------------- app
+def create_app(detector: Detector, settings: ServeSettings | None = None) -> FastAPI:
+    """The HTTP application around ``detector``.
+
+    The batcher's worker thread starts and stops with the application's lifespan (uvicorn runs it).
+
+    Args:
+        detector: the model, with the thresholds it decides by.
+        settings: batching, limits and the API token (default: :class:`ServeSettings`'s defaults, no token).
+
+    Returns:
+        The FastAPI application; ``app.state.batcher`` holds the batcher (and its ``stats``).
+    """
+    settings = settings or ServeSettings()
+    batcher = Batcher(detector.score_batch, settings.max_batch_size, settings.max_wait_ms / 1000.0, settings.max_queue)
+    page = resources.files("cnc_ad.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    decode_slots = asyncio.Semaphore(max(2, os.cpu_count() or 1))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        log.info("model %s ready (%s)", describe_model(detector)["preset"], detector.source)
+        try:
+            yield
+        finally:
+            batcher.stop()
+
+    app = FastAPI(
+        title="cnc-ad inference server",
+        version=__version__,
+        description="Anomaly scores, maps, masks and overlays from a trained CNC model. See docs/serve.md.",
+        lifespan=lifespan,
+    )
+    app.state.batcher = batcher
+    app.state.settings = settings
+    app.state.detector = detector
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
+
+    # -------------------------------------------------------------------------------------------- errors
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameter(request: Request, err: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in err.errors())
+        return await api_error(request, APIError(422, "invalid_parameter", problems[:300]))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        error = APIError(err.status_code, codes.get(err.status_code, f"http_{err.status_code}"), str(err.detail))
+        return await api_error(request, error)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, err: ClientDisconnect) -> JSONResponse:
+        log.info("client %s disconnected during its upload", request.client.host if request.client else "?")
+        return await api_error(request, APIError(400, "client_disconnected", "the client closed the connection"))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception) -> JSONResponse:  # a bug: logged with its traceback
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=err)
+        return JSONResponse(
+            {"error": {"code": "internal_error", "message": f"{type(err).__name__}: {err}"[:300]}}, status_code=500
+        )
+
+    def require_token(request: Request) -> None:
+        if settings.token is None:
+            return
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), settings.token.encode()):
+            raise APIError(
+                401,
+                "unauthorized",
+                "this server needs its API token: send the header 'Authorization: Bearer TOKEN'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    authorized = [Depends(require_token)]
+
+    # -------------------------------------------------------------------------------------------- routes
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/v1/health", summary="Whether the model worker runs (no token needed)")
+    async def health() -> JSONResponse:
+        ok = batcher.alive
+        body = {"status": "ok" if ok else "unavailable", "version": __version__, "auth": settings.token is not None}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get(
+        "/v1/model", summary="The model: preset, categories and thresholds, sizes, limits", dependencies=authorized
+    )
+    async def model() -> dict[str, Any]:
+        limits = {
+            "max_upload_bytes": settings.max_upload_bytes,
+            "max_pixels": settings.max_pixels,
+            "max_images": settings.max_images,
+            "max_batch_size": settings.max_batch_size,
+        }
+        return {**describe_model(detector), "limits": limits}
+
+    @app.get("/v1/stats", summary="Batcher counters: model calls, images, mean batch size", dependencies=authorized)
+    async def stats() -> dict[str, Any]:
+        return {**batcher.stats.as_dict(), "pending": batcher.pending}
+
+    @app.post(
+        "/v1/predict",
+        summary="Score images: anomaly score, decision, map statistics, and on request map / mask / overlay PNGs",
+        dependencies=authorized,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": [FILES_FIELD],
+                            "properties": {
+                                FILES_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}},
+                                "category": {"type": "string"},
+                                "threshold": {"type": "number"},
+                                "pixel_threshold": {"type": "number"},
+                                "return": {"type": "string"},
+                            },
+                        }
+                    },
+                    "image/*": {"schema": {"type": "string", "format": "binary"}},
+                },
+            }
+        },
+    )
+    async def predict(
+        request: Request,
+        category: str | None = Query(None, description="decide with this category's stored thresholds"),
+        threshold: float | None = Query(None, description="image threshold (score >= threshold is anomalous)"),
+        pixel_threshold: float | None = Query(None, description="mask threshold (map >= pixel_threshold)"),
+        return_: str | None = Query(None, alias="return", description="comma list of map, mask, overlay (PNGs)"),
+    ) -> dict[str, Any]:
+        images, fields = await _read_images(request, settings)
+        if len(images) > settings.max_images:
+            raise APIError(413, "too_many_images", f"more than {settings.max_images} images in one request; split it")
+        category = (category if category is not None else fields.get("category")) or None
+        threshold = _parse_float("threshold", threshold if threshold is not None else fields.get("threshold"))
+        pixel_threshold = _parse_float(
+            "pixel_threshold", pixel_threshold if pixel_threshold is not None else fields.get("pixel_threshold")
+        )
+        outputs = _parse_outputs(return_ if return_ is not None else fields.get("return"))
+        try:
+            image_t, pixel_t = detector.resolve_thresholds(threshold, pixel_threshold, category)
+        except ConfigError as err:
+            raise APIError(422, "unknown_category", str(err)) from None
+        source = "request" if threshold is not None else None
+        if source is None and image_t is not None:
+            source = "category" if category is not None else ALL
+
+        def prepare(data: bytes, name: str) -> tuple[Image.Image | None, tuple[int, int], torch.Tensor]:
+            """Decode; keep the model input and, for an overlay, the picture at the returned size (not full size)."""
+            picture, size = read_upload(data, name, detector.image_size, settings.max_pixels)
+            tensor, _ = detector.preprocess(picture)
+            if "overlay" not in outputs:
+                return None, size, tensor
+            height, width = output_size(size, settings.output_max_side)
+            return picture.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0), size, tensor
+
+        decoded = []
+        for index in range(len(images)):
+            name, data = images[index]
+            images[index] = (name, b"")  # the encoded bytes are not needed any more
+            async with decode_slots:  # bounds the full-size decoded images held at once
+                decoded.append((name, *await run_in_threadpool(prepare, data, name)))
+            del data
+        scored = await _score(batcher, [tensor for *_, tensor in decoded], settings.request_timeout_s)
+
+        results = []
+        for (name, picture, size, _), (score, small_map) in zip(decoded, scored):
+            result = await run_in_threadpool(
+                image_result,
+                image=picture,
+                size=size,
+                score=score,
+                small_map=small_map,
+                threshold=image_t,
+                pixel_threshold=pixel_t,
+                outputs=outputs,
+                max_side=settings.output_max_side,
+            )
+            results.append({"name": name, **result, "threshold": json_float(image_t), "threshold_source": source})
+        return {"category": category, "images": results}
+
+    return app
+
+
+async def _score(batcher: Batcher, tensors: list, timeout_s: float) -> list[tuple[float, Any]]:
+    """Submit every image to the batcher and wait for all of them; map batcher failures to 503 errors."""
+    futures = []
+    try:
+        for tensor in tensors:
+            futures.append(batcher.submit(tensor))
+        return await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), timeout_s)
+    except BatcherBusy as err:
+        raise APIError(503, "busy", f"the server is overloaded ({err}); retry shortly", {"Retry-After": "1"}) from None
+    except BatcherClosed as err:
+        raise APIError(503, "unavailable", f"the model worker is not running ({err})") from None
+    except ModelFailure as err:
+        raise APIError(503, "model_error", f"the model failed on this request's batch: {err}") from None
+    except asyncio.TimeoutError:
+        raise APIError(503, "timeout", f"no model result within {timeout_s:g} s; retry later") from None
+    finally:
+        for future in futures:
+            future.cancel()  # no effect on finished ones; frees the queue of a failed request's other images

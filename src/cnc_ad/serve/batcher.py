@@ -1,0 +1,166 @@
+"""Dynamic batching: one worker thread gathers images submitted by concurrent requests into one model call.
+
+A request submits each of its preprocessed images and waits on a future. The worker takes the first waiting image,
+waits up to ``max_wait_s`` for more (up to ``max_batch_size``), runs the model once on the stacked batch, and
+completes every future with its own row. When the model raises, the futures of that batch get a
+:class:`ModelFailure` and the worker goes on with the next batch; it never dies of a model error.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+# Scores preprocessed images (B, 3, S, S) -> (scores (B,), maps (B, M, M)), float32 NumPy.
+ScoreFn = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
+_POLL_S = 0.1  # how often an idle worker checks whether it should stop
+
+
+class BatcherBusy(Exception):
+    """More images are waiting than the queue holds; the caller should retry later."""
+
+
+class BatcherClosed(Exception):
+    """The batcher was stopped before this image was scored."""
+
+
+class ModelFailure(Exception):
+    """The model raised (or returned malformed output) on the batch that held this image."""
+
+
+@dataclass
+class BatchStats:
+    """Counters since the batcher started: model calls, images scored, failed calls, the largest batch."""
+
+    model_calls: int = 0
+    images: int = 0
+    failed_calls: int = 0
+    largest_batch: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        mean = self.images / self.model_calls if self.model_calls else 0.0
+        return {**self.__dict__, "mean_batch_size": round(mean, 3)}
+
+
+class Batcher:
+    """Runs ``score`` on batches gathered from concurrent :meth:`submit` calls, in one worker thread.
+
+    Args:
+        score: the model, on a stacked batch (B, 3, S, S) in [0, 1] -> scores (B,) and maps (B, M, M).
+        max_batch_size: images per model call, at most.
+        max_wait_s: after the first image of a batch arrives, how long to wait for more, in seconds.
+        max_queue: images waiting at most; :meth:`submit` raises :class:`BatcherBusy` beyond.
+    """
+
+    def __init__(self, score: ScoreFn, max_batch_size: int = 16, max_wait_s: float = 0.005, max_queue: int = 256):
+        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1 and max_wait_s >= 0")
+        self.score = score
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.stats = BatchStats()
+        self._queue: queue.Queue[tuple[torch.Tensor, Future]] = queue.Queue(maxsize=max_queue)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def pending(self) -> int:
+        """Images waiting for the model (approximate)."""
+        return self._queue.qsize()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Start the worker thread (idempotent)."""
+        if self.alive:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="cnc-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the batch in progress, fail the images still waiting with :class:`BatcherClosed`, end the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        while True:
+            try:
+                _, future = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if future.set_running_or_notify_cancel():
+                future.set_exception(BatcherClosed("the server is shutting down"))
+
+    def submit(self, image: torch.Tensor) -> Future:
+        """Queue one preprocessed image ``(3, S, S)``; the future gives ``(score, map (M, M))``.
+
+        Cancel the future when its result is no longer wanted (the image is then skipped if not yet batched).
+
+        Raises:
+            BatcherBusy: the queue is full.
+            BatcherClosed: the batcher is not running.
+        """
+        if self._stop.is_set() or not self.alive:
+            raise BatcherClosed("the batcher is not running")
+        future: Future = Future()
+        try:
+            self._queue.put_nowait((image, future))
+        except queue.Full:
+            raise BatcherBusy(f"{self._queue.maxsize} images are already waiting for the model") from None
+        return future
+
+    # --------------------------------------------------------------------------------------------------- worker
+    def _next_batch(self) -> list[tuple[torch.Tensor, Future]]:
+        """Block for a first image, then gather more until the batch is full or ``max_wait_s`` has passed."""
+        try:
+            batch = [self._queue.get(timeout=_POLL_S)]
+        except queue.Empty:
+            return []
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        # Drop images whose requests have gone (cancelled futures); mark the rest running.
+        return [(image, future) for image, future in batch if future.set_running_or_notify_cancel()]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            batch = self._next_batch()
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[tuple[torch.Tensor, Future]]) -> None:
+        futures = [future for _, future in batch]
+        try:
+            scores, maps = self.score(torch.stack([image for image, _ in batch]))
+            scores, maps = np.asarray(scores), np.asarray(maps)
+            if scores.shape != (len(batch),) or maps.ndim != 3 or maps.shape[0] != len(batch):
+                raise ValueError(f"the model returned scores {scores.shape} and maps {maps.shape} for {len(batch)}")
+        except Exception as err:  # any model error fails this batch only; the worker goes on
+            log.exception("model call on a batch of %d images failed", len(batch))
+            self.stats.failed_calls += 1
+            message = " ".join(str(err).split()) or type(err).__name__
+            for future in futures:
+                future.set_exception(ModelFailure(message))
+            return
+        self.stats.model_calls += 1
+        self.stats.images += len(batch)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        for index, future in enumerate(futures):
+            future.set_result((float(scores[index]), maps[index]))

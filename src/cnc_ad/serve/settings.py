@@ -1,0 +1,71 @@
+"""Settings of the inference server: batching, limits and access (one frozen dataclass, validated on creation)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from cnc_ad.errors import ConfigError
+
+TOKEN_ENV = "CNC_SERVE_TOKEN"
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How the server batches, what it accepts and who may call it.
+
+    Attributes:
+        max_batch_size: images per model call, at most.
+        max_wait_ms: how long the batcher waits, after the first image of a batch arrives, for more (milliseconds).
+        max_queue: images waiting for the model, at most; more are refused with 503 (back-pressure).
+        max_upload_bytes: largest request body in bytes (all images of a request together).
+        max_pixels: largest image in pixels (width x height), read from the header before decoding.
+        max_images: images in one request, at most.
+        output_max_side: longest side in pixels of returned map / mask / overlay PNGs and of the map the statistics
+            are computed on (smaller images keep their own size).
+        request_timeout_s: how long a request waits for its model results before a 503, in seconds.
+        token: the API token (``Authorization: Bearer TOKEN``); None: no token needed.
+    """
+
+    max_batch_size: int = 16
+    max_wait_ms: float = 5.0
+    max_queue: int = 256
+    max_upload_bytes: int = 32 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_images: int = 32
+    output_max_side: int = 1024
+    request_timeout_s: float = 60.0
+    token: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue", "max_upload_bytes", "max_pixels", "max_images", "output_max_side"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"serve setting {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0 or self.request_timeout_s <= 0:
+            raise ConfigError("serve settings max_wait_ms must be >= 0 and request_timeout_s > 0")
+        if self.token is not None and not self.token.strip():
+            raise ConfigError("the API token is empty; pass a non-empty token or none")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding to ``host`` only accepts connections from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_access(host: str, token: str | None, insecure: bool) -> None:
+    """Refuse to serve on a non-loopback address without a token, unless ``insecure`` is set explicitly.
+
+    Raises:
+        ConfigError: ``host`` is reachable from other machines and neither a token nor ``insecure`` is given.
+    """
+    if token is None and not insecure and not is_loopback(host):
+        raise ConfigError(
+            f"serving on {host} makes the model reachable from other machines; set an API token "
+            f"({TOKEN_ENV}) or serve on 127.0.0.1, or accept an open server explicitly (insecure)"
+        )
