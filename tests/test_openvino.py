@@ -1,21 +1,27 @@
 """OpenVINO IR export: parity with PyTorch (tiny and the offline preset, random and synthetic images), a dynamic
-batch, float32 weights by default, `cnc export --format openvino`'s parity check and exit status."""
+batch, float32 weights by default, `cnc export --format openvino`'s parity check and exit status, and
+`Detector.from_openvino` / `cnc predict --openvino` (same scores as the checkpoint, damaged files refused)."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from cnc_ad import Detector
 from cnc_ad.checkpoint import save_checkpoint
 from cnc_ad.cli import main
 from cnc_ad.config import load_config
 from cnc_ad.data import ImageFileDataset, scan_dataset
 from cnc_ad.errors import ExportError
 from cnc_ad.export import check_parity, export_openvino, openvino_bin_path, random_images, read_openvino_metadata
+from cnc_ad.files import read_jsonl
 from cnc_ad.model import build_model
 
 ov = pytest.importorskip("openvino", reason="openvino is not installed (pip install 'cnc-ad[openvino]')")
@@ -128,3 +134,58 @@ def test_cli_export_fp16_reports_its_parity(
     parity = float(re.search(r"float16 weights: parity (\S+),", printed).group(1))
     assert parity > TOLERANCE, printed  # why float32 is the default
     assert openvino_bin_path(out).stat().st_size < 0.6 * openvino_bin_path(ir).stat().st_size
+
+
+def test_cli_predict_openvino_matches_checkpoint(checkpoint: Path, ir: Path, tmp_path: Path) -> None:
+    for seed, (name, shape) in enumerate({"a.png": (40, 50), "b/c.png": (33, 21), "d.jpg": (64, 64)}.items()):
+        path = tmp_path / "in" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rgb = np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(path)
+    common = [str(tmp_path / "in"), "--num-workers", "0", "--no-progress", "--batch-size", "2"]
+    assert main(["-q", "predict", "--checkpoint", str(checkpoint), *common, "--out", str(tmp_path / "torch")]) == 0
+    assert main(["-q", "predict", "--openvino", str(ir), *common, "--out", str(tmp_path / "ov")]) == 0
+    by_torch = {r["path"]: r for r in read_jsonl(tmp_path / "torch" / "predictions.jsonl")}
+    by_ov = {r["path"]: r for r in read_jsonl(tmp_path / "ov" / "predictions.jsonl")}
+    assert by_torch.keys() == by_ov.keys() and len(by_torch) == 3
+    for path, record in by_torch.items():
+        assert abs(record["score"] - by_ov[path]["score"]) <= TOLERANCE
+        assert record["is_anomalous"] == by_ov[path]["is_anomalous"]  # thresholds travel inside the IR
+        torch_map = np.load(tmp_path / "torch" / record["map"]).astype(np.float32)
+        ov_map = np.load(tmp_path / "ov" / by_ov[path]["map"]).astype(np.float32)
+        np.testing.assert_allclose(torch_map, ov_map, atol=2e-3)  # float16 files
+    detector = Detector.from_openvino(ir, config={"INFERENCE_NUM_THREADS": 1})
+    assert detector.thresholds == THRESHOLDS and detector.image_size == 32
+    images = torch.rand(5, 3, detector.image_size, detector.image_size)
+    reference = Detector.from_checkpoint(checkpoint, device="cpu").predict(images)
+    out = detector.predict(images, batch_size=5)
+    np.testing.assert_allclose(out.scores, reference.scores, atol=TOLERANCE)
+    np.testing.assert_array_equal(out.is_anomalous, reference.is_anomalous)
+    assert Detector.from_openvino(ir, thresholds={"image": {}, "pixel": {}}).threshold() is None
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("truncate-xml", "OpenVINO cannot load"),
+        ("truncate-bin", "OpenVINO cannot load"),
+        ("remove-bin", "model.bin not found"),
+    ],
+)
+def test_damaged_ir_is_refused(
+    damage: str, message: str, ir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    xml = tmp_path / "model.xml"
+    shutil.copy(ir, xml)
+    shutil.copy(openvino_bin_path(ir), openvino_bin_path(xml))
+    target = openvino_bin_path(xml) if damage.endswith("bin") else xml
+    if damage.startswith("remove"):
+        target.unlink()
+    else:
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    with pytest.raises(ExportError, match=message):
+        Detector.from_openvino(xml)
+    Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
+    assert main(["-q", "predict", "--openvino", str(xml), str(tmp_path / "in.png"), "--out", str(tmp_path / "o")]) == 7
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("cnc predict: error: ") and message in err
