@@ -18,8 +18,8 @@ IR is converted from the same ONNX graph (float32 weights; --fp16 stores float16
 After exporting, the command runs PyTorch and the exported graph (onnxruntime or OpenVINO, float32, on the CPU) on
 random images (a batch size other than the traced one, which proves the dynamic batch) and on a few dataset images
 with --data-root, prints the largest absolute differences of maps and scores, and exits with status 7 when one
-exceeds --tolerance. With --fp16 the parity is printed but not held to --tolerance (float16 weights move maps and
-scores by about 1e-3).
+exceeds --tolerance. With --fp16 the parity is printed but not held to --tolerance (float16 weights moved
+cnc-effnet-lite0's maps by 6e-4 and its scores by 2e-4 on random images).
 """
 
 
