@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
-    parser.add_argument("--format", choices=["onnx", "openvino"], default="onnx", help="export format (onnx)")
+    parser.add_argument("--format", choices=["onnx", "openvino"], default="onnx", help="export format (default onnx)")
     parser.add_argument("--out", required=True, metavar="FILE", help="the file to write: FILE.onnx, or FILE.xml")
     parser.add_argument(
         "--fp16", action="store_true", help="openvino: float16 weights; parity is printed, not held to --tolerance"
