@@ -1,4 +1,4 @@
-"""ONNX export of the whole visual inference graph (METHOD.md §4), with a parity check against PyTorch.
+"""ONNX and OpenVINO export of the whole visual inference graph (METHOD.md §4), with a parity check against PyTorch.
 
 The graph is ``images -> normalisation -> frozen encoder -> bottleneck -> gated MoE -> decoder -> 1 - cos maps ->
 upsample -> Gaussian blur -> image score``. The stored text features enter as constants (they matter only with FNP);
@@ -12,6 +12,13 @@ the text tower is not in the graph.
 The MoE runs densely while tracing (every expert weighted by its top-k gates, zeros elsewhere), which is the same
 function as the eager sparse dispatch with static shapes. The exporter is the TorchScript-based one
 (``dynamo=False``), which handles the dynamic batch of this graph directly.
+
+The OpenVINO IR (``.xml`` + ``.bin``) is converted from that ONNX graph (``openvino.convert_model`` on the file), not
+from the torch module: OpenVINO's PyTorch frontend has no conversion rule for ``aten::cosine_similarity`` (the
+``1 - cos`` maps), while its ONNX frontend converts the exported graph with the dynamic batch kept and parity within
+1e-6 of PyTorch (tiny and cnc-effnet-lite0). One traced graph for both formats also means one set of tracing rules.
+Weights stay float32 unless asked (``save_model`` compresses to float16 by default, which breaks the 1e-4 parity).
+The metadata (``cnc_ad.*`` keys, thresholds among them) is stored as the IR's ``rt_info`` under the same names.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ log = logging.getLogger(__name__)
 DEFAULT_OPSET = 17
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("score", "anomaly_map")
+# OpenVINO's CPU plugin runs in bfloat16 by default where the CPU supports it (AMX, AVX512-BF16): force float32.
+OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 
 
 class InferenceGraph(nn.Module):
@@ -64,6 +73,13 @@ def _require_onnx() -> None:
         import onnxruntime  # noqa: F401
     except ImportError as err:
         raise ExportError(f"ONNX export needs onnx and onnxruntime ({err}); pip install 'cnc-ad[export]'") from err
+
+
+def _require_openvino() -> None:
+    try:
+        import openvino  # noqa: F401
+    except ImportError as err:
+        raise ExportError(f"OpenVINO export needs openvino ({err}); pip install 'cnc-ad[openvino]'") from err
 
 
 @contextlib.contextmanager
@@ -149,13 +165,7 @@ def export_onnx(
             except Exception as err:  # the exporter raises many types; one clear message
                 raise ExportError(f"ONNX export (opset {opset}) failed: {err}") from err
         proto = onnx.load(str(tmp))
-        props = {
-            "cnc_ad.version": __version__,
-            "cnc_ad.config": json.dumps(_jsonable(model.config.__dict__)),
-            "cnc_ad.input": f"{INPUT_NAME}: (B, 3, {size}, {size}) float32 RGB in [0, 1], not normalised",
-        }
-        props.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-        onnx.helper.set_model_props(proto, props)
+        onnx.helper.set_model_props(proto, _metadata_props(model, metadata))
         onnx.save(proto, str(tmp))
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
@@ -171,6 +181,95 @@ def export_onnx(
     return path
 
 
+def _metadata_props(model: nn.Module, metadata: Mapping[str, Any] | None) -> dict[str, str]:
+    """The ``cnc_ad.*`` metadata both formats carry: version, config, input description and ``metadata``."""
+    size = model.image_size
+    props = {
+        "cnc_ad.version": __version__,
+        "cnc_ad.config": json.dumps(_jsonable(model.config.__dict__)),
+        "cnc_ad.input": f"{INPUT_NAME}: (B, 3, {size}, {size}) float32 RGB in [0, 1], not normalised",
+    }
+    props.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+    return props
+
+
+def openvino_bin_path(xml_path: str | os.PathLike) -> Path:
+    """The weights file (``.bin``) OpenVINO reads beside an IR's ``.xml``."""
+    return Path(xml_path).with_suffix(".bin")
+
+
+def export_openvino(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    fp16: bool = False,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+    batch_size: int = 2,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Export a CNC model's inference graph to OpenVINO IR: ``path`` (``.xml``) and the ``.bin`` beside it.
+
+    The graph is the ONNX export's (:func:`export_onnx`, written to a temporary file and converted with
+    ``openvino.convert_model``); the metadata is the IR's ``rt_info`` under the ONNX keys. Both files are written
+    under temporary names and renamed into place, the ``.bin`` first: the ``.xml`` appears last.
+
+    Args:
+        model: a :class:`cnc_ad.model.CNC` (its mode is restored afterwards).
+        path: the ``.xml`` file to write.
+        fp16: store the weights in float16 (half the size; no longer within 1e-4 of PyTorch). Default float32.
+        opset: ONNX opset of the intermediate graph.
+        dynamic_batch: make the batch axis dynamic (else the graph takes exactly ``batch_size`` images).
+        batch_size: batch of the random example images the graph is traced with.
+        metadata: extra metadata, as for :func:`export_onnx`.
+
+    Returns:
+        The written ``.xml`` file.
+
+    Raises:
+        ExportError: openvino (or onnx/onnxruntime) is missing, ``path`` does not end in ``.xml``, or the export or
+            the conversion fails.
+    """
+    _require_openvino()
+    import openvino as ov
+
+    path = Path(path)
+    if path.suffix != ".xml":
+        raise ExportError(f"an OpenVINO IR is an .xml file (with a .bin beside it); got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as scratch:
+        scratch = Path(scratch)
+        onnx_path = export_onnx(
+            model,
+            scratch / "graph.onnx",
+            opset=opset,
+            dynamic_batch=dynamic_batch,
+            batch_size=batch_size,
+            metadata=metadata,
+        )
+        try:
+            graph = ov.convert_model(str(onnx_path))
+        except Exception as err:  # OpenVINO raises its own exception types; one clear message
+            raise ExportError(f"OpenVINO cannot convert the exported ONNX graph: {err}") from err
+        for key, value in _metadata_props(model, metadata).items():
+            graph.set_rt_info(value, key)
+        xml = scratch / "model.xml"
+        ov.save_model(graph, str(xml), compress_to_fp16=fp16)
+        for written, final in ((openvino_bin_path(xml), openvino_bin_path(path)), (xml, path)):
+            os.chmod(written, default_mode())
+            fsync_path(written)
+            os.replace(written, final)
+        fsync_path(path.parent)
+    log.info("exported %s (%s weights)", path, "float16" if fp16 else "float32")
+    return path
+
+
+def read_openvino_metadata(model: Any) -> dict[str, str]:
+    """The ``cnc_ad.*`` metadata of an IR read with ``openvino.Core().read_model`` (key -> string value)."""
+    keys = [key for key in model.get_rt_info().keys() if key.startswith("cnc_ad.")]  # noqa: SIM118 (an RTMap)
+    return {key: model.get_rt_info(key).astype(str) for key in keys}
+
+
 def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
@@ -180,23 +279,35 @@ def random_images(batch_size: int, image_size: int, seed: int = 0) -> Tensor:
     return torch.rand(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
 
 
+def _run_exported(path: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (B,) and maps (B, 1, M, M) of an exported graph on the CPU: ``.xml`` with OpenVINO, else onnxruntime."""
+    if path.suffix == ".xml":
+        _require_openvino()
+        import openvino as ov
+
+        result = ov.Core().compile_model(str(path), "CPU", OPENVINO_CONFIG)(images)
+        return tuple(np.asarray(result[name]) for name in OUTPUT_NAMES)
+    _require_onnx()
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return tuple(session.run(list(OUTPUT_NAMES), {INPUT_NAME: images}))
+
+
 @torch.no_grad()
-def check_parity(model: nn.Module, onnx_path: str | os.PathLike, images: Tensor) -> dict[str, float]:
-    """Run PyTorch and onnxruntime (CPU) on the same images and compare.
+def check_parity(model: nn.Module, path: str | os.PathLike, images: Tensor) -> dict[str, float]:
+    """Run PyTorch and the exported graph on the same images and compare.
 
     Args:
         model: the :class:`cnc_ad.model.CNC` that was exported (run in eval mode, fp32, on its device).
-        onnx_path: the exported graph.
+        path: the exported graph: ``.onnx`` (run with onnxruntime) or an OpenVINO ``.xml`` (run with OpenVINO,
+            float32 inference), both on the CPU.
         images: (B, 3, S, S) float RGB in [0, 1].
 
     Returns:
         ``{"max_abs_map", "max_abs_score"}``: largest absolute differences of the maps (B, 1, M, M) and scores (B,).
     """
-    _require_onnx()
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    scores, maps = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.detach().float().cpu().numpy()})
+    scores, maps = _run_exported(Path(path), images.detach().float().cpu().numpy())
     was_training = model.training
     model.eval()
     try:

@@ -4,7 +4,7 @@ Every input goes through the data layer's preprocessing (:func:`cnc_ad.data.tran
 protocol: bilinear resize of the whole image to ``S x S``), so training, evaluation and prediction see identical
 pixels. The model's ``M x M`` anomaly map is resized (bilinear) back to each input's own size. The same API runs a
 checkpoint with PyTorch (:meth:`Detector.from_checkpoint`) or an exported graph with onnxruntime
-(:meth:`Detector.from_onnx`, see :mod:`cnc_ad.export`).
+(:meth:`Detector.from_onnx`) or OpenVINO (:meth:`Detector.from_openvino`), see :mod:`cnc_ad.export`.
 
 Decisions use the F1-max thresholds that ``cnc eval`` stores beside the checkpoint (``thresholds.json``:
 ``{"image": {"__all__": t, category: t}, "pixel": {...}}``) or explicit ones; an image is anomalous when
@@ -178,11 +178,26 @@ class OnnxBackend:
         return np.asarray(scores, np.float32), np.asarray(maps, np.float32)[:, 0]
 
 
+class OpenVinoBackend:
+    """Runs an exported OpenVINO IR (:func:`cnc_ad.export.export_openvino`) compiled by ``openvino.Core``."""
+
+    def __init__(self, compiled: Any) -> None:
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.outputs = (compiled.output("score"), compiled.output("anomaly_map"))
+
+    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        result = self.request.infer(images.detach().to("cpu", torch.float32).contiguous().numpy())
+        scores, maps = (result[output] for output in self.outputs)
+        return np.array(scores, np.float32), np.array(maps, np.float32)[:, 0]
+
+
 # ---------------------------------------------------------------------------------------------------- detector
 class Detector:
     """A trained model ready to score images: preprocessing, inference, maps at the input size and decisions.
 
-    Build it with :meth:`from_checkpoint` (PyTorch) or :meth:`from_onnx` (onnxruntime); both behave the same.
+    Build it with :meth:`from_checkpoint` (PyTorch), :meth:`from_onnx` (onnxruntime) or :meth:`from_openvino`
+    (OpenVINO); all behave the same.
 
     Args:
         backend: scores preprocessed images (B, 3, S, S) in [0, 1] -> (scores (B,), maps (B, M, M)).
@@ -267,6 +282,57 @@ class Detector:
         elif thresholds is not None and not isinstance(thresholds, dict):
             thresholds = read_thresholds(thresholds)
         return cls(OnnxBackend(session), int(shape[-1]), thresholds, str(path))
+
+    @classmethod
+    def from_openvino(
+        cls,
+        path: str | os.PathLike,
+        *,
+        thresholds: Thresholds | str | os.PathLike | None = None,
+        device: str = "CPU",
+        config: dict[str, Any] | None = None,
+    ) -> Detector:
+        """Load an IR written by :func:`cnc_ad.export.export_openvino` (the ``.xml``; its ``.bin`` lies beside it).
+
+        Args:
+            path: the ``.xml`` file.
+            thresholds: a thresholds dict or ``thresholds.json`` file; default: the thresholds embedded at export
+                (``cnc export`` copies the checkpoint's), if any.
+            device: OpenVINO device name (default: CPU).
+            config: OpenVINO properties for ``compile_model``, e.g. ``{"INFERENCE_NUM_THREADS": 1}``; inference
+                runs in float32 unless ``INFERENCE_PRECISION_HINT`` is given here.
+
+        Raises:
+            ExportError: openvino is missing, or the files are missing, damaged or not a CNC graph.
+        """
+        try:
+            import openvino as ov
+        except ImportError as err:
+            raise ExportError(f"running an OpenVINO IR needs openvino ({err}); pip install 'cnc-ad[openvino]'") from err
+        from cnc_ad.export import OPENVINO_CONFIG, openvino_bin_path, read_openvino_metadata
+
+        path = Path(path)
+        for file in (path, openvino_bin_path(path)):
+            if not file.is_file():
+                raise ExportError(f"OpenVINO file {file} not found; write the IR with `cnc export --format openvino`")
+        core = ov.Core()
+        try:
+            graph = core.read_model(str(path))
+            compiled = core.compile_model(graph, device, {**OPENVINO_CONFIG, **(config or {})})
+        except Exception as err:  # OpenVINO raises its own exception types
+            reason = " ".join(str(err).split())[:300]
+            raise ExportError(f"OpenVINO cannot load {path} ({reason}); re-export it with `cnc export`") from err
+        names = {name for output in graph.outputs for name in output.get_names()}
+        shape = graph.inputs[0].get_partial_shape() if len(graph.inputs) == 1 else None
+        square = shape is not None and shape.rank.is_static and shape.rank.get_length() == 4 and shape[3].is_static
+        if not {"score", "anomaly_map"} <= names or not square:
+            raise ExportError(f"{path} is not a CNC graph (input (B, 3, S, S); outputs score, anomaly_map)")
+        meta = read_openvino_metadata(graph)
+        if thresholds is None and meta.get("cnc_ad.thresholds"):
+            thresholds = json.loads(meta["cnc_ad.thresholds"])
+        elif thresholds is not None and not isinstance(thresholds, dict):
+            thresholds = read_thresholds(thresholds)
+        return cls(OpenVinoBackend(compiled), shape[3].get_length(), thresholds, str(path))
 
     # ----------------------------------------------------------------------------------------------- thresholds
     def threshold(self, kind: str = "image", category: str | None = None) -> float | None:

@@ -1,4 +1,4 @@
-"""``cnc predict``: score new images with a trained model (checkpoint or exported ONNX graph) into a folder."""
+"""``cnc predict``: score new images with a trained model (checkpoint, ONNX graph or OpenVINO IR) into a folder."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ examples:
   cnc predict --checkpoint runs/demo images/ --out predictions
   cnc predict --checkpoint runs/demo 'line3/**/*.jpg' part_0042.png --threshold 0.35
   cnc predict --onnx model.onnx images/ --out predictions --resume
+  cnc predict --openvino model.xml images/ --out predictions             # model.bin beside model.xml
 
 INPUT: image files, folders (searched recursively) or glob patterns (quote them); any size or mode Pillow reads.
 
@@ -43,6 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="run folder or checkpoint folder")
     source.add_argument("--onnx", metavar="FILE", help="an ONNX graph written by `cnc export` (runs on onnxruntime)")
+    source.add_argument(
+        "--openvino", metavar="FILE.xml", help="an OpenVINO IR written by `cnc export --format openvino` (CPU)"
+    )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     parser.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     parser.add_argument("--threshold", type=float, help="image threshold (default: the stored F1-max threshold)")
@@ -71,12 +75,15 @@ def run(args: argparse.Namespace) -> int:
     from cnc_ad.predict import Detector, collect_inputs, predict_files, read_thresholds
 
     paths = collect_inputs(args.inputs)
-    if args.onnx and dist.launched_by_torchrun():
-        raise ConfigError("--onnx runs in one process (onnxruntime); start it without torchrun")
-    if not args.onnx:
+    exported = "--onnx" if args.onnx else "--openvino" if args.openvino else None
+    if exported and dist.launched_by_torchrun():
+        raise ConfigError(f"{exported} runs in one process; start it without torchrun")
+    if not exported:
         dist.init_from_env(resolve_device(args.device))  # under torchrun: join the group, shard the inputs
     if args.onnx:
         detector = Detector.from_onnx(args.onnx, thresholds=args.thresholds)
+    elif args.openvino:
+        detector = Detector.from_openvino(args.openvino, thresholds=args.thresholds)
     else:
         detector = Detector.from_checkpoint(
             args.checkpoint, device=args.device, clip_weights=args.clip_weights, trust_pickle=args.trust_pickle
