@@ -14,15 +14,14 @@ from cnc_ad.checkpoint import (
     load_trainable_state,
     load_trainer_state,
     read_checkpoint_meta,
-    read_thresholds,
     resolve_checkpoint,
     run_folder_of,
     save_checkpoint,
-    store_thresholds,
 )
 from cnc_ad.config import ModelConfig
 from cnc_ad.errors import CheckpointError, ConfigError, WeightsError
 from cnc_ad.model import build_model
+from cnc_ad.results import Thresholds, load_thresholds, save_thresholds
 
 
 def _trained(preset: str = "tiny", steps: int = 2, **overrides):
@@ -166,7 +165,7 @@ def test_missing_and_non_checkpoint_paths(tmp_path):
 def test_thresholds_beside_checkpoint(tmp_path):
     model, _ = _trained()
     folder = save_checkpoint(tmp_path / "ck", model)
-    assert read_thresholds(folder) is None
-    store_thresholds(folder, {"image": {"__all__": 0.5}, "pixel": {"__all__": 0.25}})
-    assert read_thresholds(folder)["pixel"]["__all__"] == 0.25
+    assert load_thresholds(folder) is None
+    save_thresholds(folder, Thresholds.from_json({"image": {"__all__": 0.5}, "pixel": {"__all__": 0.25}}))
+    assert load_thresholds(folder).select("pixel") == 0.25
     load_model(folder)  # thresholds do not disturb the checksum

@@ -19,6 +19,7 @@ from cnc_ad.errors import ConfigError, DataError
 from cnc_ad.files import read_jsonl
 from cnc_ad.model import build_model
 from cnc_ad.predict import DetectionResult, collect_inputs, output_name
+from cnc_ad.results import Thresholds
 
 THRESHOLDS = {"image": {"__all__": 1.0, "brick": 0.0, "washer": 99.0}, "pixel": {"__all__": 0.9, "brick": 0.0}}
 
@@ -206,7 +207,7 @@ def test_cli_predict_onnx_matches_checkpoint(checkpoint: Path, tmp_path: Path) -
         onnx_map = np.load(tmp_path / "onnx" / by_onnx[path]["map"]).astype(np.float32)
         np.testing.assert_allclose(torch_map, onnx_map, atol=2e-3)  # float16 files
     detector = Detector.from_onnx(onnx_file)
-    assert detector.thresholds == THRESHOLDS
+    assert detector.thresholds == Thresholds.from_json(THRESHOLDS)
     images = torch.rand(5, 3, detector.image_size, detector.image_size)
     reference = Detector.from_checkpoint(checkpoint, device="cpu").predict(images)
     out = detector.predict(images, batch_size=5)

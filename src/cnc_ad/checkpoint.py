@@ -44,7 +44,6 @@ MODEL_FILE = "model.safetensors"
 META_FILE = "model.json"
 TRAINER_FILE = "trainer.safetensors"
 TRAINER_META_FILE = "trainer.json"
-THRESHOLDS_FILE = "thresholds.json"
 LATEST = "latest"
 
 
@@ -359,31 +358,6 @@ def _load_into(model: torch.nn.Module, folder: Path, tensors: dict[str, Tensor])
             f"checkpoint {folder} does not fit the model: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
-
-
-def store_thresholds(checkpoint: str | Path, thresholds: Mapping[str, Any]) -> Path:
-    """Write ``thresholds.json`` (``{"image": {...}, "pixel": {...}}`` from ``cnc eval``) beside a checkpoint."""
-    path = resolve_checkpoint(checkpoint) / THRESHOLDS_FILE
-    atomic_write_text(path, json.dumps(thresholds, indent=2) + "\n")
-    return path
-
-
-def read_thresholds(checkpoint: str | Path) -> dict | None:
-    """The checkpoint's ``thresholds.json``, or None when ``cnc eval`` has not stored any.
-
-    Raises:
-        CheckpointError: the file exists but is unreadable.
-    """
-    path = resolve_checkpoint(checkpoint) / THRESHOLDS_FILE
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(f"{path} is unreadable ({err}); run cnc eval again to rewrite it") from err
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} must hold a mapping {{'image': ..., 'pixel': ...}}")
-    return value
 
 
 def load_trainer_state(path: str | Path) -> tuple[dict[str, Tensor], dict]:

@@ -56,12 +56,13 @@ def run_demo(
     progress: bool = True,
 ) -> DemoResult:
     """Run the whole job into ``out`` (``data/``, ``run/``, ``eval/`` with ``report.html``)."""
-    from cnc_ad.checkpoint import load_model, store_thresholds
+    from cnc_ad.checkpoint import load_model
     from cnc_ad.data import scan_dataset
     from cnc_ad.data.synth import synthesize
     from cnc_ad.device import resolve_device
     from cnc_ad.evaluate import evaluate, markdown_table, write_results
     from cnc_ad.report import write_report
+    from cnc_ad.results import save_thresholds
     from cnc_ad.train import train
 
     out = Path(out)
@@ -91,7 +92,7 @@ def run_demo(
         model, index, config.eval, device=device, num_workers=config.data.num_workers, progress=progress
     )
     eval_dir = write_results(evaluation, out / "eval", checkpoint=str(checkpoint))
-    store_thresholds(checkpoint, evaluation.thresholds)
+    save_thresholds(checkpoint, evaluation.thresholds)
     seconds["evaluate"] = time.perf_counter() - tick
 
     tick = time.perf_counter()

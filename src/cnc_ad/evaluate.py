@@ -10,8 +10,6 @@ Under ``torchrun`` every process scores its shard of each category and the metri
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 from dataclasses import dataclass, field
@@ -26,7 +24,6 @@ from cnc_ad import distributed as dist
 from cnc_ad.config import EvalConfig
 from cnc_ad.data import DatasetIndex, TestDataset, make_loader
 from cnc_ad.errors import ConfigError
-from cnc_ad.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from cnc_ad.metrics import (
     METRIC_KEYS,
     MetricAccumulator,
@@ -35,6 +32,7 @@ from cnc_ad.metrics import (
 )
 from cnc_ad.model import CNC
 from cnc_ad.model.anomaly_map import image_score
+from cnc_ad.results import ALL, Example, Threshold, Thresholds, write_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +50,25 @@ class CategoryResult:
     examples: list[dict[str, Any]] = field(default_factory=list)
     image_scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (N,) all processes
     image_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (N,)
+    pixel_images: int = 0  # images whose pixels were scored (normal ones, and anomalous ones with a mask)
+
+    @property
+    def thresholds(self) -> dict[str, Threshold]:
+        """This category's F1-max thresholds by kind, with the number of images behind each."""
+        return {
+            "image": Threshold(self.image_threshold, "f1_max", len(self.image_scores)),
+            "pixel": Threshold(self.pixel_threshold, "f1_max", self.pixel_images),
+        }
 
 
 @dataclass
 class EvalResult:
+    """Metrics per category and their mean, the thresholds found, and what the report needs per category."""
+
     categories: dict[str, dict[str, float]]
     mean: dict[str, float]
-    thresholds: dict[str, dict[str, float]]
-    left_out: dict[str, list[str]]
+    thresholds: Thresholds
+    left_out: dict[str, list[str]]  # metric -> categories where it is undefined (left out of the mean)
     protocol: str
     details: dict[str, CategoryResult] = field(default_factory=dict)
 
@@ -107,6 +116,7 @@ def evaluate_category(
     )
     score_mode = _score_mode(model, config.protocol)
     scores, labels, rows, kept = [], [], [], []
+    pixel_images = 0
     bar = tqdm(loader, desc=f"eval {category}", unit="batch", leave=False, disable=not progress)
     for batch in bar:
         images = batch["image"].to(device, non_blocking=True)
@@ -121,6 +131,7 @@ def evaluate_category(
         # Anomalous images of a defect type without ground truth count for image metrics only.
         has_mask = np.array([samples[i].mask is not None or samples[i].label == 0 for i in row])
         accumulator.update(score, label, maps[has_mask], masks[has_mask])
+        pixel_images += int(has_mask.sum())
         scores.append(score)
         labels.append(label)
         rows.append(row)
@@ -129,7 +140,9 @@ def evaluate_category(
     labels_all = np.concatenate(labels) if labels else np.zeros(0, np.int64)
     maps_all = np.concatenate(kept) if kept else np.zeros((0, map_size, map_size), np.float16)
     rows_all = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    return _finish_category(accumulator, samples, scores_all, labels_all, maps_all, rows_all, examples)
+    result = _finish_category(accumulator, samples, scores_all, labels_all, maps_all, rows_all, examples)
+    result.pixel_images = int(sum(dist.all_gather_objects(pixel_images)))
+    return result
 
 
 def _finish_category(
@@ -226,59 +239,49 @@ def evaluate(
         for key in METRIC_KEYS
     }
     left_out = {key: cats for key, cats in left_out.items() if cats}
-    thresholds = {
-        "image": {cat: d.image_threshold for cat, d in details.items()},
-        "pixel": {cat: d.pixel_threshold for cat, d in details.items()},
-    }
-    # For images of unknown category: the F1-max threshold over all test images pooled; for pixels (pooling every
-    # pixel of every category would be costly) the median of the category thresholds.
-    scores = np.concatenate([d.image_scores for d in details.values()])
-    labels = np.concatenate([d.image_labels for d in details.values()])
+    return EvalResult(per_category, mean, pool_thresholds(details), left_out, config.protocol, details)
+
+
+def pool_thresholds(details: dict[str, CategoryResult]) -> Thresholds:
+    """Every category's thresholds, plus shared ones (key ``__all__``) for images of any category.
+
+    The shared image threshold is the F1-max one over the test images of all categories pooled (NaN unless both
+    labels occur); the shared pixel threshold (pooling every pixel of every category would be costly) is the median of
+    the finite category thresholds.
+    """
+    image = {cat: d.thresholds["image"] for cat, d in details.items()}
+    pixel = {cat: d.thresholds["pixel"] for cat, d in details.items()}
+    scores = np.concatenate([d.image_scores for d in details.values()]) if details else np.zeros(0, np.float32)
+    labels = np.concatenate([d.image_labels for d in details.values()]) if details else np.zeros(0, np.int64)
     pooled = f1_max_threshold(scores, labels)[1] if 0 < labels.sum() < len(labels) else math.nan
-    thresholds["image"]["__all__"] = float(pooled)
-    finite = [t for t in thresholds["pixel"].values() if math.isfinite(t)]
-    thresholds["pixel"]["__all__"] = float(np.median(finite)) if finite else math.nan
-    return EvalResult(per_category, mean, thresholds, left_out, config.protocol, details)
+    image[ALL] = Threshold(float(pooled), "f1_max_pooled", len(labels))
+    finite = [t.value for t in pixel.values() if t.is_finite]
+    median = float(np.median(finite)) if finite else math.nan
+    pixel[ALL] = Threshold(median, "median", sum(d.pixel_images for d in details.values()))
+    return Thresholds(image=image, pixel=pixel)
 
 
 def write_results(result: EvalResult, out_dir: str | Path, *, checkpoint: str | None = None) -> Path:
-    """Write metrics.json, metrics.csv, thresholds.json, curves.json and the report examples into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "metrics.json", result.to_json(checkpoint))
-    atomic_write_text(out / "metrics.csv", metrics_csv(result))
-    atomic_write_json(out / "thresholds.json", result.thresholds)
-    atomic_write_json(out / "curves.json", {cat: d.curves for cat, d in result.details.items()})
-    examples: dict[str, list[dict[str, Any]]] = {}
-    (out / "examples").mkdir(exist_ok=True)
-    for cat, detail in result.details.items():
-        examples[cat] = []
-        for k, example in enumerate(detail.examples):
-            name = f"examples/{_safe(cat)}_{example['rank']}_{k}.npy"
-            buffer = io.BytesIO()
-            np.save(buffer, example["map_array"].astype(np.float16))
-            atomic_write_bytes(out / name, buffer.getvalue())  # never a half-written map beside examples.json
-            entry = {key: value for key, value in example.items() if key != "map_array"}
-            examples[cat].append({**entry, "map": name})
-    atomic_write_json(out / "examples.json", examples)
-    return out
+    """Write the evaluation folder of ``result`` (metrics, thresholds, curves, report examples) into ``out_dir``."""
+    return write_evaluation(
+        out_dir,
+        metrics=result.to_json(checkpoint),
+        thresholds=result.thresholds,
+        curves={cat: d.curves for cat, d in result.details.items()},
+        examples={cat: [_example(e) for e in d.examples] for cat, d in result.details.items()},
+    )
 
 
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
-
-
-def metrics_csv(result: EvalResult) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["category", *METRIC_KEYS])
-    for cat, values in {**result.categories, "mean": result.mean}.items():
-        writer.writerow([cat, *(_fmt(values.get(key, math.nan), 6) for key in METRIC_KEYS)])
-    return buffer.getvalue()
-
-
-def _fmt(value: float, digits: int) -> str:
-    return "nan" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+def _example(entry: dict[str, Any]) -> Example:
+    return Example(
+        image=entry["image"],
+        score=entry["score"],
+        label=entry["label"],
+        defect=entry["defect"],
+        mask=entry["mask"],
+        rank=entry["rank"],
+        anomaly_map=entry["map_array"],
+    )
 
 
 def markdown_table(result: EvalResult) -> str:

@@ -6,9 +6,8 @@ pixels. The model's ``M x M`` anomaly map is resized (bilinear) back to each inp
 checkpoint with PyTorch (:meth:`Detector.from_checkpoint`) or an exported graph with onnxruntime
 (:meth:`Detector.from_onnx`, see :mod:`cnc_ad.export`).
 
-Decisions use the F1-max thresholds that ``cnc eval`` stores beside the checkpoint (``thresholds.json``:
-``{"image": {"__all__": t, category: t}, "pixel": {...}}``) or explicit ones; an image is anomalous when
-``score >= threshold``, a pixel when ``map >= pixel threshold``.
+Decisions use the F1-max thresholds that evaluation stores beside the checkpoint (:mod:`cnc_ad.results`) or explicit
+ones; an image is anomalous when ``score >= threshold``, a pixel when ``map >= pixel threshold``.
 """
 
 from __future__ import annotations
@@ -19,9 +18,8 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,21 +34,21 @@ from cnc_ad import distributed as dist
 from cnc_ad.data.dataset import ImageFileDataset, collate_items
 from cnc_ad.data.images import decode_image, is_image_file
 from cnc_ad.data.transforms import prepare_image, to_tensor
-from cnc_ad.errors import CheckpointError, ConfigError, DataError, ExportError
+from cnc_ad.errors import ConfigError, DataError, ExportError
 from cnc_ad.files import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl
+from cnc_ad.results import Thresholds, load_thresholds
 from cnc_ad.visualize import overlay, resize_map, to_png_bytes
 
 log = logging.getLogger(__name__)
 
-ALL = "__all__"
 PREDICTIONS_FILE = "predictions.jsonl"
 ERRORS_FILE = "errors.jsonl"
 SUMMARY_FILE = "predictions.csv"
 MAP_DTYPES = ("float16", "float32")
 _ARRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "F")
+THRESHOLDS_METADATA = "cnc_ad.thresholds"  # the ONNX metadata key of the embedded thresholds
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
-Thresholds = dict[str, dict[str, float]]
 # A backend scores preprocessed images (B, 3, S, S) in [0, 1]: -> scores (B,) and maps (B, M, M), float32 NumPy.
 Backend = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
 
@@ -67,48 +65,6 @@ class DetectionResult(NamedTuple):
     maps: list[np.ndarray]  # B float32 anomaly maps (H_i, W_i), bilinear from the model's M x M map
     masks: list[np.ndarray] | None  # B bool masks (H_i, W_i): map >= pixel threshold
     is_anomalous: np.ndarray | None  # (B,) bool: score >= image threshold
-
-
-# ------------------------------------------------------------------------------------------------- thresholds
-def read_thresholds(path: str | os.PathLike) -> Thresholds | None:
-    """Thresholds from a ``thresholds.json`` file, or those ``cnc eval`` stored beside a checkpoint (None if none).
-
-    Args:
-        path: a thresholds file, or a checkpoint / run folder.
-
-    Raises:
-        CheckpointError: the file is unreadable or not a thresholds file.
-    """
-    from cnc_ad import checkpoint
-
-    path = Path(path)
-    if path.is_dir():
-        value = checkpoint.read_thresholds(path)
-        if value is None:
-            return None
-    else:
-        try:
-            value = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as err:
-            raise CheckpointError(f"thresholds file {path} is unreadable ({err}); pass a `cnc eval` one") from err
-    try:
-        return {kind: {str(k): float(v) for k, v in value.get(kind, {}).items()} for kind in ("image", "pixel")}
-    except (AttributeError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a thresholds file ({{'image': {{...}}, 'pixel': {{...}}}})") from err
-
-
-def select_threshold(thresholds: Thresholds | None, kind: str, category: str | None = None) -> float | None:
-    """The ``kind`` ("image" or "pixel") threshold for ``category`` (None: all categories); None when unknown or NaN.
-
-    Raises:
-        ConfigError: ``category`` has no threshold of either kind.
-    """
-    thresholds = thresholds or {}
-    if category is not None and thresholds and not any(category in table for table in thresholds.values()):
-        known = sorted({k for table in thresholds.values() for k in table} - {ALL})
-        raise ConfigError(f"no thresholds for category {category!r}; known: {', '.join(known) or 'none'}")
-    value = thresholds.get(kind, {}).get(ALL if category is None else category)
-    return value if value is not None and math.isfinite(value) else None
 
 
 # ----------------------------------------------------------------------------------------------------- inputs
@@ -187,16 +143,21 @@ class Detector:
     Args:
         backend: scores preprocessed images (B, 3, S, S) in [0, 1] -> (scores (B,), maps (B, M, M)).
         image_size: the model's input side S in pixels.
-        thresholds: ``{"image": {...}, "pixel": {...}}`` as stored by ``cnc eval``, or None.
+        thresholds: the stored thresholds (a :class:`~cnc_ad.results.Thresholds`, or a ``thresholds.json``
+            mapping), or None.
         source: where the model came from (for messages).
     """
 
     def __init__(
-        self, backend: Backend, image_size: int, thresholds: Thresholds | None = None, source: str = ""
+        self,
+        backend: Backend,
+        image_size: int,
+        thresholds: Thresholds | Mapping[str, Any] | None = None,
+        source: str = "",
     ) -> None:
         self.backend = backend
         self.image_size = image_size
-        self.thresholds = thresholds
+        self.thresholds = Thresholds.from_json(thresholds) if isinstance(thresholds, Mapping) else thresholds
         self.source = source
 
     @classmethod
@@ -224,22 +185,22 @@ class Detector:
         folder = resolve_checkpoint(path)
         device = resolve_device(device) if isinstance(device, str) else device
         model = load_model(folder, clip_weights=clip_weights, trust_pickle=trust_pickle, pretrained=pretrained)
-        return cls(TorchBackend(model, device), model.image_size, read_thresholds(folder), str(folder))
+        return cls(TorchBackend(model, device), model.image_size, load_thresholds(folder), str(folder))
 
     @classmethod
     def from_onnx(
         cls,
         path: str | os.PathLike,
         *,
-        thresholds: Thresholds | str | os.PathLike | None = None,
+        thresholds: Thresholds | Mapping[str, Any] | str | os.PathLike | None = None,
         providers: Sequence[str] | None = None,
     ) -> Detector:
         """Load a graph written by :func:`cnc_ad.export.export_onnx`.
 
         Args:
             path: the ``.onnx`` file.
-            thresholds: a thresholds dict or ``thresholds.json`` file; default: the thresholds embedded at export
-                (``cnc export`` copies the checkpoint's), if any.
+            thresholds: thresholds, or a thresholds file; default: the thresholds embedded at export (the
+                checkpoint's), if any.
             providers: onnxruntime execution providers (default: CPU).
 
         Raises:
@@ -262,16 +223,16 @@ class Detector:
         if not {"score", "anomaly_map"} <= names or len(shape) != 4 or not isinstance(shape[-1], int):
             raise ExportError(f"{path} is not a CNC graph (input (B, 3, S, S); outputs score, anomaly_map)")
         meta = session.get_modelmeta().custom_metadata_map
-        if thresholds is None and meta.get("cnc_ad.thresholds"):
-            thresholds = json.loads(meta["cnc_ad.thresholds"])
-        elif thresholds is not None and not isinstance(thresholds, dict):
-            thresholds = read_thresholds(thresholds)
+        if thresholds is None and meta.get(THRESHOLDS_METADATA):
+            thresholds = Thresholds.from_json(json.loads(meta[THRESHOLDS_METADATA]), source=f"{path} metadata")
+        elif isinstance(thresholds, (str, os.PathLike)):
+            thresholds = load_thresholds(thresholds)
         return cls(OnnxBackend(session), int(shape[-1]), thresholds, str(path))
 
     # ----------------------------------------------------------------------------------------------- thresholds
     def threshold(self, kind: str = "image", category: str | None = None) -> float | None:
         """The stored ``kind`` ("image" or "pixel") threshold for ``category`` (None: all categories), or None."""
-        return select_threshold(self.thresholds, kind, category)
+        return self.thresholds.select(kind, category) if self.thresholds is not None else None
 
     def resolve_thresholds(
         self, threshold: float | None = None, pixel_threshold: float | None = None, category: str | None = None

@@ -46,11 +46,12 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from cnc_ad import distributed as dist
-    from cnc_ad.checkpoint import load_model, resolve_checkpoint, run_folder_of, store_thresholds
+    from cnc_ad.checkpoint import load_model, resolve_checkpoint, run_folder_of
     from cnc_ad.config import EvalConfig
     from cnc_ad.data import scan_dataset
     from cnc_ad.device import resolve_device
     from cnc_ad.evaluate import evaluate, markdown_table, write_results
+    from cnc_ad.results import save_thresholds
 
     device = resolve_device(args.device)
     dist.init_from_env(device)
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out) if args.out else run_folder_of(checkpoint) / "eval"
     write_results(result, out, checkpoint=str(checkpoint))
-    store_thresholds(checkpoint, result.thresholds)
+    save_thresholds(checkpoint, result.thresholds)
     print(markdown_table(result))
     print(f"\nresults: {out}")
     return 0

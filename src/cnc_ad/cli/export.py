@@ -47,14 +47,15 @@ def run(args: argparse.Namespace) -> int:
     from cnc_ad.data import ImageFileDataset, scan_dataset
     from cnc_ad.errors import DataError, ExportError
     from cnc_ad.export import DEFAULT_OPSET, check_parity, export_onnx, random_images
-    from cnc_ad.predict import read_thresholds
+    from cnc_ad.predict import THRESHOLDS_METADATA
+    from cnc_ad.results import load_thresholds
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     model = load_model(checkpoint, clip_weights=args.clip_weights, trust_pickle=args.trust_pickle)
-    thresholds = read_thresholds(checkpoint)
+    thresholds = load_thresholds(checkpoint)
     metadata = {"cnc_ad.checkpoint": str(checkpoint)}
     if thresholds is not None:
-        metadata["cnc_ad.thresholds"] = thresholds
+        metadata[THRESHOLDS_METADATA] = thresholds.to_json()
     traced = 2
     path = export_onnx(model, args.out, opset=args.opset or DEFAULT_OPSET, batch_size=traced, metadata=metadata)
     checks = {"random": random_images(max(args.parity_images, traced + 1), model.image_size)}

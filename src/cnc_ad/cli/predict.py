@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     from cnc_ad import distributed as dist
     from cnc_ad.device import resolve_device
     from cnc_ad.errors import ConfigError, DataError
-    from cnc_ad.predict import Detector, collect_inputs, predict_files, read_thresholds
+    from cnc_ad.predict import Detector, collect_inputs, predict_files
+    from cnc_ad.results import load_thresholds
 
     paths = collect_inputs(args.inputs)
     if args.onnx and dist.launched_by_torchrun():
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             args.checkpoint, device=args.device, clip_weights=args.clip_weights, trust_pickle=args.trust_pickle
         )
         if args.thresholds:
-            detector.thresholds = read_thresholds(args.thresholds)
+            detector.thresholds = load_thresholds(args.thresholds)
     summary = predict_files(
         detector,
         paths,
