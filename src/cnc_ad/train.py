@@ -12,10 +12,8 @@ reaches the same final weights as an uninterrupted run.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -31,12 +29,12 @@ from tqdm.auto import tqdm
 
 from cnc_ad import distributed as dist
 from cnc_ad.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
-from cnc_ad.config import Config, save_config
+from cnc_ad.config import Config
 from cnc_ad.data import DatasetIndex, Sample, TrainDataset, make_loader, scan_dataset
 from cnc_ad.device import autocast, resolve_device
 from cnc_ad.errors import CheckpointError, ConfigError, TrainingError
-from cnc_ad.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from cnc_ad.model import CNC, build_model
+from cnc_ad.runs import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +152,7 @@ class Trainer:
     ) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
+        self.run = RunFolder(self.run_dir)
         self.progress = progress and dist.is_main_process()
         self.device = resolve_device(config.train.device)
         dist.init_from_env(self.device)
@@ -233,7 +232,7 @@ class Trainer:
             and size > self.config.train.cache_memory_gb * 2**30
         ):
             mode = "disk"
-        path = self.run_dir / "feature_cache" if mode == "disk" else None
+        path = self.run.feature_cache_dir if mode == "disk" else None
         log.info("feature cache: %s, %.2f GB for %d images", mode, size / 2**30, len(self.samples))
         cache = FeatureCache(shapes, len(self.samples), dtype, path)
         rows = np.arange(len(self.samples))[dist.rank() :: dist.world_size()]
@@ -340,7 +339,7 @@ class Trainer:
         path = None
         if dist.is_main_process():
             path = save_checkpoint(
-                self.run_dir / "checkpoints" / f"epoch-{self.epoch:04d}",
+                self.run.checkpoint_dir(self.epoch),
                 self.model,
                 trainer_tensors=tensors,
                 trainer_meta=meta,
@@ -364,18 +363,14 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         tcfg = self.config.train
-        log_path = self.run_dir / "log.jsonl"
-        if not self.resumed and (self.run_dir / "latest").exists():
+        if not self.resumed and self.run.has_checkpoint():
             raise ConfigError(
                 f"{self.run_dir} already holds a training run; pass --resume {self.run_dir} to continue it, or choose "
                 "another --out"
             )
         if dist.is_main_process():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.config, self.run_dir / "config.yaml")
-            # Steps after the checkpoint we continue from were lost with the interruption: so are their log lines.
-            kept = [r for r in read_jsonl(log_path) if r.get("step", 0) <= self.step] if self.resumed else []
-            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+            self.run.write_config(self.config)
+            self.run.start_log(through_step=self.step if self.resumed else None)
         mode = self._cache_mode()
         if mode != "off":
             self.cache = self._build_cache(mode)
@@ -411,7 +406,7 @@ class Trainer:
                     record = {"step": self.step, "epoch": self.epoch, "lr": lr, **last}
                     record["images_per_s"] = round(seen / elapsed, 3) if elapsed > 0 else None
                     if dist.is_main_process():
-                        append_jsonl(log_path, record)
+                        self.run.append_log(record)
                     seen, tick = 0, time.perf_counter()
             else:
                 if self.step == start_step:
@@ -428,11 +423,7 @@ class Trainer:
         self._drop_cache()
         result = TrainResult(self.run_dir, checkpoint, self.epoch, self.step, last)
         if dist.is_main_process():
-            atomic_write_json(
-                self.run_dir / "result.json",
-                {"checkpoint": os.path.relpath(checkpoint, self.run_dir), "epochs": self.epoch, "steps": self.step,
-                 "last_loss": last},
-            )  # fmt: skip
+            self.run.write_result(checkpoint, self.epoch, self.step, last)
         return result
 
     def _drop_cache(self) -> None:

@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from cnc_ad.device import resolve_device
     from cnc_ad.evaluate import evaluate, markdown_table, write_results
     from cnc_ad.results import save_thresholds
+    from cnc_ad.runs import RunFolder
 
     device = resolve_device(args.device)
     dist.init_from_env(device)
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if not dist.is_main_process():
         return 0
-    out = Path(args.out) if args.out else run_folder_of(checkpoint) / "eval"
+    out = Path(args.out) if args.out else RunFolder(run_folder_of(checkpoint)).eval_dir
     write_results(result, out, checkpoint=str(checkpoint))
     save_thresholds(checkpoint, result.thresholds)
     print(markdown_table(result))

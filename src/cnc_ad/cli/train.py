@@ -91,6 +91,7 @@ def _relaunch_with_torchrun(args: argparse.Namespace, run_dir: Path) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from cnc_ad.config import load_config
+    from cnc_ad.runs import RunFolder
     from cnc_ad.train import train
 
     under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -101,10 +102,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("under torchrun pass --out RUN_DIR, so that every process writes to the same run folder")
     overrides = _overrides(args)
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"{run_dir} is not a run folder (no config.yaml); pass the --out folder of a run")
-        config = load_config(args.config or run_dir / "config.yaml", overrides)
+        run = RunFolder(args.resume)
+        run_dir = run.path
+        if not run.is_run():
+            raise ConfigError(
+                f"{run_dir} is not a run folder (no {run.config_path.name}); pass the --out folder of a run"
+            )
+        config = load_config(args.config, overrides) if args.config else run.read_config(overrides)
     else:
         if not args.config:
             raise ConfigError("pass --config FILE (e.g. configs/demo.yaml) or --resume RUN_DIR")
