@@ -20,12 +20,14 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -356,3 +358,63 @@ def load_trainer_state(path: str | Path) -> tuple[dict[str, Tensor], dict]:
         raise CheckpointError(f"checkpoint {folder}: {TRAINER_META_FILE} is not a {TRAINER_FORMAT} file")
     tensors = _load_verified(folder / TRAINER_FILE, meta["sha256"], "trainer state")
     return tensors, meta.get("meta", {})
+
+
+# ------------------------------------------------------------------------------------------ training state
+def training_state(optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The optimiser's and the random generators' state, as ``(trainer_tensors, trainer_meta)`` for
+    :func:`save_checkpoint`: tensors (optimiser moments, torch/CUDA RNG) for safetensors, the rest JSON-able."""
+    tensors: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    state = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, pstate in state["state"].items():
+        for name, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[name] = value
+    np_state = np.random.get_state()
+    meta = {
+        "optim_param_groups": state["param_groups"],
+        "optim_scalars": scalars,
+        "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "rng_python": _to_json(random.getstate()),
+    }
+    return tensors, meta
+
+
+def restore_training_state(
+    optimizer: torch.optim.Optimizer, device: torch.device, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]
+) -> None:
+    """Load what :func:`training_state` saved (read back by :func:`load_trainer_state`) into ``optimizer`` and the
+    torch, CUDA, NumPy and Python random generators."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value.to(device) if name != "step" else value
+    for pid, values in meta["optim_scalars"].items():
+        state.setdefault(int(pid), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optim_param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    kind, keys, *rest = meta["rng_numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    random.setstate(_from_json(meta["rng_python"]))
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return {"tuple": [_to_json(v) for v in value]}
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict) and "tuple" in value:
+        return tuple(_from_json(v) for v in value["tuple"])
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value

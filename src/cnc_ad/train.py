@@ -28,7 +28,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cnc_ad import distributed as dist
-from cnc_ad.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from cnc_ad.checkpoint import (
+    latest_checkpoint,
+    load_trainer_state,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
 from cnc_ad.config import Config
 from cnc_ad.data import DatasetIndex, Sample, TrainDataset, make_loader, scan_dataset
 from cnc_ad.device import autocast, resolve_device
@@ -291,51 +297,10 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------------------------
 
-    def _trainer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        state = self.optimizer.state_dict()
-        scalars: dict[str, dict[str, Any]] = {}
-        for pid, pstate in state["state"].items():
-            for name, value in pstate.items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"optim.{pid}.{name}"] = value.detach().cpu().contiguous()
-                else:
-                    scalars.setdefault(str(pid), {})[name] = value
-        np_state = np.random.get_state()
-        meta = {
-            "epoch": self.epoch,
-            "step": self.step,
-            "optim_param_groups": state["param_groups"],
-            "optim_scalars": scalars,
-            "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "rng_python": _to_json(random.getstate()),
-            "config": self.config.to_dict(),
-        }
-        return tensors, meta
-
-    def _load_trainer_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        state: dict[int, dict[str, Any]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, pid, name = key.split(".", 2)
-                state.setdefault(int(pid), {})[name] = value.to(self.device) if name != "step" else value
-        for pid, values in meta["optim_scalars"].items():
-            state.setdefault(int(pid), {}).update(values)
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["optim_param_groups"]})
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        kind, keys, *rest = meta["rng_numpy"]
-        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-        random.setstate(_from_json(meta["rng_python"]))
-        self.epoch = int(meta["epoch"])
-        self.step = int(meta["step"])
-
     def _save(self) -> Path:
         self.model.store_text_features()
-        tensors, meta = self._trainer_state()
+        tensors, state = training_state(self.optimizer, self.device)
+        meta = {"epoch": self.epoch, "step": self.step, **state, "config": self.config.to_dict()}
         path = None
         if dist.is_main_process():
             path = save_checkpoint(
@@ -355,7 +320,9 @@ class Trainer:
         checkpoint = latest_checkpoint(self.run_dir)
         load_trainable_state(self.model, checkpoint)
         tensors, meta = load_trainer_state(checkpoint)
-        self._load_trainer_state(tensors, meta)
+        restore_training_state(self.optimizer, self.device, tensors, meta)
+        self.epoch = int(meta["epoch"])
+        self.step = int(meta["step"])
         log.info("resumed from %s (epoch %d, step %d)", checkpoint, self.epoch, self.step)
         self.resumed = True
 
@@ -462,17 +429,3 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, **kwargs
     if resume:
         trainer.resume()
     return trainer.fit()
-
-
-def _to_json(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return {"tuple": [_to_json(v) for v in value]}
-    return value
-
-
-def _from_json(value: Any) -> Any:
-    if isinstance(value, dict) and "tuple" in value:
-        return tuple(_from_json(v) for v in value["tuple"])
-    if isinstance(value, list):
-        return [_from_json(v) for v in value]
-    return value
