@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cnc_ad.config import Config, load_config
 from cnc_ad.errors import CNCError
-from cnc_ad.runs import RunFolder
+from cnc_ad.runs import EVAL_DIR, RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,9 @@ def run_demo(
     progress: bool = True,
 ) -> DemoResult:
     """Run the whole job into ``out`` (``data/``, ``run/``, ``eval/`` with ``report.html``)."""
-    from cnc_ad.checkpoint import load_model
-    from cnc_ad.data import scan_dataset
     from cnc_ad.data.synth import synthesize
-    from cnc_ad.device import resolve_device
-    from cnc_ad.evaluate import evaluate, markdown_table, write_results
+    from cnc_ad.evaluate import evaluate_checkpoint, markdown_table
     from cnc_ad.report import write_report
-    from cnc_ad.results import save_thresholds
     from cnc_ad.train import train
 
     out = Path(out)
@@ -89,14 +85,10 @@ def run_demo(
     seconds["train"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    device = resolve_device(config.train.device)
-    model = load_model(checkpoint).to(device)
-    index = scan_dataset(data_root)
-    evaluation = evaluate(
-        model, index, config.eval, device=device, num_workers=config.data.num_workers, progress=progress
+    done = evaluate_checkpoint(
+        checkpoint, config, out_dir=out / EVAL_DIR, device=config.train.device, progress=progress
     )
-    eval_dir = write_results(evaluation, out / "eval", checkpoint=str(checkpoint))
-    save_thresholds(checkpoint, evaluation.thresholds)
+    evaluation, eval_dir = done.result, done.out_dir
     seconds["evaluate"] = time.perf_counter() - tick
 
     tick = time.perf_counter()

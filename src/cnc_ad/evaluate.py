@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from cnc_ad import distributed as dist
-from cnc_ad.config import EvalConfig
-from cnc_ad.data import DatasetIndex, TestDataset, make_loader
+from cnc_ad.checkpoint import run_folder_of
+from cnc_ad.config import Config, EvalConfig, load_config
+from cnc_ad.data import DatasetIndex, TestDataset, make_loader, scan_dataset
 from cnc_ad.errors import ConfigError
 from cnc_ad.metrics import (
     METRIC_KEYS,
@@ -32,7 +34,8 @@ from cnc_ad.metrics import (
 )
 from cnc_ad.model import CNC
 from cnc_ad.model.anomaly_map import image_score
-from cnc_ad.results import ALL, Example, Threshold, Thresholds, write_evaluation
+from cnc_ad.results import ALL, Example, Threshold, Thresholds, save_thresholds, write_evaluation
+from cnc_ad.runs import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -232,14 +235,19 @@ def evaluate(
             skip_bad=skip_bad,
             progress=progress,
         )
+    return summarize(details, config.protocol)
+
+
+def summarize(details: dict[str, CategoryResult], protocol: str) -> EvalResult:
+    """The mean of each metric over the categories where it is defined (the others are listed as left out of it),
+    and the thresholds of every category plus the shared ones (:func:`pool_thresholds`)."""
     per_category = {cat: detail.metrics for cat, detail in details.items()}
-    mean = mean_metrics(per_category)
     left_out = {
         key: [cat for cat, values in per_category.items() if math.isnan(values.get(key, math.nan))]
         for key in METRIC_KEYS
     }
     left_out = {key: cats for key, cats in left_out.items() if cats}
-    return EvalResult(per_category, mean, pool_thresholds(details), left_out, config.protocol, details)
+    return EvalResult(per_category, mean_metrics(per_category), pool_thresholds(details), left_out, protocol, details)
 
 
 def pool_thresholds(details: dict[str, CategoryResult]) -> Thresholds:
@@ -294,3 +302,91 @@ def markdown_table(result: EvalResult) -> str:
     for key, cats in result.left_out.items():
         lines.append(f"\n{key}: undefined for {', '.join(cats)} (left out of the mean)")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- the pipeline
+@dataclass(frozen=True)
+class CheckpointEvaluation:
+    """What :func:`evaluate_checkpoint` did: the metrics and thresholds, the checkpoint, where the files went."""
+
+    result: EvalResult
+    checkpoint: Path
+    out_dir: Path | None  # None on processes other than the main one (which alone writes)
+    thresholds_file: Path | None
+
+
+def run_config(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The config a checkpoint is evaluated with: its run folder's config (defaults for a loose checkpoint) with
+    ``group.key=value`` overrides on top.
+
+    Raises:
+        CheckpointError: no checkpoint there.
+        ConfigError: the run's config or an override is invalid.
+    """
+    run = RunFolder(run_folder_of(checkpoint))
+    return run.read_config(overrides) if run.is_run() else load_config(None, overrides)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    config: Config,
+    *,
+    out_dir: str | Path | None = None,
+    device: str | torch.device = "auto",
+    index: DatasetIndex | None = None,
+    clip_weights: str | None = None,
+    trust_pickle: bool = False,
+    pretrained: bool = True,
+    progress: bool = True,
+) -> CheckpointEvaluation:
+    """Evaluate a checkpoint on a dataset's test split, write the evaluation folder and store the thresholds.
+
+    The one evaluation pipeline (``cnc eval``, the demo and the ablation grid call it): load the model, score every
+    test category (sharded under ``torchrun``), then on the main process write the evaluation folder
+    (:mod:`cnc_ad.results`) and store the thresholds beside the checkpoint, where prediction finds them.
+
+    Args:
+        checkpoint: checkpoint folder, run folder or ``RUN/last``.
+        config: ``eval`` is the protocol; ``data`` names the dataset (root, format, categories, skip_bad, num_workers);
+            see :func:`run_config` for the run's own.
+        out_dir: the evaluation folder (default: the run folder's ``eval/``).
+        device: ``"auto"`` or a torch device.
+        index: the dataset, already scanned (default: scan ``config.data``).
+        clip_weights: local CLIP weights file.
+        trust_pickle: allow a pickle / TorchScript ``clip_weights`` file.
+        pretrained: False builds the model's random backbone (tests).
+        progress: show progress bars.
+
+    Raises:
+        CheckpointError: no usable checkpoint.
+        ConfigError: no dataset, or categories that it does not hold.
+        DataError: unreadable test images (unless ``config.data.skip_bad``).
+    """
+    from cnc_ad.checkpoint import load_model, resolve_checkpoint
+    from cnc_ad.device import resolve_device
+
+    device = resolve_device(device) if isinstance(device, str) else device
+    dist.init_from_env(device)
+    folder = resolve_checkpoint(checkpoint)
+    model = load_model(folder, clip_weights=clip_weights, trust_pickle=trust_pickle, pretrained=pretrained).to(device)
+    data = config.data
+    if index is None:
+        if data.root is None:
+            raise ConfigError("no test data: set data.root to the dataset folder")
+        index = scan_dataset(data.root, data.format, data.categories, skip_bad=data.skip_bad)
+    result = evaluate(
+        model,
+        index,
+        config.eval,
+        device=device,
+        categories=list(data.categories) if data.categories else None,
+        num_workers=data.num_workers,
+        skip_bad=data.skip_bad,
+        progress=progress,
+    )
+    if not dist.is_main_process():
+        return CheckpointEvaluation(result, folder, None, None)
+    out = Path(out_dir) if out_dir is not None else RunFolder(run_folder_of(folder)).eval_dir
+    write_results(result, out, checkpoint=str(folder))
+    thresholds_file = save_thresholds(folder, result.thresholds)
+    return CheckpointEvaluation(result, folder, out, thresholds_file)
