@@ -363,7 +363,8 @@ def load_trainer_state(path: str | Path) -> tuple[dict[str, Tensor], dict]:
 # ------------------------------------------------------------------------------------------ training state
 def training_state(optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The optimiser's and the random generators' state, as ``(trainer_tensors, trainer_meta)`` for
-    :func:`save_checkpoint`: tensors (optimiser moments, torch/CUDA RNG) for safetensors, the rest JSON-able."""
+    :func:`save_checkpoint`: tensors (optimiser moments, torch/CUDA RNG) for safetensors, the rest JSON-able.
+    """
     tensors: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available() and device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
@@ -389,7 +390,8 @@ def restore_training_state(
     optimizer: torch.optim.Optimizer, device: torch.device, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]
 ) -> None:
     """Load what :func:`training_state` saved (read back by :func:`load_trainer_state`) into ``optimizer`` and the
-    torch, CUDA, NumPy and Python random generators."""
+    torch, CUDA, NumPy and Python random generators.
+    """
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from cnc_ad import distributed as dist
 from cnc_ad.checkpoint import run_folder_of
@@ -34,12 +33,11 @@ from cnc_ad.metrics import (
 )
 from cnc_ad.model import CNC
 from cnc_ad.model.anomaly_map import image_score
+from cnc_ad.progress import progress_bar
 from cnc_ad.results import ALL, Example, Threshold, Thresholds, save_thresholds, write_evaluation
 from cnc_ad.runs import RunFolder
 
 log = logging.getLogger(__name__)
-
-PROTOCOLS = ("ader", "dinomaly")
 
 
 @dataclass
@@ -107,8 +105,6 @@ def evaluate_category(
     samples = dist.shard(index.test_samples(category))
     dataset = TestDataset(samples, model.image_size, map_size, protocol=config.protocol)
     loader = make_loader(dataset, config.batch_size, num_workers=num_workers, skip_bad=skip_bad)
-    if config.metrics not in ("auto", "exact", "streaming"):
-        raise ConfigError(f"eval.metrics={config.metrics!r}; use auto, exact or streaming")
     # 1 - cosine lies in [0, 2]; feature-level normality promotion scales it by up to 1 + theta.
     high = 2.0 * (1.0 + model.config.fnp_theta) if model.config.fnp else 2.0
     accumulator = MetricAccumulator(
@@ -120,7 +116,7 @@ def evaluate_category(
     score_mode = _score_mode(model, config.protocol)
     scores, labels, rows, kept = [], [], [], []
     pixel_images = 0
-    bar = tqdm(loader, desc=f"eval {category}", unit="batch", leave=False, disable=not progress)
+    bar = progress_bar(loader, desc=f"eval {category}", unit="batch", leave=False, enabled=progress)
     for batch in bar:
         images = batch["image"].to(device, non_blocking=True)
         prediction = model.predict(images, map_size=map_size)
@@ -215,15 +211,13 @@ def evaluate(
     progress: bool = True,
 ) -> EvalResult:
     """Evaluate ``model`` on every test category of ``index`` (or ``categories``)."""
-    if config.protocol not in PROTOCOLS:
-        raise ConfigError(f"eval.protocol={config.protocol!r}; use {' or '.join(PROTOCOLS)}")
     model.eval()
     categories = categories or index.categories
     unknown = sorted(set(categories) - set(index.categories))
     if unknown:
         raise ConfigError(f"categories {unknown} are not in {index.root}; found: {', '.join(index.categories)}")
     details = {}
-    outer = tqdm(categories, desc="evaluating", unit="category", disable=not progress or len(categories) < 2)
+    outer = progress_bar(categories, desc="evaluating", unit="category", enabled=progress and len(categories) > 1)
     for category in outer:
         details[category] = evaluate_category(
             model,
@@ -240,7 +234,8 @@ def evaluate(
 
 def summarize(details: dict[str, CategoryResult], protocol: str) -> EvalResult:
     """The mean of each metric over the categories where it is defined (the others are listed as left out of it),
-    and the thresholds of every category plus the shared ones (:func:`pool_thresholds`)."""
+    and the thresholds of every category plus the shared ones (:func:`pool_thresholds`).
+    """
     per_category = {cat: detail.metrics for cat, detail in details.items()}
     left_out = {
         key: [cat for cat, values in per_category.items() if math.isnan(values.get(key, math.nan))]

@@ -119,7 +119,8 @@ def render_report(evaluation: Evaluation, *, thumbnail_size: int = 256, jpeg_qua
 
 def pixel_threshold(thresholds: Thresholds | Mapping[str, Any], category: str) -> float | None:
     """The finite pixel threshold of ``category``, else the shared one, else None (a ``thresholds.json`` mapping or
-    :class:`~cnc_ad.results.Thresholds`)."""
+    :class:`~cnc_ad.results.Thresholds`).
+    """
     if not isinstance(thresholds, Thresholds):
         thresholds = Thresholds.from_json(thresholds)
     return thresholds.fallback("pixel", category)
@@ -240,7 +241,7 @@ def _curves_figure(category: str, curves: Mapping[str, Any] | None, row: Mapping
     colors = {"image": "#1f5fa8", "pixel": "#d1495b"}
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt, "font.size": 9}):
         figure = Figure(figsize=(10.5, 3.2), layout="constrained")
-        for ax, (title, xlabel, ylabel, series) in zip(figure.subplots(1, 3), panels):
+        for ax, (title, xlabel, ylabel, series) in zip(figure.subplots(1, 3), panels, strict=True):
             drawn = 0
             for curve_key, metric_key in series:
                 points = _curve_points(category, curve_key, curves.get(curve_key))
@@ -313,7 +314,7 @@ def _examples_table(evaluation: Evaluation, category: str, thumbnail_size: int, 
         _Example(
             entry, _load_image(evaluation.root, entry, side), anomaly_map, _load_mask(evaluation.root, entry, side)
         )
-        for entry, anomaly_map in zip([*most, *least], maps)
+        for entry, anomaly_map in zip([*most, *least], maps, strict=True)
     ]
     finite = [m[np.isfinite(m)] for m in maps if m is not None]
     values = np.concatenate(finite) if finite else np.zeros(1, dtype=np.float32)

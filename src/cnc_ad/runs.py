@@ -94,7 +94,8 @@ class RunFolder:
     # -- log --------------------------------------------------------------------------------------------------
     def start_log(self, through_step: int | None = None) -> None:
         """Start ``log.jsonl`` afresh, or (resuming) keep its lines up to ``through_step``: the steps after the
-        checkpoint a run continues from were lost with the interruption, so are their lines."""
+        checkpoint a run continues from were lost with the interruption, so are their lines.
+        """
         kept = []
         if through_step is not None:
             kept = [r for r in read_jsonl(self.log_path) if r.get("step", 0) <= through_step]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cnc_ad.cli import add_overrides_argument
+from cnc_ad.cli._options import add_device, add_format, add_overrides, add_progress, add_skip_bad, add_weights
 
 EPILOG = """\
 examples:
@@ -30,19 +30,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     parser.add_argument("--data-root", required=True, help="dataset folder")
-    parser.add_argument("--format", help="dataset layout (auto-detected by default)")
+    add_format(parser)
     parser.add_argument("--out", help="output folder (default: <run folder>/eval)")
     parser.add_argument("--categories", nargs="+", help="only these categories")
-    add_overrides_argument(parser, "override a key of the run's config, e.g. --set eval.batch_size=32")
+    add_overrides(parser, "override a key of the run's config, e.g. --set eval.batch_size=32")
     parser.add_argument("--protocol", choices=["ader", "dinomaly"], help="evaluation protocol (default: the run's)")
     parser.add_argument("--metrics", choices=["auto", "exact", "streaming"], help="metric computation mode")
     parser.add_argument("--batch-size", type=int, help="images per batch")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device(parser, default="auto")
     parser.add_argument("--num-workers", type=int, help="image decoding processes (default: data.num_workers)")
-    parser.add_argument("--skip-bad", action="store_true", help="log and skip unreadable images instead of stopping")
-    parser.add_argument("--clip-weights", metavar="PATH", help="local CLIP weights file (offline use)")
-    parser.add_argument("--trust-pickle", action="store_true", help="allow a pickle/TorchScript CLIP weights file")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_skip_bad(parser)
+    add_weights(parser)
+    add_progress(parser)
     parser.set_defaults(func=run)
 
 

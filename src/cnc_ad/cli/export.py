@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cnc_ad.cli._options import add_weights
+
 EPILOG = """\
 examples:
   cnc export --checkpoint runs/demo --format onnx --out model.onnx
@@ -35,8 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--opset", type=int, help="ONNX opset version (default 17)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed abs difference (default 1e-4)")
     parser.add_argument("--parity-images", type=int, default=4, help="images per parity check (default 4)")
-    parser.add_argument("--clip-weights", metavar="PATH", help="local CLIP weights file (offline use)")
-    parser.add_argument("--trust-pickle", action="store_true", help="allow a pickle/TorchScript CLIP weights file")
+    add_weights(parser)
     parser.set_defaults(func=run)
 
 
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from cnc_ad.data import ImageFileDataset, scan_dataset
     from cnc_ad.errors import DataError, ExportError
     from cnc_ad.export import DEFAULT_OPSET, check_parity, export_onnx, random_images
-    from cnc_ad.predict import THRESHOLDS_METADATA
+    from cnc_ad.inference import THRESHOLDS_METADATA
     from cnc_ad.results import load_thresholds
 
     checkpoint = resolve_checkpoint(args.checkpoint)
