@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from cnc_ad.device import resolve_device
     from cnc_ad.errors import ConfigError, DataError
     from cnc_ad.inference import Detector
-    from cnc_ad.predict import collect_inputs, predict_files
+    from cnc_ad.predict import ERRORS_FILE, collect_inputs, predict_files
     from cnc_ad.results import load_thresholds
 
     paths = collect_inputs(args.inputs)
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         f"{summary.failed} failed; results: {summary.out}"
     )
     if summary.failed:
-        message = f"{summary.failed} of {summary.total} inputs could not be decoded; see {summary.out / 'errors.jsonl'}"
+        message = f"{summary.failed} of {summary.total} inputs could not be decoded; see {summary.out / ERRORS_FILE}"
         if args.strict or summary.predicted + summary.skipped == 0:
             raise DataError(message)
         print(f"warning: {message}")
