@@ -32,8 +32,8 @@ import torch
 
 from cnc_ad.config import ModelConfig
 from cnc_ad.export import OPENVINO_CONFIG, export_onnx, export_openvino, random_images
+from cnc_ad.inference import OnnxBackend, OpenVinoBackend, TorchBackend
 from cnc_ad.model import build_model
-from cnc_ad.predict import OnnxBackend, OpenVinoBackend, TorchBackend
 
 Backend = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
 
@@ -69,7 +69,7 @@ def measure(
     difference = {}
     for name, backend in backends.items():
         output = backend(images)
-        difference[name] = max(float(np.abs(a - b).max()) for a, b in zip(output, reference))
+        difference[name] = max(float(np.abs(a - b).max()) for a, b in zip(output, reference, strict=True))
         for _ in range(warmup - 1):
             backend(images)
     times: dict[str, list[float]] = {name: [] for name in backends}

@@ -35,14 +35,15 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from devsuite import DEFAULT_DEVDATA, build_suite
 
-from cnc_ad.checkpoint import load_model, resolve_checkpoint, store_thresholds
+from cnc_ad.checkpoint import load_model, resolve_checkpoint
 from cnc_ad.config import Config, config_from_dict, load_config, parse_overrides
 from cnc_ad.data import DatasetIndex, TrainDataset, make_loader, scan_dataset
 from cnc_ad.device import resolve_device
-from cnc_ad.evaluate import EvalResult, evaluate, markdown_table, write_results
+from cnc_ad.evaluate import EvalResult, evaluate, evaluate_checkpoint, markdown_table
 from cnc_ad.model import CNC, build_model
 from cnc_ad.model.anomaly_map import GaussianBlur, image_score, tokens_to_grid
 from cnc_ad.model.detector import Prediction
+from cnc_ad.runs import RunFolder
 from cnc_ad.train import train
 
 log = logging.getLogger("realdata")
@@ -184,15 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         checkpoint = resolve_checkpoint(out) if args.reuse_run else train(config, out, index=index).checkpoint
         train_s = time.perf_counter() - start
-        model = load_model(checkpoint).to(device).eval()
         start = time.perf_counter()
-        result = evaluate(model, index, config.eval, device=device, num_workers=config.data.num_workers)
+        result = evaluate_checkpoint(checkpoint, config, device=device, index=index).result  # what `cnc eval` runs
         eval_s = time.perf_counter() - start
-        write_results(result, out / "eval", checkpoint=str(checkpoint))
-        store_thresholds(checkpoint, result.thresholds)
+        model = load_model(checkpoint).to(device).eval()
         print(markdown_table(result))
         ours = summary(result)
-        log_tail = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()[-1:]]
+        log_tail = RunFolder(out).read_log()[-1:]
         print(f"\nlast training log line: {json.dumps(log_tail[-1]) if log_tail else '-'}")
         for variant in args.eval_variants:
             changes = config_from_dict(parse_overrides(variant.split(",")), config).model

@@ -7,10 +7,11 @@ Random weights (``build_model(cfg, pretrained=False)``), random images in [0, 1]
   ``--amp`` autocast. ``predict_overhead = b / a``; ``predict_flops_ratio`` = FLOPs(predict) / FLOPs(encode) counted
   by ``torch.utils.flop_counter.FlopCounterMode`` on one image; ``efficiency = overhead / flops_ratio`` (1.0: the
   parts after the encoder run as fast per FLOP as the encoder; target for cnc-vitl14-336 <= 1.15).
-- (c) training with the feature cache: the step of ``cnc_ad.train.Trainer.fit`` (``train.autocast``, the learning
-  rate set, ``model.training_losses`` on features read from a ``cnc_ad.train.FeatureCache`` at ``cache_dtype``
-  float16, backward, Adam step); (d) without the cache: ``model.encode`` under ``no_grad`` + autocast, features
-  rounded to float16 as ``Trainer`` does, then the same step. An "epoch" is MVTec AD's 3629 training images in
+- (c) training with the feature cache: ``cnc_ad.train.train_step``, the step training takes (the learning rate set,
+  ``model.training_losses`` under autocast on features read from a ``cnc_ad.feature_cache.FeatureCache`` at
+  ``cache_dtype`` float16, the finiteness check, backward, Adam step); (d) without the cache:
+  ``cnc_ad.train.encode_batch`` (the encoder under ``no_grad`` + autocast, features rounded to float16), then the
+  same step. An "epoch" is MVTec AD's 3629 training images in
   batches of ``--batch-size``: the median step time times the number of steps. The one-time cache fill (encode +
   store, per image) is reported separately, not amortised. ``cache_speedup = d / c``; ``cache_ideal`` = FLOPs(encode
   of a batch + forward/backward of the step) / FLOPs(forward/backward of the step), counted on the real step (target
@@ -52,8 +53,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cnc_ad.config import ModelConfig, TrainConfig
 from cnc_ad.device import autocast, resolve_device
-from cnc_ad.model import CNC, build_model
-from cnc_ad.train import CACHE_DTYPES, FeatureCache, learning_rate
+from cnc_ad.feature_cache import CACHE_DTYPES, FeatureCache
+from cnc_ad.model import build_model
+from cnc_ad.train import TrainingLosses, encode_batch, learning_rate, train_step
 
 PRESETS = ("tiny", "cnc-effnet-lite0", "cnc-vitb16-224", "cnc-vitl14-336")
 HEADLINE = "cnc-vitl14-336"
@@ -132,43 +134,6 @@ class PeakMemory:
 
 
 # ------------------------------------------------------------------------------------------------- one preset
-class TrainStep:
-    """One optimiser step exactly as ``Trainer.fit`` takes it (without DDP, logging and the finiteness check)."""
-
-    def __init__(self, model: CNC, device: torch.device, amp: str, tcfg: TrainConfig) -> None:
-        self.model = model
-        self.device = device
-        self.amp = amp
-        self.tcfg = tcfg
-        self.lambdas = (tcfg.lambda_cfd, tcfg.lambda_ngd, tcfg.lambda_moe)
-        self.optimizer = torch.optim.Adam(
-            model.trainable_parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay
-        )
-        self.step = 0
-
-    def losses_backward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        with autocast(self.device, self.amp):
-            losses = self.model.training_losses(features, *self.lambdas)
-        self.optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        return losses["loss"]
-
-    def __call__(self, features: list[torch.Tensor]) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.step, 10**9, self.tcfg)
-        self.losses_backward(features)
-        self.optimizer.step()
-        self.step += 1
-
-
-def encode_for_training(model: CNC, images: torch.Tensor, device: torch.device, amp: str) -> list[torch.Tensor]:
-    """What ``Trainer._batches`` yields without the cache: encoder features rounded to the cache dtype."""
-    with torch.no_grad(), autocast(device, amp):
-        features = model.encode(images.to(device, non_blocking=True))
-    dtype = CACHE_DTYPES[TrainConfig().cache_dtype]
-    return [f.to(dtype).float() for f in features]
-
-
 def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Measure one preset; returns the row of the table (seconds, FLOPs, MiB)."""
     torch.manual_seed(0)
@@ -217,16 +182,24 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> d
 
     # (c) training from the feature cache, (d) training without it
     tcfg = TrainConfig(batch_size=n_batch)
+    dtype = CACHE_DTYPES[tcfg.cache_dtype]
     model.train()
-    step = TrainStep(model, device, args.amp, tcfg)
+    losses_of = TrainingLosses(model, tcfg)
+    optimizer = torch.optim.Adam(
+        model.trainable_parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay
+    )
+    steps_taken = iter(range(10**9))
+
+    def step(features: list[torch.Tensor]) -> None:
+        lr = learning_rate(next(steps_taken), 10**9, tcfg)
+        train_step(losses_of, optimizer, features, lr=lr, device=device, amp=args.amp, grad_clip=tcfg.grad_clip)
+
     with memory.phase(row, "cache_fill_mib"):
         fill_start = time.perf_counter()
         shapes = [(f.shape[1], f.shape[2]) for f in model.encode(first[:1])]
-        cache = FeatureCache(shapes, n_images, CACHE_DTYPES[tcfg.cache_dtype], None)
+        cache = FeatureCache(shapes, n_images, dtype, None)
         for k, b in enumerate(batches):
-            with torch.no_grad(), autocast(device, args.amp):
-                features = model.encode(b.to(device, non_blocking=True))
-            cache.put(torch.arange(k * n_batch, (k + 1) * n_batch), features)
+            cache.put(torch.arange(k * n_batch, (k + 1) * n_batch), encode_batch(model, b, device, args.amp, dtype))
         synchronize(device)
         row["cache_fill_s"] = (time.perf_counter() - fill_start) / n_images
     row["cache_mib"] = FeatureCache.nbytes(shapes, 1, cache.dtype) / 2**20  # per image
@@ -238,16 +211,16 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> d
         step(cache.get(rows[next(cycle) % len(rows)], device))
 
     def uncached_step() -> None:
-        step(encode_for_training(model, batches[next(cycle) % len(batches)], device, args.amp))
+        step(encode_batch(model, batches[next(cycle) % len(batches)], device, args.amp, dtype))
 
     with memory.phase(row, "train_cache_mib"):
         row["train_cache_step_s"] = median_time(cached_step, device, args.steps, args.warmup)
     with memory.phase(row, "train_nocache_mib"):
         row["train_nocache_step_s"] = median_time(uncached_step, device, args.steps, args.warmup)
     features = cache.get(rows[0], device)
-    row["step_flops"] = count_flops(lambda: step.losses_backward(features))
-    row["encode_batch_flops"] = count_flops(lambda: encode_for_training(model, batches[0], device, args.amp))
-    step.optimizer.zero_grad(set_to_none=True)
+    row["step_flops"] = count_flops(lambda: step(features))  # Adam's element-wise updates count no FLOPs here
+    row["encode_batch_flops"] = count_flops(lambda: encode_batch(model, batches[0], device, args.amp, dtype))
+    optimizer.zero_grad(set_to_none=True)
 
     steps_per_epoch = MVTEC_TRAIN_IMAGES // n_batch
     row.update(
@@ -296,9 +269,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             cells.append("-" if value is None else column[1].format(value * scale if scale else value))
         body.append(cells)
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
-    lines = [" | ".join(h.rjust(w) for h, w in zip(header, widths))]
+    lines = [" | ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
     lines.append("-+-".join("-" * w for w in widths))
-    lines += [" | ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in body]
+    lines += [" | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) for cells in body]
     return "\n".join(lines)
 
 
@@ -355,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"({HEADLINE} was not run; the last line is for {headline['preset']})")
     keys = ("predict_overhead", "predict_flops_ratio", "cache_speedup", "cache_ideal")
     values = [headline.get(k, math.nan) for k in keys]
-    print("speed: " + " ".join(f"{k}={v:.3f}" for k, v in zip(keys, values)))
+    print("speed: " + " ".join(f"{k}={v:.3f}" for k, v in zip(keys, values, strict=True)))
     return 0
 
 

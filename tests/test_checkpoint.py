@@ -14,15 +14,14 @@ from cnc_ad.checkpoint import (
     load_trainable_state,
     load_trainer_state,
     read_checkpoint_meta,
-    read_thresholds,
     resolve_checkpoint,
     run_folder_of,
     save_checkpoint,
-    store_thresholds,
 )
 from cnc_ad.config import ModelConfig
 from cnc_ad.errors import CheckpointError, ConfigError, WeightsError
 from cnc_ad.model import build_model
+from cnc_ad.results import Thresholds, load_thresholds, save_thresholds
 
 
 def _trained(preset: str = "tiny", steps: int = 2, **overrides):
@@ -166,9 +165,9 @@ def test_missing_and_non_checkpoint_paths(tmp_path):
 def test_thresholds_beside_checkpoint(tmp_path):
     model, _ = _trained()
     folder = save_checkpoint(tmp_path / "ck", model)
-    assert read_thresholds(folder) is None
-    store_thresholds(folder, {"image": {"__all__": 0.5}, "pixel": {"__all__": 0.25}})
-    assert read_thresholds(folder)["pixel"]["__all__"] == 0.25
+    assert load_thresholds(folder) is None
+    save_thresholds(folder, Thresholds.from_json({"image": {"__all__": 0.5}, "pixel": {"__all__": 0.25}}))
+    assert load_thresholds(folder).select("pixel") == 0.25
     load_model(folder)  # thresholds do not disturb the checksum
 
 
@@ -184,3 +183,30 @@ def test_checkpoints_from_before_the_normalize_key_keep_their_arithmetic(tmp_pat
     loaded = load_model(folder)
     assert loaded.config.normalize == expected
     assert loaded.config.token_stride == (16 if preset == "cnc-effnet-lite0" else None)
+
+
+def test_training_state_round_trip_restores_optimiser_and_generators(tmp_path):
+    import random
+
+    import numpy as np
+
+    from cnc_ad.checkpoint import restore_training_state, training_state
+
+    model, _ = _trained()
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-2)
+    model.training_losses(model.encode(torch.rand(2, 3, model.image_size, model.image_size)))["loss"].backward()
+    optimizer.step()
+    tensors, meta = training_state(optimizer, torch.device("cpu"))
+    save_checkpoint(tmp_path / "ck", model, trainer_tensors=tensors, trainer_meta=meta)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    moments = {k: v.clone() for k, v in tensors.items() if k.startswith("optim.")}
+
+    fresh = torch.optim.Adam(model.trainable_parameters(), lr=5.0)
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    loaded_tensors, loaded_meta = load_trainer_state(tmp_path / "ck")
+    restore_training_state(fresh, torch.device("cpu"), loaded_tensors, loaded_meta)
+    assert fresh.param_groups[0]["lr"] == 1e-2
+    again, _ = training_state(fresh, torch.device("cpu"))
+    assert all(torch.equal(again[k], v) for k, v in moments.items())
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]

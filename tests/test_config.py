@@ -49,3 +49,28 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_yaml_words_stay_strings():
     cfg = config_from_dict(parse_overrides(["train.feature_cache=off", "model.use_moe=false"]))
     assert cfg.train.feature_cache == "off" and cfg.model.use_moe is False
+
+
+@pytest.mark.parametrize(
+    ("override", "choices"),
+    [
+        ("train.schedule=linear", "constant, cosine"),
+        ("train.feature_cache=ram", "auto, memory, disk, off"),
+        ("train.cache_dtype=int8", "float16, bfloat16, float32"),
+        ("train.amp=fp16", "auto, bf16, off"),
+        ("eval.protocol=mvtec", "ader, dinomaly"),
+        ("eval.metrics=fast", "auto, exact, streaming"),
+        ("model.score=mean", "max, top1, pool16"),
+        ("data.format=coco", "mvtec, visa"),
+        ("train.schedule=1", "constant, cosine"),
+    ],
+)
+def test_choices_are_checked_when_the_config_loads(override, choices):
+    with pytest.raises(ConfigError, match=rf"'{override.split('=')[0]}' must be one of {choices}"):
+        load_config(None, [override])
+
+
+def test_choices_accept_their_values_and_none():
+    cfg = load_config(None, ["train.schedule=cosine", "data.format=visa-raw", "model.encoder=timm"])
+    assert (cfg.train.schedule, cfg.data.format, cfg.model.encoder) == ("cosine", "visa-raw", "timm")
+    assert load_config(None, ["data.format=null"]).data.format is None

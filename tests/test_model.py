@@ -206,7 +206,7 @@ def test_random_backbone_is_deterministic_and_leaves_rng_alone():
     a = build_model(ModelConfig(preset="tiny"), pretrained=False)
     torch.set_rng_state(state)
     b = build_model(ModelConfig(preset="tiny"), pretrained=False)
-    for (name, x), (_, y) in zip(a.encoder.state_dict().items(), b.encoder.state_dict().items()):
+    for (name, x), (_, y) in zip(a.encoder.state_dict().items(), b.encoder.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
 
 

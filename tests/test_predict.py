@@ -17,8 +17,10 @@ from cnc_ad.cli import main
 from cnc_ad.config import load_config
 from cnc_ad.errors import ConfigError, DataError
 from cnc_ad.files import read_jsonl
+from cnc_ad.inference import DetectionResult
 from cnc_ad.model import build_model
-from cnc_ad.predict import DetectionResult, collect_inputs, output_name
+from cnc_ad.predict import collect_inputs, output_name
+from cnc_ad.results import Thresholds
 
 THRESHOLDS = {"image": {"__all__": 1.0, "brick": 0.0, "washer": 99.0}, "pixel": {"__all__": 0.9, "brick": 0.0}}
 
@@ -93,7 +95,9 @@ def test_thresholds_stored_explicit_and_per_category(detector: Detector) -> None
     images = torch.rand(2, 3, detector.image_size, detector.image_size)
     out = detector.predict(images)  # stored __all__: image 1.0, pixel 0.9
     np.testing.assert_array_equal(out.is_anomalous, out.scores >= 1.0)
-    assert all(mask.dtype == bool and np.array_equal(mask, m >= 0.9) for mask, m in zip(out.masks, out.maps))
+    assert all(
+        mask.dtype == bool and np.array_equal(mask, m >= 0.9) for mask, m in zip(out.masks, out.maps, strict=True)
+    )
     brick = detector.predict(images, category="brick")  # thresholds 0: everything anomalous
     assert brick.is_anomalous.all() and all(mask.all() for mask in brick.masks)
     washer = detector.predict(images, category="washer")  # no pixel threshold for washer: the image one is used
@@ -206,7 +210,7 @@ def test_cli_predict_onnx_matches_checkpoint(checkpoint: Path, tmp_path: Path) -
         onnx_map = np.load(tmp_path / "onnx" / by_onnx[path]["map"]).astype(np.float32)
         np.testing.assert_allclose(torch_map, onnx_map, atol=2e-3)  # float16 files
     detector = Detector.from_onnx(onnx_file)
-    assert detector.thresholds == THRESHOLDS
+    assert detector.thresholds == Thresholds.from_json(THRESHOLDS)
     images = torch.rand(5, 3, detector.image_size, detector.image_size)
     reference = Detector.from_checkpoint(checkpoint, device="cpu").predict(images)
     out = detector.predict(images, batch_size=5)

@@ -64,8 +64,8 @@ def test_model_text_features_are_stored_as_buffers():
     model.store_text_features()
     live = model.text_features()
     stored = model.stored_text_features()
-    assert all(torch.allclose(a, b) for a, b in zip(live.normal, stored.normal))
-    assert all(torch.allclose(a, b) for a, b in zip(live.abnormal, stored.abnormal))
+    assert all(torch.allclose(a, b) for a, b in zip(live.normal, stored.normal, strict=True))
+    assert all(torch.allclose(a, b) for a, b in zip(live.abnormal, stored.abnormal, strict=True))
     assert "normal_text_0" in model.checkpoint_state_dict()
 
 

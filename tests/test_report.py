@@ -21,8 +21,8 @@ from cnc_ad.report import pixel_threshold, write_report
 MAP_SIZE = 32
 IMAGE_SIZE = 48  # differs from MAP_SIZE: the report resizes images to the map size
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
-BOTTLE = dict(zip(METRIC_KEYS, (0.9876, 0.9912, 0.9701, 0.9656, 0.5432, 0.5678, 0.9123)))
-METAL_NUT = dict(zip(METRIC_KEYS, (0.9346, 0.9567, 0.9001, 0.9789, 0.4321, 0.4766, math.nan)))
+BOTTLE = dict(zip(METRIC_KEYS, (0.9876, 0.9912, 0.9701, 0.9656, 0.5432, 0.5678, 0.9123), strict=True))
+METAL_NUT = dict(zip(METRIC_KEYS, (0.9346, 0.9567, 0.9001, 0.9789, 0.4321, 0.4766, math.nan), strict=True))
 BOTTLE_PIXEL_THRESHOLD = 0.5
 SHARED_PIXEL_THRESHOLD = 0.9  # above every map value: a report that ignores bottle's own threshold predicts nothing
 

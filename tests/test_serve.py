@@ -146,7 +146,7 @@ def test_scores_equal_detector_predict(server, detector: Detector, images: list[
     assert [r["name"] for r in got] == [p.name for p in images]
     np.testing.assert_allclose([r["score"] for r in got], expected.scores, rtol=1e-5, atol=1e-6)
     for result, path, size, anomaly_map, mask, flagged in zip(
-        got, images, SIZES, expected.maps, expected.masks, expected.is_anomalous
+        got, images, SIZES, expected.maps, expected.masks, expected.is_anomalous, strict=True
     ):
         assert (result["height"], result["width"]) == size, path
         assert result["is_anomalous"] == bool(flagged)

@@ -6,10 +6,11 @@ import json
 import pytest
 import torch
 
+from cnc_ad import train as train_module
 from cnc_ad.checkpoint import latest_checkpoint, load_model
 from cnc_ad.config import load_config
 from cnc_ad.errors import TrainingError
-from cnc_ad.train import Trainer, learning_rate, train
+from cnc_ad.train import learning_rate, train, training_samples
 
 
 def tiny_config(root, *extra):
@@ -50,7 +51,7 @@ def test_feature_cache_gives_the_same_model(synth_root, tmp_path):
 
 
 def test_disk_cache_gives_the_same_model(synth_root, tmp_path, caplog):
-    caplog.set_level("INFO", logger="cnc_ad.train")
+    caplog.set_level("INFO", logger="cnc_ad")
     memory = train(tiny_config(synth_root, "train.feature_cache=memory", "train.epochs=1"), tmp_path / "a",
                    progress=False, pretrained=False)  # fmt: skip
     disk = train(tiny_config(synth_root, "train.feature_cache=disk", "train.epochs=1"), tmp_path / "b",
@@ -66,20 +67,20 @@ def test_resume_reaches_the_same_weights(synth_root, tmp_path, monkeypatch):
     full = train(config, tmp_path / "full", progress=False, pretrained=False)
 
     # Interrupt the second run right after its first checkpoint, as a crash would.
-    original = Trainer._save
+    original = train_module.save_training_checkpoint
     calls = {"n": 0}
 
-    def crash_after_first_save(self):
-        path = original(self)
+    def crash_after_first_save(*args, **kwargs):
+        path = original(*args, **kwargs)
         calls["n"] += 1
         if calls["n"] == 1:
             raise KeyboardInterrupt
         return path
 
-    monkeypatch.setattr(Trainer, "_save", crash_after_first_save)
+    monkeypatch.setattr(train_module, "save_training_checkpoint", crash_after_first_save)
     with pytest.raises(KeyboardInterrupt):
         train(config, tmp_path / "resumed", progress=False, pretrained=False)
-    monkeypatch.setattr(Trainer, "_save", original)
+    monkeypatch.setattr(train_module, "save_training_checkpoint", original)
     resumed = train(config, tmp_path / "resumed", resume=True, progress=False, pretrained=False)
     assert resumed.steps == full.steps
 
@@ -143,16 +144,18 @@ def test_skip_bad_reaches_the_scanner(synth_root, tmp_path):
     shutil.copytree(synth_root, root)
     next((root / "brick" / "ground_truth").rglob("*_mask.png")).unlink()  # a test image without its mask
     with pytest.raises(DataError, match="skip-bad"):
-        Trainer(tiny_config(root), tmp_path / "a", progress=False, pretrained=False)
-    trainer = Trainer(tiny_config(root, "data.skip_bad=true"), tmp_path / "b", progress=False, pretrained=False)
-    assert len(trainer.samples) == 18
+        train(tiny_config(root), tmp_path / "a", progress=False, pretrained=False)
+    samples = training_samples(tiny_config(root, "data.skip_bad=true"))
+    assert len(samples) == 18
+    assert not (tmp_path / "a").exists()  # nothing written before the data was found usable
 
 
 def test_too_few_images_for_the_batch_is_a_clear_error(synth_root, tmp_path):
     from cnc_ad.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"train\.batch_size"):
-        Trainer(tiny_config(synth_root, "train.batch_size=64"), tmp_path / "a", progress=False, pretrained=False)
+        train(tiny_config(synth_root, "train.batch_size=64"), tmp_path / "a", progress=False, pretrained=False)
+    assert not (tmp_path / "a").exists()
 
 
 def test_torchrun_needs_one_run_folder(synth_root, monkeypatch, capsys):

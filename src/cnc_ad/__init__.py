@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from cnc_ad.predict import Detector
+    from cnc_ad.inference import Detector
 
 __all__ = ["Detector", "__version__"]
 
@@ -18,7 +18,7 @@ __all__ = ["Detector", "__version__"]
 def __getattr__(name: str) -> Any:
     # Lazy so that `import cnc_ad` stays cheap (no torch import) for the CLI's --help and --version.
     if name == "Detector":
-        from cnc_ad.predict import Detector
+        from cnc_ad.inference import Detector
 
         return Detector
     raise AttributeError(f"module 'cnc_ad' has no attribute {name!r}")

@@ -46,15 +46,13 @@ def run_ablation(
     progress: bool = True,
 ) -> AblationResult:
     """Train and evaluate every variant of :data:`VARIANTS` under ``out/<variant>``; return the mean metrics."""
-    from cnc_ad.checkpoint import load_model
     from cnc_ad.data import scan_dataset
-    from cnc_ad.device import resolve_device
-    from cnc_ad.evaluate import evaluate, write_results
+    from cnc_ad.evaluate import evaluate_checkpoint
+    from cnc_ad.runs import RunFolder
     from cnc_ad.train import train
 
     out = Path(out)
     index = scan_dataset(config.data.root, config.data.format, config.data.categories, skip_bad=config.data.skip_bad)
-    device = resolve_device(config.train.device)
     means: dict[str, dict[str, float]] = {}
     for name, switches in VARIANTS.items():
         folder = out / "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
@@ -62,12 +60,17 @@ def run_ablation(
         result = train(
             variant, folder, progress=progress, index=index, clip_weights=clip_weights, trust_pickle=trust_pickle
         )
-        model = load_model(result.checkpoint, clip_weights=clip_weights, trust_pickle=trust_pickle).to(device)
-        evaluation = evaluate(
-            model, index, variant.eval, device=device, num_workers=variant.data.num_workers, progress=progress
+        done = evaluate_checkpoint(
+            result.checkpoint,
+            variant,
+            out_dir=RunFolder(folder).eval_dir,
+            device=variant.train.device,
+            index=index,
+            clip_weights=clip_weights,
+            trust_pickle=trust_pickle,
+            progress=progress,
         )
-        write_results(evaluation, folder / "eval", checkpoint=str(result.checkpoint))
-        means[name] = evaluation.mean
+        means[name] = done.result.mean
     table = ablation_table(means)
     atomic_write_json(out / "ablation.json", means)
     atomic_write_text(out / "ablation.md", table + "\n")

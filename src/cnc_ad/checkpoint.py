@@ -9,7 +9,7 @@ A checkpoint is a folder::
     trainer.json        {"format": "cnc-ad-trainer-state", "sha256": <of trainer.safetensors>, "meta": {...}}
 
 It is written into a temporary sibling folder, every file fsynced, then renamed into place. Its parent is the run
-folder, which keeps a ``latest`` file (written atomically) naming the newest checkpoint folder; the previous checkpoint
+folder (:mod:`cnc_ad.runs`), whose ``latest`` file is pointed at the newest checkpoint folder; the previous checkpoint
 folder is kept, older ones are removed (``keep``). Loading rebuilds the model from ``model.json`` plus the backbone
 weights (a random backbone is seeded, so a model built with ``pretrained=False`` round-trips exactly).
 """
@@ -20,12 +20,14 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -33,8 +35,10 @@ from torch import Tensor
 from cnc_ad import __version__
 from cnc_ad.config import ModelConfig, config_from_dict
 from cnc_ad.errors import CheckpointError, ConfigError
-from cnc_ad.files import atomic_write_text, default_mode, fsync_path
+from cnc_ad.files import default_mode, fsync_path
 from cnc_ad.model.encoders import is_pickle_file
+from cnc_ad.runs import LATEST_FILE, RunFolder, is_last_alias, is_latest_file, prune_checkpoints
+from cnc_ad.runs import run_folder_of as _run_folder_of
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,6 @@ MODEL_FILE = "model.safetensors"
 META_FILE = "model.json"
 TRAINER_FILE = "trainer.safetensors"
 TRAINER_META_FILE = "trainer.json"
-THRESHOLDS_FILE = "thresholds.json"
-LATEST = "latest"
 
 
 # ------------------------------------------------------------------------------------------------------- files
@@ -100,7 +102,7 @@ def save_checkpoint(
     """
     directory = Path(directory)
     parent = directory.parent
-    run = Path(run_dir) if run_dir is not None else parent
+    run = RunFolder(run_dir if run_dir is not None else parent)
     parent.mkdir(parents=True, exist_ok=True)
     model.store_text_features()
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=parent))
@@ -127,27 +129,27 @@ def save_checkpoint(
                 },
             )
         fsync_path(tmp)
-        previous = _read_latest(run)
+        previous = run.read_latest()
         if directory.exists():  # replacing a folder of the same name: move it aside first
             trash = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=parent))
             if previous is not None and previous.resolve() == directory.resolve():
                 # `latest` names it: point `latest` at a whole copy first, so a crash between the renames below
                 # never leaves `latest` naming a missing folder.
                 _link_copy(directory, trash / directory.name)
-                atomic_write_text(run / LATEST, os.path.relpath(trash / directory.name, run) + "\n")
+                run.point_latest(trash / directory.name)
             os.replace(directory, trash / f"{directory.name}.replaced")
         else:
             trash = None
         os.replace(tmp, directory)
         fsync_path(parent)
-        atomic_write_text(run / LATEST, os.path.relpath(directory, run) + "\n")
+        run.point_latest(directory)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep is not None:
-        _prune(parent, keep=max(keep, 1), newest=directory, previous=previous)
+        prune_checkpoints(parent, keep=max(keep, 1), newest=directory, previous=previous, is_checkpoint=is_checkpoint)
     log.info("saved checkpoint %s", directory)
     return directory
 
@@ -167,33 +169,12 @@ def _config_dict(config: ModelConfig) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in config.__dict__.items()}
 
 
-def _read_latest(run: Path) -> Path | None:
-    """The checkpoint folder named by ``run/latest`` (relative to ``run``), or None without one."""
-    try:
-        name = (run / LATEST).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return run / name if name else None
-
-
-def _is_checkpoint(folder: Path) -> bool:
+def is_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` is a checkpoint folder of this format (its metadata file says so)."""
     try:
         return json.loads((folder / META_FILE).read_text(encoding="utf-8")).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _prune(parent: Path, keep: int, newest: Path, previous: Path | None) -> None:
-    """Remove old checkpoint folders of ``parent``: keep the newest, the previous ``latest``, then the most recent."""
-    folders = [p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".") and _is_checkpoint(p)]
-    order = sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True)
-    kept = [newest.name]
-    if previous is not None and previous.parent.resolve() == parent.resolve() and previous.name != newest.name:
-        kept.append(previous.name)
-    kept += [p.name for p in order if p.name not in kept]
-    for folder in folders:
-        if folder.name not in kept[:keep]:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:
@@ -202,25 +183,21 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
     Raises:
         CheckpointError: no ``latest`` file, or it names no checkpoint.
     """
-    run = Path(run_dir)
-    target = _read_latest(run)
+    run = RunFolder(run_dir)
+    target = run.read_latest()
     if target is None:
-        raise CheckpointError(f"run folder {run} has no checkpoint yet (no '{LATEST}' file)")
+        raise CheckpointError(f"run folder {run.path} has no checkpoint yet (no '{LATEST_FILE}' file)")
     if not (target / META_FILE).is_file():
         raise CheckpointError(
-            f"run folder {run}: its '{LATEST}' file names {target}, which is not a checkpoint folder; pass one of the "
-            "checkpoint folders inside it"
+            f"run folder {run.path}: its '{LATEST_FILE}' file names {target}, which is not a checkpoint folder; "
+            "pass one of the checkpoint folders inside it"
         )
     return target
 
 
 def run_folder_of(checkpoint: str | Path) -> Path:
     """The run folder a checkpoint belongs to: the nearest ancestor with a ``latest`` file, else its parent."""
-    folder = resolve_checkpoint(checkpoint)
-    for ancestor in list(folder.parents)[:3]:
-        if (ancestor / LATEST).is_file():
-            return ancestor
-    return folder.parent
+    return _run_folder_of(resolve_checkpoint(checkpoint))
 
 
 # -------------------------------------------------------------------------------------------------------- load
@@ -235,7 +212,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """
     path = Path(path).expanduser()
     if path.is_file():
-        if path.name == LATEST:
+        if is_latest_file(path):
             return resolve_checkpoint(path.parent)
         if path.name in (META_FILE, MODEL_FILE):
             return path.parent
@@ -248,13 +225,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{path} is not a checkpoint; pass a checkpoint folder or a run folder")
     if (path / META_FILE).is_file():
         return path
-    if path.is_dir() and (path / LATEST).is_file():
+    if path.is_dir() and RunFolder(path).has_checkpoint():
         return latest_checkpoint(path)
-    if path.name == "last" and (path.parent / LATEST).is_file():
+    if is_last_alias(path):
         return resolve_checkpoint(path.parent)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} not found")
-    raise CheckpointError(f"{path} is neither a checkpoint folder ({META_FILE} missing) nor a run folder ('latest')")
+    raise CheckpointError(
+        f"{path} is neither a checkpoint folder ({META_FILE} missing) nor a run folder ('{LATEST_FILE}' missing)"
+    )
 
 
 def read_checkpoint_meta(path: str | Path) -> dict:
@@ -371,31 +350,6 @@ def _load_into(model: torch.nn.Module, folder: Path, tensors: dict[str, Tensor])
         )
 
 
-def store_thresholds(checkpoint: str | Path, thresholds: Mapping[str, Any]) -> Path:
-    """Write ``thresholds.json`` (``{"image": {...}, "pixel": {...}}`` from ``cnc eval``) beside a checkpoint."""
-    path = resolve_checkpoint(checkpoint) / THRESHOLDS_FILE
-    atomic_write_text(path, json.dumps(thresholds, indent=2) + "\n")
-    return path
-
-
-def read_thresholds(checkpoint: str | Path) -> dict | None:
-    """The checkpoint's ``thresholds.json``, or None when ``cnc eval`` has not stored any.
-
-    Raises:
-        CheckpointError: the file exists but is unreadable.
-    """
-    path = resolve_checkpoint(checkpoint) / THRESHOLDS_FILE
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(f"{path} is unreadable ({err}); run cnc eval again to rewrite it") from err
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} must hold a mapping {{'image': ..., 'pixel': ...}}")
-    return value
-
-
 def load_trainer_state(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     """The resume state saved with a checkpoint: ``(tensors, meta)``, checksum-verified.
 
@@ -414,3 +368,65 @@ def load_trainer_state(path: str | Path) -> tuple[dict[str, Tensor], dict]:
         raise CheckpointError(f"checkpoint {folder}: {TRAINER_META_FILE} is not a {TRAINER_FORMAT} file")
     tensors = _load_verified(folder / TRAINER_FILE, meta["sha256"], "trainer state")
     return tensors, meta.get("meta", {})
+
+
+# ------------------------------------------------------------------------------------------ training state
+def training_state(optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The optimiser's and the random generators' state, as ``(trainer_tensors, trainer_meta)`` for
+    :func:`save_checkpoint`: tensors (optimiser moments, torch/CUDA RNG) for safetensors, the rest JSON-able.
+    """
+    tensors: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    state = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, pstate in state["state"].items():
+        for name, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[name] = value
+    np_state = np.random.get_state()
+    meta = {
+        "optim_param_groups": state["param_groups"],
+        "optim_scalars": scalars,
+        "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "rng_python": _to_json(random.getstate()),
+    }
+    return tensors, meta
+
+
+def restore_training_state(
+    optimizer: torch.optim.Optimizer, device: torch.device, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]
+) -> None:
+    """Load what :func:`training_state` saved (read back by :func:`load_trainer_state`) into ``optimizer`` and the
+    torch, CUDA, NumPy and Python random generators.
+    """
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value.to(device) if name != "step" else value
+    for pid, values in meta["optim_scalars"].items():
+        state.setdefault(int(pid), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optim_param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    kind, keys, *rest = meta["rng_numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    random.setstate(_from_json(meta["rng_python"]))
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return {"tuple": [_to_json(v) for v in value]}
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict) and "tuple" in value:
+        return tuple(_from_json(v) for v in value["tuple"])
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value

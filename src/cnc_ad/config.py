@@ -1,8 +1,8 @@
 """Configuration: frozen dataclasses grouped as ``model.*``, ``data.*``, ``train.*``, ``eval.*``.
 
-Configs come from YAML files (``configs/*.yaml``) plus ``--set group.key=value`` overrides. Unknown keys and values of
-the wrong type fail with the key's name. Every choice that METHOD.md marks [ours] is a field here, so it can be changed
-and ablated without touching code.
+Configs come from YAML files (``configs/*.yaml``) plus ``group.key=value`` overrides. Unknown keys, values of the wrong
+type and choices outside a field's ``Literal[...]`` fail when the config is loaded, with a ConfigError naming the key.
+Every choice that METHOD.md marks [ours] is a field here, so it can be changed and ablated without touching code.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -27,7 +27,7 @@ class ModelConfig:
 
     preset: str = "cnc-vitl14-336"
     # Encoder (None = from the preset).
-    encoder: str | None = None  # "clip" | "timm"
+    encoder: Literal["clip", "timm"] | None = None
     backbone: str | None = None  # open_clip model name, or timm model name
     # CLIP: an open_clip tag ("openai") or a local file; timm: "efficientnet-lite0" (the packaged ImageNet weights),
     # "timm" (timm's own download) or a local .safetensors file; "none": random weights.
@@ -52,19 +52,19 @@ class ModelConfig:
     abnormal_prompt: bool = False
     abnormal_template: str = "damaged object."
     shared_context: bool = False  # one learnable context for all levels instead of one per level
-    cfd_pool: str = "mean"  # "mean" | "softmax"
+    cfd_pool: Literal["mean", "softmax"] = "mean"
     cfd_tau: float = 0.001
     # Inference.
-    score: str = "max"  # "max" | "top1" (mean of the top 1 %) | "pool16" (max of the 16x16 average-pooled map)
+    score: Literal["max", "top1", "pool16"] = "max"  # top1: mean of the top 1 %; pool16: max of the 16x16-pooled map
     fnp: bool = False  # feature-level normality promotion
     fnp_theta: float = 5.0
     blur_sigma: float = 4.0
     map_size: int = 256  # side of the anomaly map returned by predict()
     # Encoder input and token grid (None = from the preset).
-    normalize: str | None = None  # input mean/std the weights were trained with: "clip" | "imagenet" | "inception"
+    normalize: Literal["clip", "imagenet", "inception"] | None = None  # the mean/std the weights were trained with
     token_stride: int | None = None  # CNN encoders: pixels per token side (16: 1/16 grid; 8: finer maps, 4x tokens)
     # Decoder attention: "softmax" (ViT blocks) | "linear" (Dinomaly's: cannot focus on one token, so cannot copy it).
-    attention: str = "softmax"
+    attention: Literal["softmax", "linear"] = "softmax"
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class DataConfig:
     """Where the images are and how to read them."""
 
     root: str | None = None
-    format: str | None = None  # None = auto-detect; "mvtec" | "visa" | "visa-raw" | "mvtec-ad2" | "realiad" | "folder"
+    format: Literal["mvtec", "visa", "visa-raw", "mvtec-ad2", "realiad", "folder", "meta"] | None = None  # None: detect
     categories: tuple[str, ...] | None = None  # None = every category found
     skip_bad: bool = False  # log and skip undecodable files instead of stopping
     num_workers: int = 2
@@ -89,7 +89,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    schedule: str = "constant"  # "constant" | "cosine"
+    schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     grad_clip: float | None = None  # max global gradient norm
     lambda_cfd: float = 1.0
@@ -97,11 +97,10 @@ class TrainConfig:
     lambda_moe: float = 0.01
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    amp: str = "auto"  # "auto" (bf16 on CUDA) | "bf16" | "off"
-    feature_cache: str = "auto"  # "auto" | "memory" | "disk" | "off"
-    cache_dtype: str = (
-        "float16"  # precision of cached features (used with and without the cache): float16|bfloat16|float32
-    )
+    amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 on CUDA
+    feature_cache: Literal["auto", "memory", "disk", "off"] = "auto"
+    # Precision of the encoder features, with and without the cache (a disk cache needs float16 or float32).
+    cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     cache_memory_gb: float = 8.0  # "auto" keeps the cache in memory up to this size, else a disk memmap
     log_every: int = 10  # steps between log.jsonl lines
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
@@ -113,16 +112,16 @@ class TrainConfig:
     # Normality-guided decoding: "pull" (the paper's form: every decoded token toward the normality feature) or
     # "hinge" (only where the decoded token is farther from normality than its encoder token: a perfect
     # reconstruction of a normal token costs nothing).
-    ngd: str = "pull"
+    ngd: Literal["pull", "hinge"] = "pull"
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """The evaluation protocol (METHOD.md §5)."""
 
-    protocol: str = "ader"  # "ader" (256 maps, masks > 0.5, sigma 4) | "dinomaly" (448 resize, 392 crop, top-1 %)
+    protocol: Literal["ader", "dinomaly"] = "ader"  # ader: 256 maps, masks > 0.5, sigma 4; dinomaly: 448/392, top-1 %
     batch_size: int = 16
-    metrics: str = "auto"  # "auto" | "exact" | "streaming"
+    metrics: Literal["auto", "exact", "streaming"] = "auto"
     streaming_bins: int = 10_000
     streaming_above_pixels: int = 500_000_000  # "auto" switches to streaming above this many pixels per category
 
@@ -169,6 +168,11 @@ def _to_plain(value: Any) -> Any:
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against a field's type hint and convert lists to tuples; raise ConfigError naming ``key``."""
     origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if isinstance(value, str) and value in choices:
+            return value
+        raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}; got {value!r}")
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
@@ -192,7 +196,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return tuple(_coerce(key, v, args[0]) for v in value)
         if len(args) != len(value):
             raise ConfigError(f"config key {key!r} must have {len(args)} values, got {value!r}")
-        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args, strict=True))
     if annotation is bool:
         if isinstance(value, bool):
             return value

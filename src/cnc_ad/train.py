@@ -1,8 +1,10 @@
 """The training loop (METHOD.md §3): one multi-class model over every category, one code path for every dataset.
 
-The encoder is frozen and there is no augmentation, so its tapped features for every training image are computed once
-and reused every epoch (the feature cache: in memory, or a disk memmap when large). Features are kept at
-``train.cache_dtype`` precision with or without the cache, so both paths train the same model.
+:func:`train` reads top to bottom: check the config, find the training images, build the model and optimiser, resume,
+fill the feature cache (:mod:`cnc_ad.feature_cache`), then take :func:`train_step` on :func:`encode_batch` features (or
+cached ones) until the step budget is spent, writing checkpoints at epoch ends into the run folder
+(:mod:`cnc_ad.runs`). Features are kept at ``train.cache_dtype`` precision with or without the cache, so both paths
+train the same model.
 
 Batches follow a global permutation drawn from ``(seed, epoch)``; under ``torchrun`` each process takes its contiguous
 slice of every global batch and DDP averages the gradients, so N processes train the same model as one process with
@@ -12,40 +14,44 @@ reaches the same final weights as an uninterrupted run.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import random
-import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from cnc_ad import distributed as dist
-from cnc_ad.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
-from cnc_ad.config import Config, save_config
+from cnc_ad.checkpoint import (
+    latest_checkpoint,
+    load_trainable_state,
+    load_trainer_state,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
+from cnc_ad.config import Config, TrainConfig
 from cnc_ad.data import DatasetIndex, Sample, TrainDataset, make_loader, scan_dataset
 from cnc_ad.device import autocast, resolve_device
 from cnc_ad.errors import CheckpointError, ConfigError, TrainingError
-from cnc_ad.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from cnc_ad.feature_cache import CACHE_DTYPES, FeatureCache, cache_mode, fill_feature_cache
 from cnc_ad.losses import hard_mining_share
 from cnc_ad.model import CNC, build_model
+from cnc_ad.progress import progress_bar
+from cnc_ad.runs import RunFolder
 
 log = logging.getLogger(__name__)
-
-CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
 class TrainResult:
+    """What :func:`train` did: the run folder, its final checkpoint, epochs and steps taken, the last loss terms."""
+
     run_dir: Path
     checkpoint: Path
     epochs: int
@@ -53,89 +59,43 @@ class TrainResult:
     last_loss: dict[str, float]
 
 
+class NonFiniteLoss(TrainingError):
+    """A loss term is NaN or infinite (``terms`` names them with their values)."""
+
+    def __init__(self, terms: str) -> None:
+        super().__init__(f"non-finite loss ({terms})")
+        self.terms = terms
+
+
+# ------------------------------------------------------------------------------------------------ the pieces
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def learning_rate(step: int, total_steps: int, cfg: Any) -> float:
+def learning_rate(step: int, total_steps: int, cfg: TrainConfig) -> float:
     """Learning rate at optimiser step ``step`` (0-based): linear warm-up, then constant or cosine decay."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
     if cfg.schedule == "cosine":
         span = max(1, total_steps - cfg.warmup_steps)
         progress = min(1.0, (step - cfg.warmup_steps) / span)
         floor = cfg.lr * cfg.min_lr_ratio
         return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ConfigError(f"train.schedule={cfg.schedule!r}; use constant or cosine")
+    return cfg.lr  # "constant"
 
 
-class FeatureCache:
-    """Encoder features of every training image, one array per level ``(N, L, C_l)``, in memory or a disk memmap.
+class TrainingLosses(nn.Module):
+    """The detector's training losses as a module (what DDP wraps): features per level -> dict with ``"loss"``."""
 
-    Under ``torchrun`` the cache is a memmap shared by the processes of a node: each process encodes its own shard
-    (every ``world_size``-th image) into the common file, then all read every row.
-    """
-
-    def __init__(self, shapes: list[tuple[int, int]], count: int, dtype: torch.dtype, path: Path | None) -> None:
-        self.count = count
-        self.dtype = dtype
-        self.path = path
-        self.valid = np.zeros(count, dtype=bool)
-        np_dtype = {torch.float16: np.float16, torch.float32: np.float32}.get(dtype)
-        if path is None:
-            self.levels = [torch.empty((count, length, width), dtype=dtype) for length, width in shapes]
-        else:
-            if np_dtype is None:
-                raise ConfigError("a disk feature cache needs train.cache_dtype float16 or float32")
-            path.mkdir(parents=True, exist_ok=True)
-            self.levels = []
-            for level, (length, width) in enumerate(shapes):
-                file = path / f"level{level}.npy"
-                mode = "w+" if dist.is_main_process() else "r+"
-                if mode == "r+":
-                    dist.barrier()
-                array = np.lib.format.open_memmap(file, mode=mode, dtype=np_dtype, shape=(count, length, width))
-                if mode == "w+":
-                    dist.barrier()
-                self.levels.append(torch.from_numpy(array))
-
-    @staticmethod
-    def nbytes(shapes: list[tuple[int, int]], count: int, dtype: torch.dtype) -> int:
-        return count * sum(length * width for length, width in shapes) * torch.tensor([], dtype=dtype).element_size()
-
-    def put(self, rows: torch.Tensor, features: list[torch.Tensor]) -> None:
-        for store, feature in zip(self.levels, features):
-            store[rows] = feature.to("cpu", self.dtype)
-        self.valid[rows.numpy()] = True
-
-    def get(self, rows: np.ndarray, device: torch.device) -> list[torch.Tensor]:
-        index = torch.from_numpy(np.sort(rows)) if self.path is not None else torch.from_numpy(rows)
-        out = [store[index].to(device, non_blocking=True).float() for store in self.levels]
-        if self.path is not None:  # memmap reads in sorted order; restore the batch order
-            order = np.argsort(np.argsort(rows))
-            out = [level[torch.from_numpy(order).to(device)] for level in out]
-        return out
-
-    def share_validity(self) -> None:
-        """After each process filled its shard, make every process know every filled row."""
-        if dist.world_size() > 1:
-            self.valid = np.logical_or.reduce(dist.all_gather_objects(self.valid))
-            dist.barrier()
-
-
-class _LossModule(nn.Module):
-    """Wraps the detector so DDP sees a forward() that returns the losses."""
-
-    def __init__(self, model: CNC, config: Any) -> None:
+    def __init__(self, model: CNC, config: TrainConfig) -> None:
         super().__init__()
         self.model = model
         self.config = config
 
     def forward(self, features: list[torch.Tensor], step: int = 0) -> dict[str, torch.Tensor]:
+        """The losses at optimiser step ``step`` (0-based; the hard-mined share ramps with it)."""
         c = self.config
         return self.model.training_losses(
             features,
@@ -148,349 +108,299 @@ class _LossModule(nn.Module):
         )
 
 
-class Trainer:
-    """Trains a CNC detector from a :class:`Config` into a run folder."""
+@torch.no_grad()
+def encode_batch(
+    model: CNC, images: torch.Tensor, device: torch.device, amp: str, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """Frozen-encoder features of ``images`` ``(B, 3, S, S)``: per level ``(B, L, C)`` float32, rounded to ``dtype``.
 
-    def __init__(
-        self,
-        config: Config,
-        run_dir: str | Path,
-        *,
-        clip_weights: str | None = None,
-        trust_pickle: bool = False,
-        pretrained: bool = True,
-        progress: bool = True,
-        index: DatasetIndex | None = None,
-    ) -> None:
-        self.config = config
-        self.run_dir = Path(run_dir)
-        self.progress = progress and dist.is_main_process()
-        self.device = resolve_device(config.train.device)
-        dist.init_from_env(self.device)
-        tcfg = config.train
-        if tcfg.cache_dtype not in CACHE_DTYPES:
-            raise ConfigError(f"train.cache_dtype={tcfg.cache_dtype!r}; use {', '.join(CACHE_DTYPES)}")
-        if tcfg.batch_size % dist.world_size():
-            raise ConfigError(
-                f"train.batch_size={tcfg.batch_size} (the global batch) must be divisible by the number of "
-                f"processes ({dist.world_size()})"
-            )
-        if config.data.root is None and index is None:
-            raise ConfigError("no training data: pass --data-root DIR (or set data.root in the config)")
-        self.index = index or scan_dataset(
-            config.data.root, config.data.format, config.data.categories, skip_bad=config.data.skip_bad
+    The rounding is the feature cache's, so training does not depend on whether the cache is on.
+    """
+    with autocast(device, amp):
+        features = model.encode(images.to(device, non_blocking=True))
+    return [f.to(dtype).float() for f in features]
+
+
+def train_step(
+    losses_of: Callable[[list[torch.Tensor], int], dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    features: list[torch.Tensor],
+    *,
+    lr: float,
+    device: torch.device,
+    amp: str,
+    grad_clip: float | None = None,
+    step: int = 0,
+) -> dict[str, torch.Tensor]:
+    """One optimiser step on a batch of encoder features; returns the loss terms (``"loss"`` and one per term).
+
+    ``losses_of(features, step)`` gives the losses (a :class:`TrainingLosses`, or DDP around one); ``step`` is the
+    0-based optimiser step, which schedules the hard-mined reconstruction.
+
+    Sets the learning rate, computes the losses under autocast, checks they are finite (on every process together),
+    back-propagates, clips the global gradient norm to ``grad_clip`` and steps.
+
+    Raises:
+        NonFiniteLoss: a loss term is not finite; no parameter was changed.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(device, amp):
+        losses = losses_of(features, step)
+    _check_finite(losses, device)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
+    optimizer.step()
+    return losses
+
+
+def _check_finite(losses: dict[str, torch.Tensor], device: torch.device) -> None:
+    total = losses["loss"]
+    finite = bool(torch.isfinite(total).all())
+    if dist.is_distributed():  # every process stops together, none is left waiting in the all-reduce
+        flag = torch.tensor([1.0 if finite else 0.0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        finite = bool(flag.item())
+    if finite:
+        return
+    bad = [name for name, value in losses.items() if name != "loss" and not torch.isfinite(value).all()]
+    raise NonFiniteLoss(", ".join(f"{name}={float(losses[name].detach())}" for name in bad) or f"loss={float(total)}")
+
+
+def training_samples(config: Config, index: DatasetIndex | None = None) -> list[Sample]:
+    """The normal training images of every category of ``config.data`` (or of ``index``).
+
+    Raises:
+        ConfigError: no data root, or no training image found.
+    """
+    if config.data.root is None and index is None:
+        raise ConfigError("no training data: set data.root to the dataset folder")
+    index = index or scan_dataset(
+        config.data.root, config.data.format, config.data.categories, skip_bad=config.data.skip_bad
+    )
+    samples = index.train_samples()
+    if not samples:
+        raise ConfigError(f"no normal training images found under {index.root}")
+    return samples
+
+
+def steps_per_epoch(usable: int, config: TrainConfig) -> int:
+    """Optimiser steps per epoch (whole global batches) from the number of usable training images."""
+    if usable < config.batch_size:
+        raise ConfigError(
+            f"{usable} usable training images, fewer than train.batch_size={config.batch_size}; lower the batch size"
         )
-        self.samples: list[Sample] = self.index.train_samples()
-        if not self.samples:
-            raise ConfigError(f"no normal training images found under {self.index.root}")
-        seed_everything(tcfg.seed)
-        self.model = build_model(
-            config.model, pretrained=pretrained, clip_weights=clip_weights, trust_pickle=trust_pickle
-        ).to(self.device)
-        params = list(self.model.trainable_parameters())
-        self.optimizer = torch.optim.Adam(params, lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
-        self.loss_module: nn.Module = _LossModule(self.model, tcfg)
-        if dist.is_distributed():
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            # An expert that no token of a batch chose gets no gradient, hence find_unused_parameters.
-            self.loss_module = nn.parallel.DistributedDataParallel(
-                self.loss_module, device_ids=device_ids, find_unused_parameters=True
-            )
-        self.dataset = TrainDataset(self.samples, self.model.image_size)
-        self._set_schedule(len(self.samples))
-        self.epoch = 0
-        self.step = 0
-        self.resumed = False
-        self.cache: FeatureCache | None = None
+    return usable // config.batch_size
 
-    def _set_schedule(self, usable: int) -> None:
-        """Steps per epoch and in all, from the number of usable training images (whole global batches)."""
-        tcfg = self.config.train
-        if usable < tcfg.batch_size:
-            raise ConfigError(
-                f"{usable} usable training images, fewer than train.batch_size={tcfg.batch_size}; lower the batch size"
-            )
-        self.steps_per_epoch = usable // tcfg.batch_size
-        total = tcfg.epochs * self.steps_per_epoch
-        self.total_steps = min(total, tcfg.max_steps) if tcfg.max_steps is not None else total
 
-    # -- data -------------------------------------------------------------------------------------------------
+def total_steps(usable: int, config: TrainConfig) -> int:
+    """Optimiser steps of the whole run: ``train.epochs`` epochs, at most ``train.max_steps``."""
+    total = config.epochs * steps_per_epoch(usable, config)
+    return min(total, config.max_steps) if config.max_steps is not None else total
 
-    def _cache_mode(self) -> str:
-        mode = self.config.train.feature_cache
-        if mode not in ("auto", "memory", "disk", "off"):
-            raise ConfigError(f"train.feature_cache={mode!r}; use auto, memory, disk or off")
-        if mode == "off" and dist.world_size() > 1 and self.config.data.skip_bad:
-            raise ConfigError(
-                "with several processes, --skip-bad needs the feature cache (it finds the unreadable images once, so "
-                "every process runs the same steps); drop train.feature_cache=off"
-            )
-        if mode != "auto":
-            return "disk" if mode == "memory" and dist.world_size() > 1 else mode
-        if dist.world_size() > 1:
-            return "disk"
-        return "memory"
 
-    def _build_cache(self, mode: str) -> FeatureCache:
-        dtype = CACHE_DTYPES[self.config.train.cache_dtype]
-        probe = torch.zeros(1, 3, self.model.image_size, self.model.image_size, device=self.device)
-        shapes = [(f.shape[1], f.shape[2]) for f in self.model.encode(probe)]
-        size = FeatureCache.nbytes(shapes, len(self.samples), dtype)
-        if (
-            mode == "memory"
-            and self.config.train.feature_cache == "auto"
-            and size > self.config.train.cache_memory_gb * 2**30
-        ):
-            mode = "disk"
-        path = self.run_dir / "feature_cache" if mode == "disk" else None
-        log.info("feature cache: %s, %.2f GB for %d images", mode, size / 2**30, len(self.samples))
-        cache = FeatureCache(shapes, len(self.samples), dtype, path)
-        rows = np.arange(len(self.samples))[dist.rank() :: dist.world_size()]
-        subset = torch.utils.data.Subset(self.dataset, rows.tolist())
-        loader = make_loader(
-            subset,
-            self.config.eval.batch_size,
-            num_workers=self.config.data.num_workers,
-            skip_bad=self.config.data.skip_bad,
-            generator=torch.Generator().manual_seed(self.config.train.seed),
+def epoch_order(count: int, epoch: int, config: TrainConfig, valid: np.ndarray | None = None) -> np.ndarray:
+    """The global order of training rows for ``epoch`` (same on every process), whole batches only.
+
+    ``valid`` (bool ``(count,)``) drops rows without features (unreadable images found while filling the cache).
+    """
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    order = torch.randperm(count, generator=generator).numpy()
+    if valid is not None:
+        order = order[valid[order]]
+    return order[: len(order) // config.batch_size * config.batch_size]
+
+
+def feature_batches(
+    model: CNC,
+    dataset: TrainDataset,
+    epoch: int,
+    config: Config,
+    device: torch.device,
+    cache: FeatureCache | None,
+) -> Iterator[list[torch.Tensor]]:
+    """This process's part of every global batch of ``epoch``, as encoder features on ``device``."""
+    tcfg = config.train
+    order = epoch_order(len(dataset), epoch, tcfg, cache.valid if cache is not None else None)
+    per_rank = tcfg.batch_size // dist.world_size()
+    start = dist.rank() * per_rank
+    mine = np.concatenate([order[k + start : k + start + per_rank] for k in range(0, len(order), tcfg.batch_size)])
+    if cache is not None:
+        for k in range(0, len(mine), per_rank):
+            yield cache.get(mine[k : k + per_rank], device)
+        return
+    loader = make_loader(
+        torch.utils.data.Subset(dataset, mine.tolist()),
+        per_rank,
+        num_workers=config.data.num_workers,
+        skip_bad=config.data.skip_bad,
+        generator=torch.Generator().manual_seed(tcfg.seed + epoch),
+    )
+    for batch in loader:
+        yield encode_batch(model, batch["image"], device, tcfg.amp, CACHE_DTYPES[tcfg.cache_dtype])
+
+
+def save_training_checkpoint(
+    run: RunFolder,
+    model: CNC,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    config: Config,
+    epoch: int,
+    step: int,
+) -> Path:
+    """Write the checkpoint of ``epoch`` with everything resuming needs (rank 0 writes, every process waits)."""
+    model.store_text_features()
+    tensors, meta = training_state(optimizer, device)
+    meta = {"epoch": epoch, "step": step, **meta, "config": config.to_dict()}
+    path = None
+    if dist.is_main_process():
+        path = save_checkpoint(run.checkpoint_dir(epoch), model, trainer_tensors=tensors, trainer_meta=meta,
+                               run_dir=run.path)  # fmt: skip
+    dist.barrier()
+    return path or run.path
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+def train(
+    config: Config,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    clip_weights: str | None = None,
+    trust_pickle: bool = False,
+    pretrained: bool = True,
+    progress: bool = True,
+    index: DatasetIndex | None = None,
+) -> TrainResult:
+    """Train a detector as ``config`` says into the run folder ``run_dir``.
+
+    Args:
+        config: the whole config (``model``, ``data``, ``train``; ``eval.batch_size`` sizes the cache-filling batches).
+        run_dir: the run folder (see :mod:`cnc_ad.runs`).
+        resume: continue the run folder's latest checkpoint (weights, optimiser, RNG, epoch and step).
+        clip_weights: local CLIP weights file.
+        trust_pickle: allow a pickle / TorchScript ``clip_weights`` file.
+        pretrained: False builds a random backbone (tests, benchmarks).
+        progress: show progress bars (on the main process).
+        index: the dataset, already scanned (default: scan ``config.data``).
+
+    Raises:
+        ConfigError: an invalid setting, no training data, or ``run_dir`` already holds a run (without ``resume``).
+        TrainingError: a non-finite loss (the last good checkpoint stays), or no readable training image.
+    """
+    tcfg = config.train
+    run = RunFolder(run_dir)
+    device = resolve_device(tcfg.device)
+    dist.init_from_env(device)
+    progress = progress and dist.is_main_process()
+    if tcfg.batch_size % dist.world_size():
+        raise ConfigError(
+            f"train.batch_size={tcfg.batch_size} (the global batch) must be divisible by the number of "
+            f"processes ({dist.world_size()})"
         )
-        bar = tqdm(loader, desc="caching encoder features", unit="batch", disable=not self.progress)
-        with torch.no_grad(), autocast(self.device, self.config.train.amp):
-            for batch in bar:
-                features = self.model.encode(batch["image"].to(self.device, non_blocking=True))
-                cache.put(batch["index"].long().cpu(), features)
-        cache.share_validity()
-        if not cache.valid.any():
-            raise TrainingError("no training image could be read; see the warnings above")
-        return cache
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        """The global order of training rows for ``epoch`` (same on every process), whole batches only."""
-        generator = torch.Generator().manual_seed(self.config.train.seed * 100_003 + epoch)
-        order = torch.randperm(len(self.samples), generator=generator).numpy()
-        if self.cache is not None:
-            order = order[self.cache.valid[order]]
-        batch = self.config.train.batch_size
-        return order[: len(order) // batch * batch]
-
-    def _batches(self, epoch: int) -> Iterator[list[torch.Tensor]]:
-        """This process's part of every global batch of ``epoch``, as encoder features on the device."""
-        order = self._epoch_order(epoch)
-        global_batch = self.config.train.batch_size
-        per_rank = global_batch // dist.world_size()
-        start = dist.rank() * per_rank
-        mine = np.concatenate([order[k + start : k + start + per_rank] for k in range(0, len(order), global_batch)])
-        dtype = CACHE_DTYPES[self.config.train.cache_dtype]
-        if self.cache is not None:
-            for k in range(0, len(mine), per_rank):
-                yield self.cache.get(mine[k : k + per_rank], self.device)
-            return
-        subset = torch.utils.data.Subset(self.dataset, mine.tolist())
-        loader = make_loader(
-            subset,
-            per_rank,
-            num_workers=self.config.data.num_workers,
-            skip_bad=self.config.data.skip_bad,
-            generator=torch.Generator().manual_seed(self.config.train.seed + epoch),
-        )
-        for batch in loader:
-            with torch.no_grad(), autocast(self.device, self.config.train.amp):
-                features = self.model.encode(batch["image"].to(self.device, non_blocking=True))
-            # Same rounding as the cache, so training does not depend on whether the cache is on.
-            yield [f.to(dtype).float() for f in features]
-
-    # -- state ------------------------------------------------------------------------------------------------
-
-    def _trainer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        state = self.optimizer.state_dict()
-        scalars: dict[str, dict[str, Any]] = {}
-        for pid, pstate in state["state"].items():
-            for name, value in pstate.items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"optim.{pid}.{name}"] = value.detach().cpu().contiguous()
-                else:
-                    scalars.setdefault(str(pid), {})[name] = value
-        np_state = np.random.get_state()
-        meta = {
-            "epoch": self.epoch,
-            "step": self.step,
-            "optim_param_groups": state["param_groups"],
-            "optim_scalars": scalars,
-            "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "rng_python": _to_json(random.getstate()),
-            "config": self.config.to_dict(),
-        }
-        return tensors, meta
-
-    def _load_trainer_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        state: dict[int, dict[str, Any]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, pid, name = key.split(".", 2)
-                state.setdefault(int(pid), {})[name] = value.to(self.device) if name != "step" else value
-        for pid, values in meta["optim_scalars"].items():
-            state.setdefault(int(pid), {}).update(values)
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["optim_param_groups"]})
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        kind, keys, *rest = meta["rng_numpy"]
-        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-        random.setstate(_from_json(meta["rng_python"]))
-        self.epoch = int(meta["epoch"])
-        self.step = int(meta["step"])
-
-    def _save(self) -> Path:
-        self.model.store_text_features()
-        tensors, meta = self._trainer_state()
-        path = None
-        if dist.is_main_process():
-            path = save_checkpoint(
-                self.run_dir / "checkpoints" / f"epoch-{self.epoch:04d}",
-                self.model,
-                trainer_tensors=tensors,
-                trainer_meta=meta,
-                run_dir=self.run_dir,
-            )
-        dist.barrier()
-        return path or self.run_dir
-
-    def resume(self) -> None:
-        """Continue from the run folder's latest checkpoint (weights, optimiser, RNG, epoch and step)."""
-        from cnc_ad.checkpoint import load_trainable_state
-
-        checkpoint = latest_checkpoint(self.run_dir)
-        load_trainable_state(self.model, checkpoint)
-        tensors, meta = load_trainer_state(checkpoint)
-        self._load_trainer_state(tensors, meta)
-        log.info("resumed from %s (epoch %d, step %d)", checkpoint, self.epoch, self.step)
-        self.resumed = True
-
-    # -- the loop ---------------------------------------------------------------------------------------------
-
-    def fit(self) -> TrainResult:
-        tcfg = self.config.train
-        log_path = self.run_dir / "log.jsonl"
-        if not self.resumed and (self.run_dir / "latest").exists():
-            raise ConfigError(
-                f"{self.run_dir} already holds a training run; pass --resume {self.run_dir} to continue it, or choose "
-                "another --out"
-            )
-        if dist.is_main_process():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.config, self.run_dir / "config.yaml")
-            # Steps after the checkpoint we continue from were lost with the interruption: so are their log lines.
-            kept = [r for r in read_jsonl(log_path) if r.get("step", 0) <= self.step] if self.resumed else []
-            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
-        mode = self._cache_mode()
-        if mode != "off":
-            self.cache = self._build_cache(mode)
-            self._set_schedule(int(self.cache.valid.sum()))
-        self.model.train()
-        last: dict[str, float] = {}
-        checkpoint = self.run_dir
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", disable=not self.progress)
-        seen, tick = 0, time.perf_counter()
-        while self.step < self.total_steps:
-            start_step = self.step
-            for features in self._batches(self.epoch):
-                if self.step >= self.total_steps:
-                    break
-                lr = learning_rate(self.step, self.total_steps, tcfg)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                with autocast(self.device, tcfg.amp):
-                    losses = self.loss_module(features, self.step)
-                self._check_finite(losses)
-                self.optimizer.zero_grad(set_to_none=True)
-                losses["loss"].backward()
-                if tcfg.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(self.model.trainable_parameters(), tcfg.grad_clip)
-                self.optimizer.step()
-                self.step += 1
-                seen += features[0].shape[0] * dist.world_size()
-                last = {k: float(v.detach()) for k, v in losses.items()}
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.4f}" for k, v in last.items() if not k.startswith("diag_")}, refresh=False)
-                if self.step % tcfg.log_every == 0 or self.step == self.total_steps:
-                    elapsed = time.perf_counter() - tick
-                    record = {"step": self.step, "epoch": self.epoch, "lr": lr, **last}
-                    record["images_per_s"] = round(seen / elapsed, 3) if elapsed > 0 else None
-                    if dist.is_main_process():
-                        append_jsonl(log_path, record)
-                    seen, tick = 0, time.perf_counter()
-            else:
-                if self.step == start_step:
-                    raise TrainingError(f"epoch {self.epoch} had no readable training image; see the warnings above")
-                self.epoch += 1
-                if self.epoch % tcfg.checkpoint_every == 0 and self.step < self.total_steps:
-                    checkpoint = self._save()
-                continue
-            break
-        bar.close()
-        if self.step >= self.total_steps:
-            self.epoch = max(self.epoch, math.ceil(self.step / self.steps_per_epoch))
-        checkpoint = self._save()
-        self._drop_cache()
-        result = TrainResult(self.run_dir, checkpoint, self.epoch, self.step, last)
-        if dist.is_main_process():
-            atomic_write_json(
-                self.run_dir / "result.json",
-                {"checkpoint": os.path.relpath(checkpoint, self.run_dir), "epochs": self.epoch, "steps": self.step,
-                 "last_loss": last},
-            )  # fmt: skip
-        return result
-
-    def _drop_cache(self) -> None:
-        """Free the feature cache; a disk cache (tens of GB for ViT-L on MVTec AD) is deleted from the run folder."""
-        cache, self.cache = self.cache, None
-        if cache is None or cache.path is None:
-            return
-        del cache.levels  # close the memmaps before deleting their files
-        dist.barrier()
-        if dist.is_main_process():
-            shutil.rmtree(cache.path, ignore_errors=True)
-
-    def _check_finite(self, losses: dict[str, torch.Tensor]) -> None:
-        total = losses["loss"]
-        finite = bool(torch.isfinite(total).all())
-        if dist.is_distributed():  # every process stops together, none is left waiting in the all-reduce
-            flag = torch.tensor([1.0 if finite else 0.0], device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            finite = bool(flag.item())
-        if finite:
-            return
-        bad = [name for name, value in losses.items() if name != "loss" and not torch.isfinite(value).all()]
-        terms = ", ".join(f"{name}={float(losses[name].detach())}" for name in bad) or f"loss={float(total.detach())}"
-        try:
-            good = f"the last good checkpoint is {latest_checkpoint(self.run_dir)}"
-        except CheckpointError:
-            good = "no checkpoint was written yet"
-        raise TrainingError(
-            f"non-finite loss at step {self.step + 1} ({terms}); {good}. Lower train.lr or set train.grad_clip"
+    samples = training_samples(config, index)
+    total = total_steps(len(samples), tcfg)
+    if not resume and run.has_checkpoint():
+        raise ConfigError(
+            f"{run.path} already holds a training run; pass --resume {run.path} to continue it, or choose another --out"
         )
 
-
-def train(config: Config, run_dir: str | Path, *, resume: bool = False, **kwargs: Any) -> TrainResult:
-    """Train a detector as ``config`` says into ``run_dir``; with ``resume``, continue its latest checkpoint."""
-    trainer = Trainer(config, run_dir, **kwargs)
+    seed_everything(tcfg.seed)
+    model = build_model(config.model, pretrained=pretrained, clip_weights=clip_weights, trust_pickle=trust_pickle)
+    model = model.to(device)
+    optimizer = torch.optim.Adam(
+        list(model.trainable_parameters()), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay
+    )
+    losses_of: nn.Module = TrainingLosses(model, tcfg)
+    if dist.is_distributed():
+        device_ids = [device.index] if device.type == "cuda" else None
+        # An expert that no token of a batch chose gets no gradient, hence find_unused_parameters.
+        losses_of = nn.parallel.DistributedDataParallel(losses_of, device_ids=device_ids, find_unused_parameters=True)
+    dataset = TrainDataset(samples, model.image_size)
+    epoch = step = 0
     if resume:
-        trainer.resume()
-    return trainer.fit()
+        checkpoint = latest_checkpoint(run.path)
+        load_trainable_state(model, checkpoint)
+        tensors, meta = load_trainer_state(checkpoint)
+        restore_training_state(optimizer, device, tensors, meta)
+        epoch, step = int(meta["epoch"]), int(meta["step"])
+        log.info("resumed from %s (epoch %d, step %d)", checkpoint, epoch, step)
+
+    if dist.is_main_process():
+        run.write_config(config)
+        run.start_log(through_step=step if resume else None)
+    cache = None
+    if cache_mode(tcfg, config.data.skip_bad) != "off":
+        cache = fill_feature_cache(
+            lambda images: encode_batch(model, images, device, tcfg.amp, CACHE_DTYPES[tcfg.cache_dtype]),
+            dataset,
+            tcfg,
+            image_size=model.image_size,
+            device=device,
+            path=run.feature_cache_dir,
+            batch_size=config.eval.batch_size,
+            num_workers=config.data.num_workers,
+            skip_bad=config.data.skip_bad,
+            progress=progress,
+        )
+        total = total_steps(int(cache.valid.sum()), tcfg)
+
+    model.train()
+    last: dict[str, float] = {}
+    checkpoint = run.path
+    bar = progress_bar(total=total, initial=step, desc="training", unit="step", enabled=progress)
+    seen, tick = 0, time.perf_counter()
+    while step < total:
+        start_step = step
+        for features in feature_batches(model, dataset, epoch, config, device, cache):
+            if step >= total:
+                break
+            lr = learning_rate(step, total, tcfg)
+            try:
+                losses = train_step(losses_of, optimizer, features, lr=lr, device=device, amp=tcfg.amp,
+                                    grad_clip=tcfg.grad_clip, step=step)  # fmt: skip
+            except NonFiniteLoss as err:
+                raise TrainingError(
+                    f"non-finite loss at step {step + 1} ({err.terms}); {_last_good(run)}. Lower train.lr or set "
+                    "train.grad_clip"
+                ) from None
+            step += 1
+            seen += features[0].shape[0] * dist.world_size()
+            last = {k: float(v.detach()) for k, v in losses.items()}  # every loss term is logged
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in last.items() if not k.startswith("diag_")}, refresh=False)
+            if step % tcfg.log_every == 0 or step == total:
+                elapsed = time.perf_counter() - tick
+                record = {"step": step, "epoch": epoch, "lr": lr, **last}
+                record["images_per_s"] = round(seen / elapsed, 3) if elapsed > 0 else None
+                if dist.is_main_process():
+                    run.append_log(record)
+                seen, tick = 0, time.perf_counter()
+        else:  # the epoch ran to its end
+            if step == start_step:
+                raise TrainingError(f"epoch {epoch} had no readable training image; see the warnings above")
+            epoch += 1
+            if epoch % tcfg.checkpoint_every == 0 and step < total:
+                checkpoint = save_training_checkpoint(run, model, optimizer, device, config, epoch, step)
+            continue
+        break  # the step budget ended inside an epoch
+    bar.close()
+    if step >= total:
+        usable = int(cache.valid.sum()) if cache is not None else len(samples)
+        epoch = max(epoch, math.ceil(step / steps_per_epoch(usable, tcfg)))
+    checkpoint = save_training_checkpoint(run, model, optimizer, device, config, epoch, step)
+    if cache is not None:
+        cache.close()
+    if dist.is_main_process():
+        run.write_result(checkpoint, epoch, step, last)
+    return TrainResult(run.path, checkpoint, epoch, step, last)
 
 
-def _to_json(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return {"tuple": [_to_json(v) for v in value]}
-    return value
-
-
-def _from_json(value: Any) -> Any:
-    if isinstance(value, dict) and "tuple" in value:
-        return tuple(_from_json(v) for v in value["tuple"])
-    if isinstance(value, list):
-        return [_from_json(v) for v in value]
-    return value
+def _last_good(run: RunFolder) -> str:
+    try:
+        return f"the last good checkpoint is {latest_checkpoint(run.path)}"
+    except CheckpointError:
+        return "no checkpoint was written yet"

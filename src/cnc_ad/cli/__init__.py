@@ -39,13 +39,6 @@ typical workflow:
 """
 
 
-def add_overrides_argument(parser: argparse.ArgumentParser, help: str = "override a config key") -> None:
-    """The repeatable ``--set group.key=value`` option of the commands that read a config."""
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=f"{help} (repeatable)"
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnc", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter

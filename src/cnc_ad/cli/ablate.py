@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cnc_ad.cli import add_overrides_argument
+from cnc_ad.cli._options import add_device, add_format, add_overrides, add_progress, add_weights
 
 EPILOG = """\
 variants: full CNC; without the cross-modal normality constraint (model.use_text=false); without the gated
@@ -27,12 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", required=True, help="YAML config file or preset name")
     parser.add_argument("--data-root", required=True, help="dataset folder")
     parser.add_argument("--out", default="runs/ablation", help="output folder (default runs/ablation)")
-    add_overrides_argument(parser, "override a config key")
-    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides train.device)")
-    parser.add_argument("--format", help="dataset layout (auto-detected by default)")
-    parser.add_argument("--clip-weights", metavar="PATH", help="local CLIP weights file (offline use)")
-    parser.add_argument("--trust-pickle", action="store_true", help="allow a TorchScript CLIP weights file")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_overrides(parser)
+    add_device(parser, note="overrides train.device")
+    add_format(parser)
+    add_weights(parser)
+    add_progress(parser)
     parser.set_defaults(func=run)
 
 

@@ -84,7 +84,11 @@ def _print_table(index: DatasetIndex) -> None:
     for i, row in enumerate([header, *rows]):
         if i == len(rows):
             print("  ".join("-" * w for w in widths))
-        print("  ".join(cell.ljust(w) if j == 0 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))))
+        print(
+            "  ".join(
+                cell.ljust(w) if j == 0 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
 
 
 def cmd_scan(args: argparse.Namespace) -> int:

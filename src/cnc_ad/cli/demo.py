@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cnc_ad.cli import add_overrides_argument
+from cnc_ad.cli._options import add_overrides, add_progress
 
 EPILOG = """\
 The demo synthesises a multi-class dataset (textures cut from real photographs and procedural parts, with
@@ -30,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--per-category", type=int, default=40, help="training images per category (default 40)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the synthetic data")
-    add_overrides_argument(parser, "override a key of configs/demo.yaml")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_overrides(parser, "override a key of configs/demo.yaml")
+    add_progress(parser)
     parser.set_defaults(func=run)
 
 

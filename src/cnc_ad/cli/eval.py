@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import json
+
+from cnc_ad.cli._options import add_device, add_format, add_overrides, add_progress, add_skip_bad, add_weights
 
 EPILOG = """\
 examples:
   cnc eval --checkpoint runs/demo --data-root data/synth
   cnc eval --checkpoint runs/mvtec --data-root /data/mvtec_ad --out runs/mvtec/eval --protocol dinomaly
 
---checkpoint takes a run folder (its latest checkpoint) or a checkpoint folder. The output folder receives
+--checkpoint takes a run folder (its latest checkpoint) or a checkpoint folder. The evaluation settings are the
+run's own (its config.yaml, eval: group), then --set group.key=value, then the flags below. The output folder receives
 metrics.json, metrics.csv, thresholds.json, curves.json and the examples that `cnc report` renders. The F1-max
 thresholds are also stored beside the checkpoint, where `cnc predict` finds them.
 """
@@ -27,57 +30,53 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     parser.add_argument("--data-root", required=True, help="dataset folder")
-    parser.add_argument("--format", help="dataset layout (auto-detected by default)")
+    add_format(parser)
     parser.add_argument("--out", help="output folder (default: <run folder>/eval)")
     parser.add_argument("--categories", nargs="+", help="only these categories")
-    parser.add_argument("--protocol", choices=["ader", "dinomaly"], help="evaluation protocol (default ader)")
+    add_overrides(parser, "override a key of the run's config, e.g. --set eval.batch_size=32")
+    parser.add_argument("--protocol", choices=["ader", "dinomaly"], help="evaluation protocol (default: the run's)")
     parser.add_argument("--metrics", choices=["auto", "exact", "streaming"], help="metric computation mode")
     parser.add_argument("--batch-size", type=int, help="images per batch")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--num-workers", type=int, default=2, help="image decoding processes")
-    parser.add_argument("--skip-bad", action="store_true", help="log and skip unreadable images instead of stopping")
-    parser.add_argument("--clip-weights", metavar="PATH", help="local CLIP weights file (offline use)")
-    parser.add_argument("--trust-pickle", action="store_true", help="allow a pickle/TorchScript CLIP weights file")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_device(parser, default="auto")
+    parser.add_argument("--num-workers", type=int, help="image decoding processes (default: data.num_workers)")
+    add_skip_bad(parser)
+    add_weights(parser)
+    add_progress(parser)
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from cnc_ad import distributed as dist
-    from cnc_ad.checkpoint import load_model, resolve_checkpoint, run_folder_of, store_thresholds
-    from cnc_ad.config import EvalConfig
-    from cnc_ad.data import scan_dataset
-    from cnc_ad.device import resolve_device
-    from cnc_ad.evaluate import evaluate, markdown_table, write_results
-
-    device = resolve_device(args.device)
-    dist.init_from_env(device)
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    model = load_model(checkpoint, clip_weights=args.clip_weights, trust_pickle=args.trust_pickle).to(device)
-    changes = {
-        key: value
-        for key, value in {"protocol": args.protocol, "metrics": args.metrics, "batch_size": args.batch_size}.items()
-        if value is not None
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The flags as ``group.key=value`` overrides, on top of ``--set`` (flags win)."""
+    overrides = [*args.overrides, f"data.root={args.data_root}"]
+    flags = {
+        "data.format": args.format,
+        "data.categories": "[" + ", ".join(json.dumps(c) for c in args.categories) + "]" if args.categories else None,
+        "data.num_workers": args.num_workers,
+        "eval.protocol": args.protocol,
+        "eval.metrics": args.metrics,
+        "eval.batch_size": args.batch_size,
     }
-    config = dataclasses.replace(EvalConfig(), **changes)
-    index = scan_dataset(args.data_root, args.format, args.categories, skip_bad=args.skip_bad)
-    result = evaluate(
-        model,
-        index,
-        config,
-        device=device,
-        categories=args.categories,
-        num_workers=args.num_workers,
-        skip_bad=args.skip_bad,
+    overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
+    if args.skip_bad:
+        overrides.append("data.skip_bad=true")
+    return overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    from cnc_ad import distributed as dist
+    from cnc_ad.evaluate import evaluate_checkpoint, markdown_table, run_config
+
+    done = evaluate_checkpoint(
+        args.checkpoint,
+        run_config(args.checkpoint, _overrides(args)),
+        out_dir=args.out,
+        device=args.device,
+        clip_weights=args.clip_weights,
+        trust_pickle=args.trust_pickle,
         progress=not args.no_progress,
     )
     if not dist.is_main_process():
         return 0
-    out = Path(args.out) if args.out else run_folder_of(checkpoint) / "eval"
-    write_results(result, out, checkpoint=str(checkpoint))
-    store_thresholds(checkpoint, result.thresholds)
-    print(markdown_table(result))
-    print(f"\nresults: {out}")
+    print(markdown_table(done.result))
+    print(f"\nresults: {done.out_dir}")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cnc_ad.cli._options import add_weights
+
 EPILOG = """\
 examples:
   cnc export --checkpoint runs/demo --format onnx --out model.onnx
@@ -43,8 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--opset", type=int, help="ONNX opset version (default 17)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed abs difference (default 1e-4)")
     parser.add_argument("--parity-images", type=int, default=4, help="images per parity check (default 4)")
-    parser.add_argument("--clip-weights", metavar="PATH", help="local CLIP weights file (offline use)")
-    parser.add_argument("--trust-pickle", action="store_true", help="allow a pickle/TorchScript CLIP weights file")
+    add_weights(parser)
     parser.set_defaults(func=run)
 
 
@@ -55,16 +56,17 @@ def run(args: argparse.Namespace) -> int:
     from cnc_ad.data import ImageFileDataset, scan_dataset
     from cnc_ad.errors import ConfigError, DataError, ExportError
     from cnc_ad.export import DEFAULT_OPSET, check_parity, export_onnx, export_openvino, random_images
-    from cnc_ad.predict import read_thresholds
+    from cnc_ad.inference import THRESHOLDS_METADATA
+    from cnc_ad.results import load_thresholds
 
     if args.fp16 and args.format != "openvino":
         raise ConfigError("--fp16 applies to --format openvino only")
     checkpoint = resolve_checkpoint(args.checkpoint)
     model = load_model(checkpoint, clip_weights=args.clip_weights, trust_pickle=args.trust_pickle)
-    thresholds = read_thresholds(checkpoint)
+    thresholds = load_thresholds(checkpoint)
     metadata = {"cnc_ad.checkpoint": str(checkpoint)}
     if thresholds is not None:
-        metadata["cnc_ad.thresholds"] = thresholds
+        metadata[THRESHOLDS_METADATA] = thresholds.to_json()
     traced = 2
     options = {"opset": args.opset or DEFAULT_OPSET, "batch_size": traced, "metadata": metadata}
     if args.format == "openvino":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cnc_ad.cli._options import add_device, add_progress, add_weights
+
 EPILOG = """\
 examples:
   cnc predict --checkpoint runs/demo images/ --out predictions
@@ -54,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--category", help="use this category's stored thresholds instead of the overall ones")
     parser.add_argument("--thresholds", metavar="FILE", help="a thresholds.json to use (default: the stored one)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (checkpoints only)")
+    add_device(parser, default="auto", note="checkpoints only")
     parser.add_argument("--num-workers", type=int, default=2, help="image decoding processes (default 2)")
     parser.add_argument("--map-dtype", choices=["float16", "float32"], default="float16", help="dtype of the .npy maps")
     parser.add_argument("--overlay-max-side", type=int, default=2048, help="longest overlay side in pixels")
@@ -62,9 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     what.add_argument("--resume", action="store_true", help="skip images already in --out's predictions.jsonl")
     what.add_argument("--overwrite", action="store_true", help="start --out's predictions.jsonl afresh")
     parser.add_argument("--strict", action="store_true", help="exit 3 when any input could not be decoded")
-    parser.add_argument("--clip-weights", metavar="PATH", help="local CLIP weights file (offline use)")
-    parser.add_argument("--trust-pickle", action="store_true", help="allow a pickle/TorchScript CLIP weights file")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_weights(parser)
+    add_progress(parser)
     parser.set_defaults(func=run)
 
 
@@ -72,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
     from cnc_ad import distributed as dist
     from cnc_ad.device import resolve_device
     from cnc_ad.errors import ConfigError, DataError
-    from cnc_ad.predict import Detector, collect_inputs, predict_files, read_thresholds
+    from cnc_ad.inference import Detector
+    from cnc_ad.predict import ERRORS_FILE, collect_inputs, predict_files
+    from cnc_ad.results import load_thresholds
 
     paths = collect_inputs(args.inputs)
     exported = "--onnx" if args.onnx else "--openvino" if args.openvino else None
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             args.checkpoint, device=args.device, clip_weights=args.clip_weights, trust_pickle=args.trust_pickle
         )
         if args.thresholds:
-            detector.thresholds = read_thresholds(args.thresholds)
+            detector.thresholds = load_thresholds(args.thresholds)
     summary = predict_files(
         detector,
         paths,
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         f"{summary.failed} failed; results: {summary.out}"
     )
     if summary.failed:
-        message = f"{summary.failed} of {summary.total} inputs could not be decoded; see {summary.out / 'errors.jsonl'}"
+        message = f"{summary.failed} of {summary.total} inputs could not be decoded; see {summary.out / ERRORS_FILE}"
         if args.strict or summary.predicted + summary.skipped == 0:
             raise DataError(message)
         print(f"warning: {message}")

@@ -37,7 +37,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the report and print its path."""
+    from cnc_ad.errors import DataError
     from cnc_ad.report import write_report  # lazy: keeps `cnc --help` free of numpy/Pillow imports
+    from cnc_ad.results import is_evaluation_folder
 
-    print(write_report(args.eval_dir, args.out))
+    try:
+        print(write_report(args.eval_dir, args.out))
+    except DataError as err:
+        if is_evaluation_folder(args.eval_dir):
+            raise
+        raise DataError(
+            f"{err}: run `cnc eval --checkpoint CKPT --data-root ROOT --out {args.eval_dir}` first, then "
+            f"`cnc report {args.eval_dir}`"
+        ) from err
     return 0

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from cnc_ad.cli import add_overrides_argument
+from cnc_ad.cli._options import add_device, add_format, add_overrides, add_progress, add_skip_bad, add_weights
 from cnc_ad.errors import ConfigError
 
 EPILOG = """\
@@ -36,22 +36,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--config", help="YAML config file or preset name (demo, mvtec, visa, mvtec_ad2)")
     parser.add_argument("--data-root", help="dataset folder (overrides data.root)")
-    parser.add_argument("--format", help="dataset layout, auto-detected by default (overrides data.format)")
+    add_format(parser, note="overrides data.format")
     parser.add_argument("--out", help="run folder (default runs/<config>-<time>)")
-    add_overrides_argument(parser, "override a config key, e.g. --set train.lr=1e-4")
+    add_overrides(parser, "override a config key, e.g. --set train.lr=1e-4")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
-    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides train.device)")
+    add_device(parser, note="overrides train.device")
     parser.add_argument("--epochs", type=int, help="overrides train.epochs")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (train.max_steps)")
-    parser.add_argument("--clip-weights", metavar="PATH", help="local CLIP weights file (offline use)")
-    parser.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="allow a pickle/TorchScript CLIP weights file (original OpenAI .pt files)",
-    )
-    parser.add_argument("--skip-bad", action="store_true", help="log and skip unreadable images instead of stopping")
+    add_weights(parser)
+    add_skip_bad(parser)
     parser.add_argument("--nproc", type=int, metavar="N", help="train on N processes/GPUs through torchrun")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress(parser)
     parser.set_defaults(func=run)
 
 
@@ -91,6 +86,7 @@ def _relaunch_with_torchrun(args: argparse.Namespace, run_dir: Path) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from cnc_ad.config import load_config
+    from cnc_ad.runs import RunFolder
     from cnc_ad.train import train
 
     under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -101,15 +97,20 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("under torchrun pass --out RUN_DIR, so that every process writes to the same run folder")
     overrides = _overrides(args)
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"{run_dir} is not a run folder (no config.yaml); pass the --out folder of a run")
-        config = load_config(args.config or run_dir / "config.yaml", overrides)
+        run = RunFolder(args.resume)
+        run_dir = run.path
+        if not run.is_run():
+            raise ConfigError(
+                f"{run_dir} is not a run folder (no {run.config_path.name}); pass the --out folder of a run"
+            )
+        config = load_config(args.config, overrides) if args.config else run.read_config(overrides)
     else:
         if not args.config:
             raise ConfigError("pass --config FILE (e.g. configs/demo.yaml) or --resume RUN_DIR")
         config = load_config(args.config, overrides)
         run_dir = Path(args.out) if args.out else default_run_dir
+    if config.data.root is None:
+        raise ConfigError("no training data: pass --data-root DIR (or set data.root in the config)")
     result = train(
         config,
         run_dir,

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from cnc_ad.data.images import decode_mask
 from cnc_ad.data.samples import NORMAL_DEFECT, DatasetIndex, Sample
 from cnc_ad.data.scan import META_FILE, scan_dataset
 from cnc_ad.errors import DataError
+from cnc_ad.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def write_mvtec_layout(index: DatasetIndex, out: str | os.PathLike, *, progress:
                 "(`cnc data scan --verify` lists them)"
             )
     used: set[Path] = set()
-    for sample in tqdm(index.samples, desc="copy", unit="img", disable=not progress):
+    for sample in progress_bar(index.samples, desc="copy", unit="img", enabled=progress):
         folder = _target_folder(sample)
         stem, suffix = sample.image.stem, sample.image.suffix.lower()
         target, k = folder / f"{stem}{suffix}", 1

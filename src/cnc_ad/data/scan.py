@@ -33,11 +33,10 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tqdm import tqdm
-
 from cnc_ad.data.images import decode_image, decode_mask, is_image_file, mask_size_message
 from cnc_ad.data.samples import NORMAL_DEFECT, DatasetIndex, Sample
 from cnc_ad.errors import DataError
+from cnc_ad.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -459,7 +458,8 @@ def _scan_explicit_folders(
     problems: _Problems,
 ) -> DatasetIndex:
     """One category from ``--normal/--abnormal/--masks``; named ``categories[0]``, else after ``root`` or the folder
-    that holds ``normal``."""
+    that holds ``normal``.
+    """
     normal_dir = _root_path(normal, "--normal folder")
     abnormal_dir = _root_path(abnormal, "--abnormal folder") if abnormal is not None else None
     masks_dir = _root_path(masks, "--masks folder") if masks is not None else None
@@ -597,8 +597,12 @@ def verify_index(
     kept: list[Sample] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(_verify_sample, index.samples)
-        bar = tqdm(
-            zip(index.samples, results), total=len(index.samples), desc="verify", unit="img", disable=not progress
+        bar = progress_bar(
+            zip(index.samples, results, strict=True),
+            total=len(index.samples),
+            desc="verify",
+            unit="img",
+            enabled=progress,
         )
         for sample, problem in bar:
             if problem is None:

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from cnc_ad.errors import DataError
+from cnc_ad.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -472,7 +472,7 @@ def synthesize(
         jobs += [(name, c, 1, None, i, out / name / "test" / "good") for i in range(n_good)]
         for d, defect in enumerate(defects_of(name)):
             jobs += [(name, c, 2 + d, defect, i, out / name / "test" / defect) for i in range(n_defect)]
-    for name, c, group, defect, i, folder in tqdm(jobs, desc="synth", unit="img", disable=not progress):
+    for name, c, group, defect, i, folder in progress_bar(jobs, desc="synth", unit="img", enabled=progress):
         rng = np.random.default_rng([seed, c, group, i])
         image, mask = render(name, rng, size, defect)
         folder.mkdir(parents=True, exist_ok=True)

@@ -372,7 +372,8 @@ class MetricAccumulator:
 
     def f1_thresholds(self) -> dict[str, float]:
         """``{"image": t, "pixel": t}``: the thresholds (``score >= t`` is anomalous) reaching F1-max; NaN if
-        undefined. Streaming thresholds are lower bin edges."""
+        undefined. Streaming thresholds are lower bin edges.
+        """
         image, pixel, _ = self._ranked()
         return {"image": ranking.f1_max(image)[1], "pixel": math.nan if pixel is None else ranking.f1_max(pixel)[1]}
 

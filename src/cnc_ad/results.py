@@ -1,0 +1,355 @@
+"""Evaluation results on disk: the evaluation folder and the thresholds file. The only module naming their files.
+
+An evaluation folder (written by ``cnc eval``, read by ``cnc report``)::
+
+    metrics.json     {"categories": {cat: {metric: value}}, "mean": {...}, "left_out_of_mean": {metric: [cat]},
+                      "protocol": str, "checkpoint": str}
+    metrics.csv      one row per category, then "mean"
+    thresholds.json  see :class:`Thresholds` (a copy is stored beside the checkpoint, where prediction finds it)
+    curves.json      {cat: {"image_roc": {"x": [...], "y": [...]}, "image_pr": ..., "pixel_roc": ..., ...}}
+    examples.json    {cat: [{"image", "score", "label", "defect", "map": "examples/<file>.npy", "mask", "rank"}]}
+    examples/*.npy   float16 anomaly maps (M, M) of the examples
+
+``thresholds.json`` keeps the values where every earlier version put them, so old files read unchanged::
+
+    {"image": {"__all__": t, cat: t}, "pixel": {"__all__": t, cat: t},
+     "basis": {"image": {"__all__": {"rule": "f1_max_pooled", "images": n}, cat: {"rule": "f1_max", "images": n}},
+               "pixel": {...}}}
+
+A value ``t`` means: an image (pixel) is anomalous when its score (map value) ``>= t``. ``"basis"`` records how each
+value was found (the rule and the number of test images behind it); files written before it existed have none.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from cnc_ad.errors import ConfigError, DataError
+from cnc_ad.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from cnc_ad.metrics import METRIC_KEYS
+
+METRICS_FILE = "metrics.json"
+METRICS_CSV_FILE = "metrics.csv"
+THRESHOLDS_FILE = "thresholds.json"
+CURVES_FILE = "curves.json"
+EXAMPLES_FILE = "examples.json"
+EXAMPLES_DIR = "examples"
+REPORT_FILE = "report.html"
+
+ALL = "__all__"
+"""The key of the threshold for images of any (or an unknown) category."""
+Kind = Literal["image", "pixel"]
+KINDS: tuple[Kind, ...] = ("image", "pixel")
+
+
+# ------------------------------------------------------------------------------------------------- thresholds
+@dataclass(frozen=True)
+class Threshold:
+    """One decision threshold and how it was found.
+
+    Attributes:
+        value: scores (map values) ``>= value`` are anomalous; NaN when it could not be found.
+        rule: how it was found: ``"f1_max"`` (the F1-max threshold of one category), ``"f1_max_pooled"`` (over the
+            test images of all categories pooled), ``"median"`` (median of the category thresholds), or ``""``
+            (unknown: a file written before the rule was recorded).
+        images: test images behind the value (for pixel thresholds: images whose pixels were scored), or None.
+    """
+
+    value: float
+    rule: str = ""
+    images: int | None = None
+
+    @property
+    def is_finite(self) -> bool:
+        return math.isfinite(self.value)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Image and pixel thresholds per category, plus the shared one (key :data:`ALL`) for any category.
+
+    Build one with :meth:`from_json` (either file layout) or :func:`load_thresholds`; write it with
+    :func:`save_thresholds`.
+    """
+
+    image: dict[str, Threshold] = field(default_factory=dict)
+    pixel: dict[str, Threshold] = field(default_factory=dict)
+
+    def table(self, kind: Kind) -> dict[str, Threshold]:
+        """The thresholds of one kind (``"image"`` or ``"pixel"``) by category."""
+        if kind == "image":
+            return self.image
+        if kind == "pixel":
+            return self.pixel
+        raise ValueError(f"threshold kind {kind!r}; use 'image' or 'pixel'")
+
+    @property
+    def categories(self) -> list[str]:
+        """The categories with a threshold of either kind (without :data:`ALL`), sorted."""
+        return sorted((set(self.image) | set(self.pixel)) - {ALL})
+
+    def select(self, kind: Kind, category: str | None = None) -> float | None:
+        """The ``kind`` threshold for ``category`` (None: the shared one), or None when unknown or not finite.
+
+        Raises:
+            ConfigError: ``category`` has no threshold of either kind (the message lists the known ones).
+        """
+        if category is not None and (self.image or self.pixel) and category not in self.categories:
+            known = ", ".join(self.categories) or "none"
+            raise ConfigError(f"no thresholds for category {category!r}; known: {known}")
+        found = self.table(kind).get(ALL if category is None else category)
+        return found.value if found is not None and found.is_finite else None
+
+    def fallback(self, kind: Kind, category: str) -> float | None:
+        """The finite ``kind`` threshold of ``category``, else the shared one, else None (never raises)."""
+        for key in (category, ALL):
+            found = self.table(kind).get(key)
+            if found is not None and found.is_finite:
+                return found.value
+        return None
+
+    def values(self, kind: Kind) -> dict[str, float]:
+        """``{category: value}`` of one kind."""
+        return {category: t.value for category, t in self.table(kind).items()}
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``thresholds.json`` layout (values where earlier versions kept them, the basis beside them)."""
+        value: dict[str, Any] = {kind: self.values(kind) for kind in KINDS}
+        basis = {
+            kind: {cat: {"rule": t.rule, "images": t.images} for cat, t in self.table(kind).items() if t.rule}
+            for kind in KINDS
+        }
+        if any(basis.values()):
+            value["basis"] = basis
+        return value
+
+    @classmethod
+    def from_json(cls, value: Any, source: str = "thresholds") -> Thresholds:
+        """Read either ``thresholds.json`` layout: values only (earlier versions) or values plus ``"basis"``.
+
+        Raises:
+            DataError: not a mapping of the documented shape (``source`` names it in the message).
+        """
+        if not isinstance(value, Mapping):
+            raise DataError(f"{source} is not a thresholds file ({{'image': {{...}}, 'pixel': {{...}}}})")
+        basis = value.get("basis") if isinstance(value.get("basis"), Mapping) else {}
+        tables: dict[str, dict[str, Threshold]] = {}
+        try:
+            for kind in KINDS:
+                known = basis.get(kind) if isinstance(basis.get(kind), Mapping) else {}
+                table = {}
+                for category, number in (value.get(kind) or {}).items():
+                    how = known.get(category) if isinstance(known.get(category), Mapping) else {}
+                    images = how.get("images")
+                    table[str(category)] = Threshold(
+                        _as_float(number), str(how.get("rule") or ""), int(images) if images is not None else None
+                    )
+                tables[kind] = table
+        except (AttributeError, TypeError, ValueError) as err:
+            raise DataError(f"{source} is not a thresholds file ({{'image': {{...}}, 'pixel': {{...}}}})") from err
+        return cls(image=tables["image"], pixel=tables["pixel"])
+
+
+def _as_float(value: Any) -> float:
+    """A JSON number as float; None becomes NaN; anything else non-numeric raises ValueError."""
+    return math.nan if value is None else float(value)
+
+
+def thresholds_path(folder: str | os.PathLike) -> Path:
+    """Where the thresholds of a checkpoint or evaluation folder are stored."""
+    return Path(folder) / THRESHOLDS_FILE
+
+
+def save_thresholds(folder: str | os.PathLike, thresholds: Thresholds) -> Path:
+    """Write ``thresholds.json`` into ``folder`` (a checkpoint or evaluation folder), atomically; return its path."""
+    path = thresholds_path(folder)
+    atomic_write_json(path, thresholds.to_json())
+    return path
+
+
+def load_thresholds(path: str | os.PathLike) -> Thresholds | None:
+    """The thresholds in a ``thresholds.json`` file, or in a folder's; None when a folder has none.
+
+    Args:
+        path: a thresholds file, or a folder (a checkpoint or an evaluation folder) that may hold one.
+
+    Raises:
+        DataError: a file named ``path`` is missing, or the file is unreadable or not a thresholds file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = thresholds_path(path)
+        if not path.is_file():
+            return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise DataError(f"thresholds file {path} is unreadable ({err}); evaluate the model again to write it") from err
+    return Thresholds.from_json(value, source=str(path))
+
+
+# -------------------------------------------------------------------------------------------- evaluation folder
+@dataclass(frozen=True)
+class Example:
+    """One report example: a test image with its anomaly map (M, M), most or least anomalous of its category."""
+
+    image: str
+    score: float
+    label: int
+    defect: str
+    mask: str | None
+    rank: Literal["most", "least"]
+    anomaly_map: np.ndarray  # (M, M)
+
+
+@dataclass(frozen=True)
+class EvaluationFiles:
+    """What an evaluation folder holds, as written by :func:`write_evaluation`."""
+
+    metrics: dict[str, Any]  # metrics.json
+    thresholds: Thresholds
+    curves: dict[str, Any]  # {category: {curve name: {"x": [...], "y": [...]}}}
+    examples: dict[str, list[Example]]
+
+
+def write_evaluation(
+    out_dir: str | os.PathLike,
+    *,
+    metrics: Mapping[str, Any],
+    thresholds: Thresholds,
+    curves: Mapping[str, Any],
+    examples: Mapping[str, list[Example]],
+) -> Path:
+    """Write an evaluation folder (see the module docstring); every file appears atomically.
+
+    Args:
+        out_dir: the folder (created when missing).
+        metrics: the ``metrics.json`` mapping; its ``"categories"`` and ``"mean"`` also make ``metrics.csv``.
+        thresholds: the thresholds found.
+        curves: per category, curves as ``{"x": [...], "y": [...]}``.
+        examples: per category, the report examples.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / METRICS_FILE, dict(metrics))
+    atomic_write_text(out / METRICS_CSV_FILE, metrics_csv(metrics["categories"], metrics["mean"]))
+    save_thresholds(out, thresholds)
+    atomic_write_json(out / CURVES_FILE, dict(curves))
+    (out / EXAMPLES_DIR).mkdir(exist_ok=True)
+    listed: dict[str, list[dict[str, Any]]] = {}
+    for category, chosen in examples.items():
+        listed[category] = []
+        for k, example in enumerate(chosen):
+            name = f"{EXAMPLES_DIR}/{_safe(category)}_{example.rank}_{k}.npy"
+            buffer = io.BytesIO()
+            np.save(buffer, np.asarray(example.anomaly_map).astype(np.float16))
+            atomic_write_bytes(out / name, buffer.getvalue())  # never a half-written map beside examples.json
+            listed[category].append(
+                {
+                    "image": example.image,
+                    "score": example.score,
+                    "label": example.label,
+                    "defect": example.defect,
+                    "mask": example.mask,
+                    "rank": example.rank,
+                    "map": name,
+                }
+            )
+    atomic_write_json(out / EXAMPLES_FILE, listed)
+    return out
+
+
+def metrics_csv(categories: Mapping[str, Mapping[str, float]], mean: Mapping[str, float]) -> str:
+    """``metrics.csv``: a header, one row per category, then ``mean``; values with 6 decimals, ``nan`` if undefined."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["category", *METRIC_KEYS])
+    for name, values in {**categories, "mean": mean}.items():
+        writer.writerow([name, *(_fmt(values.get(key, math.nan)) for key in METRIC_KEYS)])
+    return buffer.getvalue()
+
+
+def _fmt(value: float | None) -> str:
+    return "nan" if value is None or math.isnan(value) else f"{value:.6f}"
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+
+
+@dataclass(frozen=True)
+class StoredEvaluation:
+    """The JSON files of an evaluation folder as read back; optional files are empty when absent."""
+
+    root: Path
+    metrics: dict[str, Any]
+    thresholds: Thresholds
+    curves: dict[str, Any]
+    examples: dict[str, list[dict[str, Any]]]
+    missing: tuple[str, ...] = ()  # optional files that were absent
+
+    @property
+    def categories(self) -> list[str]:
+        return list(self.metrics["categories"])
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / METRICS_FILE
+
+
+def is_evaluation_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds an evaluation's ``metrics.json``."""
+    return (Path(path) / METRICS_FILE).is_file()
+
+
+def read_evaluation(eval_dir: str | os.PathLike) -> StoredEvaluation:
+    """Read the JSON files of an evaluation folder; map files stay on disk (``examples`` name them).
+
+    Raises:
+        DataError: no ``metrics.json`` (not an evaluation folder), or a file that is not JSON of the documented shape.
+    """
+    root = Path(eval_dir)
+    metrics_path = root / METRICS_FILE
+    if not metrics_path.is_file():
+        what = "does not exist" if not root.exists() else f"has no {METRICS_FILE}"
+        raise DataError(f"{root} {what}, so it is not an evaluation folder; evaluate a checkpoint into it first")
+    metrics = _read_object(metrics_path)
+    if not isinstance(metrics.get("categories"), dict) or not metrics["categories"]:
+        raise DataError(f"{metrics_path} has no per-category metrics (a 'categories' object); evaluate again")
+    missing = []
+    optional: dict[str, Any] = {}
+    for name in (CURVES_FILE, EXAMPLES_FILE):
+        path = root / name
+        if path.is_file():
+            optional[name] = _read_object(path)
+        else:
+            missing.append(name)
+            optional[name] = {}
+    if thresholds_path(root).is_file():
+        thresholds = Thresholds.from_json(_read_object(thresholds_path(root)), source=str(thresholds_path(root)))
+    else:
+        missing.append(THRESHOLDS_FILE)
+        thresholds = Thresholds()
+    return StoredEvaluation(
+        root, metrics, thresholds, optional[CURVES_FILE], optional[EXAMPLES_FILE], tuple(sorted(missing))
+    )
+
+
+def _read_object(path: Path) -> dict[str, Any]:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"cannot read {path} as JSON ({err}); evaluate again to write it") from err
+    if not isinstance(content, dict):
+        raise DataError(f"{path} holds a JSON {type(content).__name__}, not an object; evaluate again")
+    return content
