@@ -23,6 +23,7 @@ from cnc_ad.errors import ExportError
 from cnc_ad.export import check_parity, export_openvino, openvino_bin_path, random_images, read_openvino_metadata
 from cnc_ad.files import read_jsonl
 from cnc_ad.model import build_model
+from cnc_ad.results import Thresholds
 
 ov = pytest.importorskip("openvino", reason="openvino is not installed (pip install 'cnc-ad[openvino]')")
 
@@ -155,7 +156,7 @@ def test_cli_predict_openvino_matches_checkpoint(checkpoint: Path, ir: Path, tmp
         ov_map = np.load(tmp_path / "ov" / by_ov[path]["map"]).astype(np.float32)
         np.testing.assert_allclose(torch_map, ov_map, atol=2e-3)  # float16 files
     detector = Detector.from_openvino(ir, config={"INFERENCE_NUM_THREADS": 1})
-    assert detector.thresholds == THRESHOLDS and detector.image_size == 32
+    assert detector.thresholds == Thresholds.from_json(THRESHOLDS) and detector.image_size == 32
     images = torch.rand(5, 3, detector.image_size, detector.image_size)
     reference = Detector.from_checkpoint(checkpoint, device="cpu").predict(images)
     out = detector.predict(images, batch_size=5)
