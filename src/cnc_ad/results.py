@@ -18,6 +18,10 @@ An evaluation folder (written by ``cnc eval``, read by ``cnc report``)::
 
 A value ``t`` means: an image (pixel) is anomalous when its score (map value) ``>= t``. ``"basis"`` records how each
 value was found (the rule and the number of test images behind it); files written before it existed have none.
+
+Two kinds of rule make values: *labelled* ones from ``cnc eval`` (``f1_max``, ``f1_max_pooled``, ``median``, or ``""``
+in older files) and *false-alarm* ones from good images only (``"false_alarm_rate=R"``, :mod:`cnc_ad.calibrate`).
+The file holds one value per kind and category; :func:`merge_thresholds` decides which (see there).
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ EXAMPLES_FILE = "examples.json"
 EXAMPLES_DIR = "examples"
 REPORT_FILE = "report.html"
 
+FALSE_ALARM_RULE = "false_alarm_rate"
+"""Rules ``"false_alarm_rate=R..."`` come from good images only (:mod:`cnc_ad.calibrate`); every other rule is
+labelled (F1-max from ``cnc eval``)."""
 ALL = "__all__"
 """The key of the threshold for images of any (or an unknown) category."""
 Kind = Literal["image", "pixel"]
@@ -60,9 +67,11 @@ class Threshold:
     Attributes:
         value: scores (map values) ``>= value`` are anomalous; NaN when it could not be found.
         rule: how it was found: ``"f1_max"`` (the F1-max threshold of one category), ``"f1_max_pooled"`` (over the
-            test images of all categories pooled), ``"median"`` (median of the category thresholds), or ``""``
+            test images of all categories pooled), ``"median"`` (median of the category thresholds),
+            ``"false_alarm_rate=R"`` (a share R of good images above it, :mod:`cnc_ad.calibrate`), or ``""``
             (unknown: a file written before the rule was recorded).
-        images: test images behind the value (for pixel thresholds: images whose pixels were scored), or None.
+        images: test images (good images, for a false-alarm rule) behind the value (for pixel thresholds: images
+            whose pixels were scored), or None.
     """
 
     value: float
@@ -72,6 +81,11 @@ class Threshold:
     @property
     def is_finite(self) -> bool:
         return math.isfinite(self.value)
+
+    @property
+    def is_labelled(self) -> bool:
+        """Whether the value came from labelled test images (an F1-max rule), not from good images only."""
+        return not self.rule.startswith(FALSE_ALARM_RULE + "=")
 
 
 @dataclass(frozen=True)
@@ -196,6 +210,39 @@ def load_thresholds(path: str | os.PathLike) -> Thresholds | None:
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise DataError(f"thresholds file {path} is unreadable ({err}); evaluate the model again to write it") from err
     return Thresholds.from_json(value, source=str(path))
+
+
+def merge_thresholds(old: Thresholds | None, new: Thresholds, *, replace_labelled: bool = False) -> Thresholds:
+    """``old`` with ``new``'s values added, one value per kind and category by this precedence:
+
+    1. a finite value beats a missing or NaN one;
+    2. a labelled value (F1-max, from ``cnc eval``) beats a false-alarm one (good images only), unless
+       ``replace_labelled``, when every finite new value wins;
+    3. otherwise (two values of the same kind of rule) the new one wins.
+
+    So calibrating never hides the F1-max thresholds an evaluation stored, evaluating replaces false-alarm thresholds
+    where it finds F1-max ones, and categories only one of them saw keep their values.
+    """
+    if old is None:
+        return new
+    tables: dict[str, dict[str, Threshold]] = {}
+    for kind in KINDS:
+        table = dict(old.table(kind))
+        for category, value in new.table(kind).items():
+            current = table.get(category)
+            if current is None or not current.is_finite:
+                table[category] = value if value.is_finite or current is None else current
+            elif value.is_finite and (replace_labelled or value.is_labelled or not current.is_labelled):
+                table[category] = value
+        tables[kind] = table
+    return Thresholds(image=tables["image"], pixel=tables["pixel"])
+
+
+def update_thresholds(folder: str | os.PathLike, new: Thresholds, *, replace_labelled: bool = False) -> Thresholds:
+    """Merge ``new`` into the ``thresholds.json`` of ``folder`` (:func:`merge_thresholds`), write it, return it."""
+    merged = merge_thresholds(load_thresholds(folder), new, replace_labelled=replace_labelled)
+    save_thresholds(folder, merged)
+    return merged
 
 
 # -------------------------------------------------------------------------------------------- evaluation folder
