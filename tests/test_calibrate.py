@@ -144,3 +144,144 @@ def test_stored_file_says_which_rule_made_each_value(tmp_path: Path) -> None:
     assert stored["basis"]["image"]["a"]["rule"] == "f1_max"
     assert stored["basis"]["image"]["b"] == {"rule": "false_alarm_rate=0.01", "images": 10}
     assert load_thresholds(tmp_path).image["b"].is_labelled is False
+
+
+# ------------------------------------------------------------------------------------- with a trained model
+RATE = 0.1
+TOLERANCE = 0.08
+"""Measured false-alarm rates on unseen good images must lie within RATE +- TOLERANCE. With 100 held-out images per
+category (200 pooled) and 100 unseen good test images, the binomial spread of the measured rate (sd about 0.03) plus
+the error of a quantile estimated from 200 images (sd about 0.02) give sd about 0.037: the tolerance is about 2 sd.
+Everything is seeded, so the test is deterministic on one machine; the tolerance is for other platforms."""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny model trained 10 steps on 2 synthetic categories of 200 good images, half of them held out, with
+    thresholds set on those at a false-alarm rate of 0.1: (dataset root, run folder)."""
+    from cnc_ad.cli import main
+    from cnc_ad.data import synthesize
+
+    base = tmp_path_factory.mktemp("calibrated")
+    data = synthesize(base / "data", categories=2, per_category=200, size=32, seed=0)
+    code = main(
+        ["train", "--config", "demo", "--data-root", str(data), "--out", str(base / "run"), "--max-steps", "10",
+         "--device", "cpu", "--no-progress", "--set", "model.preset=tiny", "--set", "data.num_workers=0",
+         "--set", "train.batch_size=8", "--set", "data.calibration_share=0.5",
+         "--set", f"train.false_alarm_rate={RATE}"]
+    )  # fmt: skip
+    assert code == 0
+    return data, base / "run"
+
+
+def _test_images(data: Path) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
+    from cnc_ad.data import scan_dataset
+
+    good: dict[str, list[Path]] = {}
+    bad: dict[str, list[Path]] = {}
+    for sample in scan_dataset(data).test_samples():
+        (bad if sample.label else good).setdefault(sample.category, []).append(sample.image)
+    return good, bad
+
+
+def test_training_sets_thresholds_that_hold_their_false_alarm_rate(trained: tuple[Path, Path]) -> None:
+    from cnc_ad import Detector
+
+    data, run = trained
+    detector = Detector.from_checkpoint(run, device="cpu")  # reads only the false-alarm thresholds stored by training
+    stored = detector.thresholds
+    assert stored is not None and stored.categories == ["brick", "washer"]
+    for category in ("brick", "washer", ALL):
+        for kind in ("image", "pixel"):
+            found = stored.table(kind)[category]
+            assert found.rule == "false_alarm_rate=0.1" and found.is_finite
+            assert found.images == (200 if category == ALL else 100)  # half of each category's 200 held out
+    good, bad = _test_images(data)
+    all_good = [p for paths in good.values() for p in paths]
+    result = detector.predict(all_good)  # no category: the shared (ALL) thresholds
+    assert result.is_anomalous is not None and result.masks is not None
+    good_rate = float(result.is_anomalous.mean())
+    assert abs(good_rate - RATE) <= TOLERANCE, good_rate
+    pixel_rate = float(np.mean([mask.mean() for mask in result.masks]))
+    assert abs(pixel_rate - RATE) <= TOLERANCE, pixel_rate
+    # With each category's own thresholds, defective images are flagged more often than good ones (after 10 steps
+    # of a tiny random-weight model: brick is told apart well, washer barely).
+    flagged_good = np.concatenate([detector.predict(good[c], category=c).is_anomalous for c in ("brick", "washer")])
+    flagged_bad = np.concatenate([detector.predict(bad[c], category=c).is_anomalous for c in ("brick", "washer")])
+    assert flagged_bad.mean() > flagged_good.mean() + 0.1, (flagged_bad.mean(), flagged_good.mean())
+
+
+def test_cli_calibrate_keeps_f1_max_values(trained: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    import shutil
+
+    from cnc_ad.checkpoint import resolve_checkpoint
+    from cnc_ad.cli import main
+
+    data, trained_run = trained
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    checkpoint = resolve_checkpoint(run)
+    from_training = load_thresholds(checkpoint)
+    # The same held-out images, the same rate: the same values as training stored.
+    assert main(["calibrate", "--checkpoint", str(run), "--data-root", str(data), "--false-alarm-rate", "0.1",
+                 "--num-workers", "0", "--device", "cpu"]) == 0  # fmt: skip
+    again = load_thresholds(checkpoint)
+    for kind in ("image", "pixel"):
+        for category, value in from_training.table(kind).items():
+            assert again.table(kind)[category].value == pytest.approx(value.value, rel=1e-6)
+    printed = capsys.readouterr().out
+    assert "| category | images | image threshold | pixel threshold | rule |" in printed
+    assert "| brick | 100 |" in printed and "| (any) | 200 |" in printed and "false_alarm_rate=0.1" in printed
+
+    # An earlier `cnc eval` stored F1-max thresholds: calibrating keeps them and fills in the rest.
+    save_thresholds(
+        checkpoint,
+        Thresholds(image={"brick": Threshold(0.123, "f1_max", 300), ALL: Threshold(0.456, "f1_max_pooled", 600)}),
+    )
+    good, _ = _test_images(data)
+    washer_good = str(good["washer"][0].parent)
+    assert main(["calibrate", "--checkpoint", str(run), "--normal", washer_good, "--category", "washer",
+                 "--false-alarm-rate", "0.2", "--num-workers", "0", "--device", "cpu"]) == 0  # fmt: skip
+    stored = load_thresholds(checkpoint)
+    assert stored.image["brick"] == Threshold(0.123, "f1_max", 300)
+    assert stored.image[ALL] == Threshold(0.456, "f1_max_pooled", 600)
+    assert stored.image["washer"].rule == "false_alarm_rate=0.2"
+    assert stored.image["washer"].images == 50  # its good test images
+    assert stored.pixel[ALL].rule == "false_alarm_rate=0.2"  # there was none: filled in
+    printed = capsys.readouterr().out
+    assert "kept the F1-max thresholds" in printed and "__all__" in printed
+    raw = json.loads((checkpoint / "thresholds.json").read_text())
+    assert raw["basis"]["image"]["brick"]["rule"] == "f1_max"
+    assert raw["basis"]["image"]["washer"]["rule"] == "false_alarm_rate=0.2"
+    # --replace-f1-max replaces them.
+    assert main(["calibrate", "--checkpoint", str(run), "--data-root", str(data), "--false-alarm-rate", "0.1",
+                 "--replace-f1-max", "--num-workers", "0", "--device", "cpu"]) == 0  # fmt: skip
+    assert load_thresholds(checkpoint).image["brick"].value == pytest.approx(from_training.image["brick"].value)
+
+
+def test_cli_calibrate_errors(trained: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    from cnc_ad.cli import main
+
+    data, run = trained
+    assert main(["calibrate", "--checkpoint", str(run)]) != 0
+    assert "--normal" in capsys.readouterr().err
+    assert main(["calibrate", "--checkpoint", str(run), "--data-root", str(data), "--category", "brick"]) != 0
+    assert main(["calibrate", "--checkpoint", str(run), "--normal", str(data), "--false-alarm-rate", "0.7"]) != 0
+    assert "false-alarm rate" in capsys.readouterr().err
+    few = tmp_path / "few"
+    few.mkdir()
+    for path in _test_images(data)[0]["brick"][:3]:
+        (few / path.name).write_bytes(path.read_bytes())
+    assert main(["calibrate", "--checkpoint", str(run), "--normal", str(few), "--num-workers", "0"]) != 0
+    assert "fewer than the 5" in capsys.readouterr().err
+
+
+def test_config_keys_are_validated_when_loaded() -> None:
+    from cnc_ad.config import load_config
+
+    config = load_config(None, ["data.calibration_share=0.2", "data.calibration_min=3", "train.false_alarm_rate=0.05"])
+    assert (config.data.calibration_share, config.data.calibration_min, config.train.false_alarm_rate) == (0.2, 3, 0.05)
+    for bad in ("data.calibration_share=0.6", "data.calibration_share=-0.1", "data.calibration_min=0",
+                "train.false_alarm_rate=0", "train.false_alarm_rate=0.5"):  # fmt: skip
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(None, [bad])

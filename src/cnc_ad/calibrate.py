@@ -37,6 +37,7 @@ from cnc_ad.results import ALL, FALSE_ALARM_RULE, Threshold, Thresholds
 if TYPE_CHECKING:
     import torch
 
+    from cnc_ad.config import Config
     from cnc_ad.predict import Detector
 
 log = logging.getLogger(__name__)
@@ -365,4 +366,50 @@ def calibrate_checkpoint(
     if kept:
         log.info("kept the F1-max thresholds of `cnc eval` for %s (replace_labelled replaces them)", ", ".join(kept))
     log.info("stored thresholds at false-alarm rate %g beside %s", false_alarm_rate, folder)
+    return found
+
+
+def calibrate_after_training(
+    checkpoint: str | os.PathLike,
+    held_out: Sequence[Any],
+    config: Config,
+    *,
+    model: torch.nn.Module,
+    device: torch.device,
+) -> Thresholds | None:
+    """Set thresholds on the good training images held out by :func:`split_calibration` and store them beside the
+    final checkpoint, at ``train.false_alarm_rate``; None (with a warning) when none were held out.
+
+    Args:
+        checkpoint: the final checkpoint folder.
+        held_out: the held-out samples.
+        config: the training config (``data.*`` for decoding, ``eval.batch_size``, ``train.false_alarm_rate``).
+        model: the trained model (not reloaded).
+        device: where it runs.
+    """
+    if not held_out:
+        if config.data.calibration_share > 0:
+            log.warning(
+                "no good training image was held out (every category has fewer than 2 x data.calibration_min=%d), so "
+                "no thresholds were set; run `cnc calibrate --normal DIR` with good images, or `cnc eval`",
+                config.data.calibration_min,
+            )
+        return None
+    found = calibrate_checkpoint(
+        checkpoint,
+        held_out_by_category(held_out),
+        config.train.false_alarm_rate,
+        device=device,
+        batch_size=config.eval.batch_size,
+        model=model,
+        num_workers=config.data.num_workers,
+        skip_bad=config.data.skip_bad,
+        min_images=min(config.data.calibration_min, MIN_IMAGES),
+    )
+    log.info(
+        "thresholds set on %d held-out good images at a false-alarm rate of %g (image threshold %.6g for any category)",
+        len(held_out),
+        config.train.false_alarm_rate,
+        found.image[ALL].value,
+    )
     return found

@@ -76,6 +76,16 @@ class DataConfig:
     categories: tuple[str, ...] | None = None  # None = every category found
     skip_bad: bool = False  # log and skip undecodable files instead of stopping
     num_workers: int = 2
+    # Good training images kept aside to set thresholds on after training (cnc_ad.calibrate.split_calibration): this
+    # share of each category, at least calibration_min, none for categories under 2 x calibration_min. 0 = none.
+    calibration_share: float = 0.1
+    calibration_min: int = 5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.calibration_share <= 0.5:
+            raise ConfigError(f"data.calibration_share={self.calibration_share!r}: use a share in [0, 0.5] (0: none)")
+        if self.calibration_min < 1:
+            raise ConfigError(f"data.calibration_min={self.calibration_min!r}: use at least 1")
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,14 @@ class TrainConfig:
     # "hinge" (only where the decoded token is farther from normality than its encoder token: a perfect
     # reconstruction of a normal token costs nothing).
     ngd: Literal["pull", "hinge"] = "pull"
+    # The share of good images the thresholds set after training (on the held-out images) call anomalous.
+    false_alarm_rate: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.false_alarm_rate < 0.5:
+            raise ConfigError(f"train.false_alarm_rate={self.false_alarm_rate!r}: use a share in (0, 0.5), e.g. 0.01")
+        if not 0.0 <= self.hard_mining < 1.0:
+            raise ConfigError(f"train.hard_mining={self.hard_mining!r}: use a share in [0, 1), e.g. 0.9 (0 = off)")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from cnc_ad import distributed as dist
+from cnc_ad.calibrate import calibrate_after_training, split_calibration
 from cnc_ad.checkpoint import (
     latest_checkpoint,
     load_trainable_state,
@@ -301,7 +302,10 @@ def train(
             f"train.batch_size={tcfg.batch_size} (the global batch) must be divisible by the number of "
             f"processes ({dist.world_size()})"
         )
-    samples = training_samples(config, index)
+    # Good images kept aside to set decision thresholds on after training (cnc_ad.calibrate).
+    samples, held_out = split_calibration(
+        training_samples(config, index), config.data.calibration_share, config.data.calibration_min
+    )
     total = total_steps(len(samples), tcfg)
     if not resume and run.has_checkpoint():
         raise ConfigError(
@@ -394,8 +398,10 @@ def train(
     checkpoint = save_training_checkpoint(run, model, optimizer, device, config, epoch, step)
     if cache is not None:
         cache.close()
-    if dist.is_main_process():
+    if dist.is_main_process():  # thresholds from the held-out good images, beside the final checkpoint
+        calibrate_after_training(checkpoint, held_out, config, model=model, device=device)
         run.write_result(checkpoint, epoch, step, last)
+    dist.barrier()
     return TrainResult(run.path, checkpoint, epoch, step, last)
 
 

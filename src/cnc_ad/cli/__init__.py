@@ -17,7 +17,7 @@ from cnc_ad import __version__
 from cnc_ad.errors import CNCError
 
 # Subcommand modules, in the order `cnc --help` lists them.
-COMMANDS = ("data", "models", "train", "eval", "report", "predict", "export", "serve", "demo", "ablate")
+COMMANDS = ("data", "models", "train", "eval", "calibrate", "report", "predict", "export", "serve", "demo", "ablate")
 
 DESCRIPTION = """\
 CNC: unsupervised multi-class anomaly detection with a cross-modal normality constraint (AAAI 2025).
@@ -30,6 +30,7 @@ typical workflow:
   cnc data scan data/synth                          # check what was found
   cnc train --config configs/demo.yaml --data-root data/synth --out runs/demo
   cnc eval --checkpoint runs/demo/last --data-root data/synth --out runs/demo/eval
+  cnc calibrate --checkpoint runs/demo/last --normal good_parts/   # thresholds from good images only
   cnc report runs/demo/eval
   cnc predict --checkpoint runs/demo/last images/ --out predictions
   cnc export --checkpoint runs/demo/last --format onnx --out model.onnx

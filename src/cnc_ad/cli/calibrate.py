@@ -1,0 +1,128 @@
+"""``cnc calibrate``: set decision thresholds from good images only, at a chosen false-alarm rate."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+EPILOG = """\
+examples:
+  cnc calibrate --checkpoint runs/line3 --normal batches/2026-11-28/ --category pump
+  cnc calibrate --checkpoint runs/line3 --normal 'good/**/*.png' --false-alarm-rate 0.005
+  cnc calibrate --checkpoint runs/mvtec --data-root /data/mvtec_ad      # the images training held out
+
+what it does: scores good images with the model and sets, per category, the image threshold above which a share
+R (--false-alarm-rate) of good images fall, and the pixel threshold above which a share R of their map values fall
+(a mask marks about R of a good image). Images of no named category (--normal without --category) set the shared
+threshold only, which `cnc predict` and `cnc serve` use when no category is given; every image counts for it.
+
+the rate needs images: with N good images a rate below 1/N cannot be measured (0.01 needs 100): then the threshold
+is the largest good score plus 5 % of the spread, and its rule says so (false_alarm_rate=R;max+margin). Fewer than
+--min-images images of a category is an error. Give it good parts only: a defect among them raises the thresholds.
+
+--data-root: `cnc train` keeps a share of each category's good training images aside (data.calibration_share,
+default 0.1; at least data.calibration_min, default 5; none for categories under 2 x that) and sets thresholds on
+them after training. This recomputes them (e.g. at another rate) from the same dataset, split as the run's
+config.yaml says.
+
+stored: beside the checkpoint (thresholds.json), where `cnc predict`, `cnc serve` and `cnc export` find them, with
+the rule that made each value. F1-max thresholds from `cnc eval` (labelled defects) take precedence and are kept;
+--replace-f1-max replaces them. See docs/thresholds.md.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "calibrate",
+        help="set thresholds from good images only, at a false-alarm rate (no defect images needed)",
+        description="Set image and pixel thresholds beside a checkpoint from images of good parts only: a share "
+        "--false-alarm-rate of good images (pixels) is called anomalous.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    parser.add_argument(
+        "--normal", nargs="+", metavar="INPUT", help="good images: files, folders (searched recursively) or globs"
+    )
+    parser.add_argument("--category", help="the category of the --normal images (default: none; shared threshold)")
+    parser.add_argument("--data-root", help="a dataset: use each category's good training images the run held out")
+    parser.add_argument("--format", help="layout of --data-root (auto-detected by default)")
+    parser.add_argument(
+        "--false-alarm-rate", type=float, default=0.01, metavar="R", help="share of good images flagged (default 0.01)"
+    )
+    parser.add_argument(
+        "--pixel-false-alarm-rate", type=float, metavar="R", help="share of good pixels marked (default: R)"
+    )
+    parser.add_argument("--replace-f1-max", action="store_true", help="replace F1-max thresholds from `cnc eval` too")
+    parser.add_argument("--min-images", type=int, default=5, help="fewest good images per category (default 5)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--num-workers", type=int, default=2, help="image decoding processes (default 2)")
+    parser.add_argument("--skip-bad", action="store_true", help="leave unreadable images out instead of stopping")
+    parser.add_argument("--clip-weights", metavar="PATH", help="local CLIP weights file (offline use)")
+    parser.add_argument("--trust-pickle", action="store_true", help="allow a pickle/TorchScript CLIP weights file")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cnc_ad.calibrate import calibrate_checkpoint, check_rate, held_out_by_category, split_calibration
+    from cnc_ad.checkpoint import resolve_checkpoint, run_folder_of
+    from cnc_ad.config import DataConfig, load_config
+    from cnc_ad.data import scan_dataset
+    from cnc_ad.errors import ConfigError, DataError
+    from cnc_ad.predict import collect_inputs
+    from cnc_ad.results import ALL, load_thresholds, thresholds_path
+
+    if not args.normal and not args.data_root:
+        raise ConfigError("pass --normal with folders of good images, or --data-root with the training dataset")
+    if args.category and not args.normal:
+        raise ConfigError("--category names the category of the --normal images; pass --normal too")
+    check_rate(args.false_alarm_rate)
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    images: dict[str | None, list] = {}
+    if args.data_root:
+        run_config = run_folder_of(checkpoint) / "config.yaml"  # written by `cnc train`
+        data = load_config(run_config).data if run_config.is_file() else DataConfig()
+        index = scan_dataset(args.data_root, args.format, data.categories, skip_bad=args.skip_bad)
+        _, held = split_calibration(index.train_samples(), data.calibration_share, data.calibration_min)
+        if not held:
+            raise DataError(
+                f"no good training images of {args.data_root} are held out (data.calibration_share="
+                f"{data.calibration_share}, categories need 2 x data.calibration_min={data.calibration_min} images); "
+                "pass --normal with good images the model was not trained on"
+            )
+        images.update(held_out_by_category(held))
+    if args.normal:
+        images.setdefault(args.category, []).extend(collect_inputs(args.normal))
+    found = calibrate_checkpoint(
+        checkpoint,
+        images,
+        args.false_alarm_rate,
+        device=args.device,
+        batch_size=args.batch_size,
+        pixel_false_alarm_rate=args.pixel_false_alarm_rate,
+        replace_labelled=args.replace_f1_max,
+        num_workers=args.num_workers,
+        skip_bad=args.skip_bad,
+        min_images=args.min_images,
+        clip_weights=args.clip_weights,
+        trust_pickle=args.trust_pickle,
+    )
+    stored = load_thresholds(checkpoint)
+    print("| category | images | image threshold | pixel threshold | rule |")
+    print("|---|---:|---:|---:|---|")
+    for category in [*found.categories, ALL]:
+        image, pixel = stored.image[category], stored.pixel.get(category)
+        rule = image.rule if pixel is None or pixel.rule == image.rule else f"{image.rule} / {pixel.rule}"
+        name = "(any)" if category == ALL else category
+        pixel_value = _number(pixel.value if pixel is not None else None)
+        print(f"| {name} | {image.images} | {_number(image.value)} | {pixel_value} | {rule} |")
+    kept = sorted({c for c in [*found.categories, ALL] if stored.image[c] != found.image[c]})
+    if kept:
+        print(f"\nkept the F1-max thresholds of `cnc eval` for: {', '.join(kept)} (--replace-f1-max replaces them)")
+    print(f"\nthresholds: {thresholds_path(checkpoint)}")
+    return 0
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.6g}"
