@@ -55,7 +55,8 @@ S = TypeVar("S")
 # -------------------------------------------------------------------------------------------------- the rule
 def false_alarm_rule(rate: float, estimated: bool = True) -> str:
     """The ``rule`` recorded with a threshold: ``"false_alarm_rate=0.01"``, with ``";max+margin"`` when the rate
-    was below ``1 / n`` (see the module docstring)."""
+    was below ``1 / n`` (see the module docstring).
+    """
     return f"{FALSE_ALARM_RULE}={rate:g}" + ("" if estimated else ";max+margin")
 
 

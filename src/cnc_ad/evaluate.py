@@ -34,7 +34,7 @@ from cnc_ad.metrics import (
 from cnc_ad.model import CNC
 from cnc_ad.model.anomaly_map import image_score
 from cnc_ad.progress import progress_bar
-from cnc_ad.results import ALL, Example, Threshold, Thresholds, save_thresholds, write_evaluation
+from cnc_ad.results import ALL, Example, Threshold, Thresholds, thresholds_path, update_thresholds, write_evaluation
 from cnc_ad.runs import RunFolder
 
 log = logging.getLogger(__name__)
@@ -383,5 +383,6 @@ def evaluate_checkpoint(
         return CheckpointEvaluation(result, folder, None, None)
     out = Path(out_dir) if out_dir is not None else RunFolder(run_folder_of(folder)).eval_dir
     write_results(result, out, checkpoint=str(folder))
-    thresholds_file = save_thresholds(folder, result.thresholds)
+    update_thresholds(folder, result.thresholds)  # F1-max values replace false-alarm ones; the others are kept
+    thresholds_file = thresholds_path(folder)
     return CheckpointEvaluation(result, folder, out, thresholds_file)

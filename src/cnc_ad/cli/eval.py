@@ -15,7 +15,8 @@ examples:
 --checkpoint takes a run folder (its latest checkpoint) or a checkpoint folder. The evaluation settings are the
 run's own (its config.yaml, eval: group), then --set group.key=value, then the flags below. The output folder receives
 metrics.json, metrics.csv, thresholds.json, curves.json and the examples that `cnc report` renders. The F1-max
-thresholds are also stored beside the checkpoint, where `cnc predict` finds them.
+thresholds are also stored beside the checkpoint, where `cnc predict` finds them (they replace thresholds set by
+`cnc calibrate` or by training on held-out good images, which are kept for categories without an F1-max value).
 """
 
 

@@ -25,8 +25,9 @@ written under --out:
   overlays/<name>.png heatmap over the image (scale 0 to 2 x pixel threshold)
   <name> is the file stem plus a hash of its absolute path, so equal names in different folders never clash.
 
-thresholds: an image is anomalous when score >= threshold. The default is the F1-max threshold that `cnc eval`
-stored beside the checkpoint (all categories, or --category's); --threshold overrides it. Masks use the stored pixel
+thresholds: an image is anomalous when score >= threshold. The default is the threshold stored beside the
+checkpoint (all categories, or --category's): set by training on held-out good images, by `cnc calibrate`, or the
+F1-max one of `cnc eval` (docs/thresholds.md); --threshold overrides it. Masks use the stored pixel
 threshold (or --pixel-threshold), else the image threshold. Without any threshold, is_anomalous is null and no
 masks are written.
 
@@ -51,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     parser.add_argument("--out", default="predictions", help="output folder (default: predictions)")
-    parser.add_argument("--threshold", type=float, help="image threshold (default: the stored F1-max threshold)")
+    parser.add_argument("--threshold", type=float, help="image threshold (default: the stored one)")
     parser.add_argument("--pixel-threshold", type=float, help="mask threshold (default: stored, else --threshold)")
     parser.add_argument("--category", help="use this category's stored thresholds instead of the overall ones")
     parser.add_argument("--thresholds", metavar="FILE", help="a thresholds.json to use (default: the stored one)")
