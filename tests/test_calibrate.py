@@ -80,7 +80,7 @@ def test_sample_pixels_bounds_memory_and_is_deterministic() -> None:
     assert np.array_equal(sample_pixels(maps, per_image=64), maps.reshape(3, 64))  # small maps: every value
     picked = sample_pixels(maps, per_image=10, seed=1)
     assert picked.shape == (3, 10) and np.array_equal(picked, sample_pixels(maps, per_image=10, seed=1))
-    assert all(set(row) <= set(m.ravel()) and len(set(row)) == 10 for row, m in zip(picked, maps))
+    assert all(set(row) <= set(m.ravel()) and len(set(row)) == 10 for row, m in zip(picked, maps, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------- the split

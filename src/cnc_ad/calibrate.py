@@ -288,6 +288,12 @@ def calibrate_detector(
     Args:
         detector: the model.
         normal_images: per category, files of good images; the key None: good images of no known category.
+        false_alarm_rate: share of good images the image thresholds call anomalous.
+        pixel_false_alarm_rate: share of good pixels the pixel thresholds call anomalous (default: the same).
+        batch_size: images per model call.
+        num_workers: image decoding processes.
+        skip_bad: log and skip unreadable files instead of stopping.
+        min_images: fewest good images a category needs.
     """
     check_rate(false_alarm_rate)
     scores: dict[str | None, np.ndarray] = {}

@@ -213,7 +213,7 @@ def load_thresholds(path: str | os.PathLike) -> Thresholds | None:
 
 
 def merge_thresholds(old: Thresholds | None, new: Thresholds, *, replace_labelled: bool = False) -> Thresholds:
-    """``old`` with ``new``'s values added, one value per kind and category by this precedence:
+    """``old`` with ``new``'s values added, one value per kind and category, by the precedence below.
 
     1. a finite value beats a missing or NaN one;
     2. a labelled value (F1-max, from ``cnc eval``) beats a false-alarm one (good images only), unless
