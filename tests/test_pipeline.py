@@ -143,11 +143,18 @@ def test_ablation_grid(synth_root, tmp_path, capsys):
             "--out",
             str(tmp_path / "abl"),
             "--no-progress",
+            "--seeds",
+            "0",
+            "1",
             *TINY,
         ]
     )
     assert code == 0
     table = capsys.readouterr().out
-    for name in ("full (CNC)", "w/o cross-modal", "w/o MoE", "w/o both"):
+    for name in ("full (CNC)", "w/o cross-modal", "w/o CFD only", "w/o MoE", "w/o both", "with FNP"):
         assert name in table
-    assert len(json.loads((tmp_path / "abl" / "ablation.json").read_text())) == 4
+    assert " ± " in table  # two seeds: mean ± std
+    saved = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert saved["seeds"] == [0, 1] and len(saved["means"]) == 6
+    assert all(set(runs) == {"0", "1"} for runs in saved["runs"].values())
+    assert (tmp_path / "abl" / "w_o_CFD_only" / "seed1" / "eval").is_dir()
