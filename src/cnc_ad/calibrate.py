@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     import torch
 
     from cnc_ad.config import Config
-    from cnc_ad.predict import Detector
+    from cnc_ad.inference import Detector
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ def calibrate_checkpoint(
     """
     from cnc_ad.checkpoint import resolve_checkpoint
     from cnc_ad.device import resolve_device
-    from cnc_ad.predict import Detector, TorchBackend
+    from cnc_ad.inference import Detector, TorchBackend
     from cnc_ad.results import update_thresholds
 
     folder = resolve_checkpoint(checkpoint)
