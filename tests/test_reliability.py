@@ -138,6 +138,83 @@ def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_weights(synth_root
         assert torch.equal(a[key], b[key]), key
 
 
+FIRST_SAVE_SCRIPT = r"""
+import json, os, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from cnc_ad import checkpoint as ck
+from cnc_ad import train as tr
+from cnc_ad.config import load_config
+
+config_file, data_root, base = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+config = load_config(config_file, [f"data.root={data_root}"])
+results = []
+for n in range(1, 200):
+    run = base / f"run{n}"
+    pid = os.fork()
+    if pid == 0:  # the child trains and dies (like kill -9) at the n-th file-system step of its FIRST checkpoint save
+        calls, inside = [0], [False]
+        original = tr.save_checkpoint
+
+        def first_save(*args, **kwargs):
+            inside[0] = True
+            original(*args, **kwargs)
+            os._exit(0)  # n is past the last step of the save: no crash happened
+
+        def crash(fn):
+            def wrapper(*args, **kwargs):
+                if inside[0]:
+                    calls[0] += 1
+                    if calls[0] == n:
+                        os._exit(137)
+                return fn(*args, **kwargs)
+            return wrapper
+
+        os.replace = crash(os.replace)
+        os.fsync = crash(os.fsync)
+        ck.save_file = crash(ck.save_file)
+        tr.save_checkpoint = first_save
+        tr.train(config, run, progress=False)
+        os._exit(3)  # never reached: the first save ends the child
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    results.append({"n": n, "exit": code, "run": str(run)})
+    if code != 137:
+        break
+print(json.dumps(results))
+"""
+
+
+def test_kill_at_every_stage_of_the_first_checkpoint_then_resume_gives_the_uninterrupted_weights(
+    synth_root: Path, tmp_path: Path
+) -> None:
+    """A run killed while its first checkpoint is being written (files only in the temporary folder, or the folder
+    renamed but ``latest`` not yet written) resumes: from step 0 with its saved config when no checkpoint is complete,
+    else from the complete one; crash leftovers are removed; the final weights equal an uninterrupted run's."""
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(TRAIN_YAML.replace("epochs: 12", "epochs: 2"))
+    base = tmp_path / "crashes"
+    base.mkdir()
+    out = subprocess.run(
+        [sys.executable, "-c", FIRST_SAVE_SCRIPT, str(config_file), str(synth_root), str(base)],
+        env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    crashes = [r for r in results if r["exit"] == 137]
+    assert results[-1]["exit"] == 0 and len(crashes) >= 6, results  # every stage of the save, then one without
+    reference = train(load_config(config_file, [f"data.root={synth_root}"]), tmp_path / "reference", progress=False)
+    expected = _trainable(load_model(reference.checkpoint))
+    for crash in crashes:
+        run = Path(crash["run"])
+        assert main(["-q", "train", "--resume", str(run), "--no-progress"]) == 0, crash
+        assert latest_checkpoint(run).name == "epoch-0002"
+        assert not list((run / "checkpoints").glob(".*.tmp")) and not list(run.glob(".*.tmp")), crash
+        got = _trainable(load_model(run))
+        assert all(torch.equal(expected[k], got[k]) for k in expected), crash
+
+
 CRASH_SCRIPT = r"""
 import json, os, shutil, sys
 from pathlib import Path

@@ -177,6 +177,21 @@ def is_checkpoint(folder: Path) -> bool:
         return False
 
 
+def resumable_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint an interrupted run continues from, or None when none was completed.
+
+    The one ``latest`` names; without a usable ``latest`` (a crash between writing a checkpoint folder and pointing
+    ``latest`` at it), the newest complete checkpoint folder with trainer state. A checkpoint folder appears only
+    whole (it is written under a temporary name and renamed), so a complete one is safe to continue from.
+    """
+    run = RunFolder(run_dir)
+    target = run.read_latest()
+    if target is not None and is_checkpoint(target) and (target / TRAINER_META_FILE).is_file():
+        return target
+    complete = run.complete_checkpoints(lambda p: is_checkpoint(p) and (p / TRAINER_META_FILE).is_file())
+    return complete[-1] if complete else None
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path:
     """The checkpoint folder that the run folder's ``latest`` file names.
 

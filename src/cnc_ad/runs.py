@@ -134,6 +134,28 @@ class RunFolder:
         name = result.get("checkpoint") if result else None
         return self.path / name if isinstance(name, str) and name else None
 
+    def remove_crash_leftovers(self) -> list[Path]:
+        """Delete the temporary files and folders an interrupted save leaves (``.<name>.*.tmp`` beside the
+        checkpoints and the run's own files); return what was removed."""
+        removed = []
+        for folder in (self.path, self.path / CHECKPOINTS_DIR):
+            if not folder.is_dir():
+                continue
+            for leftover in folder.glob(".*.tmp"):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+                removed.append(leftover)
+        return removed
+
+    def complete_checkpoints(self, is_complete: Callable[[Path], bool]) -> list[Path]:
+        """The checkpoint folders of ``checkpoints/`` that ``is_complete`` accepts, oldest epoch first."""
+        folder = self.path / CHECKPOINTS_DIR
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.glob("epoch-*") if p.is_dir() and is_complete(p))
+
     # -- latest -----------------------------------------------------------------------------------------------
     def read_latest(self) -> Path | None:
         """The checkpoint folder the ``latest`` file names, or None without one."""

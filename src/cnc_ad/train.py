@@ -30,6 +30,7 @@ from cnc_ad import distributed as dist
 from cnc_ad.calibrate import calibrate_after_training, split_calibration
 from cnc_ad.checkpoint import (
     latest_checkpoint,
+    resumable_checkpoint,
     load_trainable_state,
     load_trainer_state,
     restore_training_state,
@@ -325,13 +326,22 @@ def train(
         losses_of = nn.parallel.DistributedDataParallel(losses_of, device_ids=device_ids, find_unused_parameters=True)
     dataset = TrainDataset(samples, model.image_size)
     epoch = step = 0
+    checkpoint = None
     if resume:
-        checkpoint = latest_checkpoint(run.path)
+        if dist.is_main_process():
+            for leftover in run.remove_crash_leftovers():
+                log.info("removed %s, left by an interrupted save", leftover)
+        dist.barrier()
+        checkpoint = resumable_checkpoint(run.path)
+    if checkpoint is not None:
         load_trainable_state(model, checkpoint)
         tensors, meta = load_trainer_state(checkpoint)
         restore_training_state(optimizer, device, tensors, meta)
         epoch, step = int(meta["epoch"]), int(meta["step"])
         log.info("resumed from %s (epoch %d, step %d)", checkpoint, epoch, step)
+    elif resume:  # interrupted before its first checkpoint was complete: the same run again from step 0
+        log.warning("%s has no complete checkpoint yet: training starts again from step 0 with its config", run.path)
+        resume = False
 
     if dist.is_main_process():
         run.write_config(config)
