@@ -136,7 +136,8 @@ class RunFolder:
 
     def remove_crash_leftovers(self) -> list[Path]:
         """Delete the temporary files and folders an interrupted save leaves (``.<name>.*.tmp`` beside the
-        checkpoints and the run's own files); return what was removed."""
+        checkpoints and the run's own files); return what was removed.
+        """
         removed = []
         for folder in (self.path, self.path / CHECKPOINTS_DIR):
             if not folder.is_dir():

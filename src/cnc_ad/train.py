@@ -30,10 +30,10 @@ from cnc_ad import distributed as dist
 from cnc_ad.calibrate import calibrate_after_training, split_calibration
 from cnc_ad.checkpoint import (
     latest_checkpoint,
-    resumable_checkpoint,
     load_trainable_state,
     load_trainer_state,
     restore_training_state,
+    resumable_checkpoint,
     save_checkpoint,
     training_state,
 )
