@@ -44,3 +44,18 @@ def write_image(path: Path, size: tuple[int, int] = (16, 16), value: int | None 
     array = np.full(shape, value, np.uint8) if value is not None else rng.integers(0, 256, shape, dtype=np.uint8)
     Image.fromarray(array[..., 0] if channels == 1 else array).save(path)
     return path
+
+
+def tiny_checkpoint(folder: Path, thresholds: dict | None = None) -> Path:
+    """Save a tiny random-weight checkpoint into ``folder`` (with ``thresholds.json`` when given); return it."""
+    import json
+
+    from cnc_ad.checkpoint import save_checkpoint
+    from cnc_ad.config import load_config
+    from cnc_ad.model import build_model
+
+    model = build_model(load_config(None, ["model.preset=tiny"]).model, pretrained=False)
+    saved = save_checkpoint(folder, model)
+    if thresholds is not None:
+        (saved / "thresholds.json").write_text(json.dumps(thresholds))
+    return saved

@@ -3,7 +3,6 @@ interruption, ONNX)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +11,13 @@ import torch
 from PIL import Image
 
 from cnc_ad import Detector
-from cnc_ad.checkpoint import save_checkpoint
 from cnc_ad.cli import main
-from cnc_ad.config import load_config
 from cnc_ad.errors import ConfigError, DataError
 from cnc_ad.files import read_jsonl
 from cnc_ad.inference import DetectionResult
-from cnc_ad.model import build_model
 from cnc_ad.predict import collect_inputs, output_name
 from cnc_ad.results import Thresholds
+from conftest import tiny_checkpoint
 
 THRESHOLDS = {"image": {"__all__": 1.0, "brick": 0.0, "washer": 99.0}, "pixel": {"__all__": 0.9, "brick": 0.0}}
 
@@ -28,10 +25,7 @@ THRESHOLDS = {"image": {"__all__": 1.0, "brick": 0.0, "washer": 99.0}, "pixel": 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight checkpoint with stored thresholds."""
-    model = build_model(load_config(None, ["model.preset=tiny"]).model, pretrained=False)
-    folder = save_checkpoint(tmp_path_factory.mktemp("run") / "ckpt", model)
-    (folder / "thresholds.json").write_text(json.dumps(THRESHOLDS))
-    return folder
+    return tiny_checkpoint(tmp_path_factory.mktemp("run") / "ckpt", THRESHOLDS)
 
 
 @pytest.fixture(scope="module")

@@ -138,7 +138,27 @@ def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_weights(synth_root
         assert torch.equal(a[key], b[key]), key
 
 
-FIRST_SAVE_SCRIPT = r"""
+# Shared by the crash scripts: wrap a function so that the n-th counted call ends the process like kill -9 (no
+# clean-up, no finally); calls are counted only while armed() is true.
+CRASH_HELPER = r"""
+import os
+
+def make_crash(n, armed=lambda: True):
+    calls = [0]
+    def crash(fn):
+        def wrapper(*args, **kwargs):
+            if armed():
+                calls[0] += 1
+                if calls[0] == n:
+                    os._exit(137)
+            return fn(*args, **kwargs)
+        return wrapper
+    return crash
+"""
+
+FIRST_SAVE_SCRIPT = (
+    CRASH_HELPER
+    + r"""
 import json, os, sys
 from pathlib import Path
 import torch
@@ -154,7 +174,7 @@ for n in range(1, 200):
     run = base / f"run{n}"
     pid = os.fork()
     if pid == 0:  # the child trains and dies (like kill -9) at the n-th file-system step of its FIRST checkpoint save
-        calls, inside = [0], [False]
+        inside = [False]
         original = tr.save_checkpoint
 
         def first_save(*args, **kwargs):
@@ -162,15 +182,7 @@ for n in range(1, 200):
             original(*args, **kwargs)
             os._exit(0)  # n is past the last step of the save: no crash happened
 
-        def crash(fn):
-            def wrapper(*args, **kwargs):
-                if inside[0]:
-                    calls[0] += 1
-                    if calls[0] == n:
-                        os._exit(137)
-                return fn(*args, **kwargs)
-            return wrapper
-
+        crash = make_crash(n, armed=lambda: inside[0])
         os.replace = crash(os.replace)
         os.fsync = crash(os.fsync)
         ck.save_file = crash(ck.save_file)
@@ -184,6 +196,7 @@ for n in range(1, 200):
         break
 print(json.dumps(results))
 """
+)
 
 
 def test_kill_at_every_stage_of_the_first_checkpoint_then_resume_gives_the_uninterrupted_weights(
@@ -215,7 +228,9 @@ def test_kill_at_every_stage_of_the_first_checkpoint_then_resume_gives_the_unint
         assert all(torch.equal(expected[k], got[k]) for k in expected), crash
 
 
-CRASH_SCRIPT = r"""
+CRASH_SCRIPT = (
+    CRASH_HELPER
+    + r"""
 import json, os, shutil, sys
 from pathlib import Path
 import torch
@@ -245,14 +260,7 @@ for n in range(1, 200):
     shutil.copytree(template, run, symlinks=True)
     pid = os.fork()
     if pid == 0:  # the child dies (like kill -9: no clean-up, no finally) at its n-th file-system step
-        calls = [0]
-        def crash(fn):
-            def wrapper(*args, **kwargs):
-                calls[0] += 1
-                if calls[0] == n:
-                    os._exit(137)
-                return fn(*args, **kwargs)
-            return wrapper
+        crash = make_crash(n)
         os.replace = crash(os.replace)
         os.fsync = crash(os.fsync)
         ck.save_file = crash(ck.save_file)
@@ -276,6 +284,7 @@ for n in range(1, 200):
         break
 print(json.dumps(results))
 """
+)
 
 
 @pytest.mark.parametrize("target", ["epoch-0002", "epoch-0001"], ids=["new-folder", "same-folder"])

@@ -29,13 +29,11 @@ httpx = pytest.importorskip("httpx", reason="the serve tests need the test extra
 uvicorn = pytest.importorskip("uvicorn", reason="cnc serve needs the serve extra: pip install -e '.[serve]'")
 
 from cnc_ad import Detector  # noqa: E402
-from cnc_ad.checkpoint import save_checkpoint  # noqa: E402
 from cnc_ad.cli import main  # noqa: E402
-from cnc_ad.config import load_config  # noqa: E402
 from cnc_ad.errors import ConfigError  # noqa: E402
-from cnc_ad.model import build_model  # noqa: E402
 from cnc_ad.serve.app import create_app  # noqa: E402
 from cnc_ad.serve.settings import ServeSettings, check_access, is_loopback  # noqa: E402
+from conftest import tiny_checkpoint  # noqa: E402
 
 THRESHOLDS = {"image": {"__all__": 0.5, "brick": 0.25}, "pixel": {"__all__": 0.6, "brick": 0.3}}
 LIMITS = ServeSettings(max_upload_bytes=200_000, max_pixels=250_000, max_images=4, max_batch_size=8, max_wait_ms=20)
@@ -46,10 +44,7 @@ SIZES = [(40, 50), (33, 21), (64, 64), (20, 30), (48, 40), (25, 25)]  # (H, W)
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight checkpoint with stored thresholds."""
-    model = build_model(load_config(None, ["model.preset=tiny"]).model, pretrained=False)
-    folder = save_checkpoint(tmp_path_factory.mktemp("run") / "ckpt", model)
-    (folder / "thresholds.json").write_text(json.dumps(THRESHOLDS))
-    return folder
+    return tiny_checkpoint(tmp_path_factory.mktemp("run") / "ckpt", THRESHOLDS)
 
 
 @pytest.fixture(scope="module")
