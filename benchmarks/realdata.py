@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", default=str(ROOT / ".bench" / "suite"), help="where the suite is (built once)")
     parser.add_argument("--devdata", default=str(DEFAULT_DEVDATA), help="the shared/devdata folder")
     parser.add_argument("--out", help="run folder (default: .bench/runs/<time>)")
-    parser.add_argument("--knn-bank", type=int, default=65536, help="memory-bank size in tokens (default 65536)")
+    parser.add_argument("--knn-bank", type=int, default=32768, help="memory-bank size in tokens (default 32768)")
     parser.add_argument(
         "--knn-cache",
         action="store_true",
