@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     suite = build_suite(args.suite, args.devdata)
     config = load_config(args.config, args.overrides)
     config = config_from_dict({"data": {"root": str(suite)}, "train": {"seed": args.seed}}, config)
+    if config.train.cache_dir is None:  # lever studies on the decoder side encode the suite once
+        config = config_from_dict({"train": {"cache_dir": str(ROOT / ".bench" / "features")}}, config)
     out = Path(args.out) if args.out else ROOT / ".bench" / "runs" / time.strftime("%Y%m%d-%H%M%S")
     index = scan_dataset(str(suite))
     device = resolve_device(args.device)

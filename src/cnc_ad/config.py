@@ -112,6 +112,10 @@ class TrainConfig:
     # Precision of the encoder features, with and without the cache (a disk cache needs float16 or float32).
     cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     cache_memory_gb: float = 8.0  # "auto" keeps the cache in memory up to this size, else a disk memmap
+    # Keep the (disk) feature cache in this folder after training, keyed by the encoder side and the training images,
+    # and reuse it in later runs with the same key: decoder-side studies encode the images once. None: the cache
+    # lives in the run folder and is deleted when training ends.
+    cache_dir: str | None = None
     log_every: int = 10  # steps between log.jsonl lines
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
     # Loose reconstruction (Dinomaly's hard-mined cosine loss): the tokens reconstructed best, a share ramped linearly
@@ -131,6 +135,13 @@ class TrainConfig:
             raise ConfigError(f"train.false_alarm_rate={self.false_alarm_rate!r}: use a share in (0, 0.5), e.g. 0.01")
         if not 0.0 <= self.hard_mining < 1.0:
             raise ConfigError(f"train.hard_mining={self.hard_mining!r}: use a share in [0, 1), e.g. 0.9 (0 = off)")
+        if self.cache_dir is not None and self.feature_cache not in ("auto", "disk"):
+            raise ConfigError(
+                f"train.cache_dir keeps a disk feature cache, but train.feature_cache={self.feature_cache!r}: "
+                "use auto or disk, or leave train.cache_dir unset"
+            )
+        if self.cache_dir is not None and self.cache_dtype == "bfloat16":
+            raise ConfigError("train.cache_dir keeps a disk feature cache, which needs cache_dtype float16 or float32")
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,14 @@ from cnc_ad.config import Config, TrainConfig
 from cnc_ad.data import DatasetIndex, Sample, TrainDataset, make_loader, scan_dataset
 from cnc_ad.device import autocast, resolve_device
 from cnc_ad.errors import CheckpointError, ConfigError, TrainingError
-from cnc_ad.feature_cache import CACHE_DTYPES, FeatureCache, cache_mode, fill_feature_cache
+from cnc_ad.feature_cache import (
+    CACHE_DTYPES,
+    FeatureCache,
+    cache_mode,
+    fill_feature_cache,
+    kept_cache_folder,
+    kept_cache_key,
+)
 from cnc_ad.losses import hard_mining_share
 from cnc_ad.model import CNC, build_model
 from cnc_ad.progress import progress_bar
@@ -348,6 +355,10 @@ def train(
         run.start_log(through_step=step if resume else None)
     cache = None
     if cache_mode(tcfg, config.data.skip_bad) != "off":
+        kept = None
+        if tcfg.cache_dir is not None:
+            key = kept_cache_key(model.config, tcfg, samples, device)
+            kept = (kept_cache_folder(Path(tcfg.cache_dir).expanduser(), key), key)
         cache = fill_feature_cache(
             lambda images: encode_batch(model, images, device, tcfg.amp, CACHE_DTYPES[tcfg.cache_dtype]),
             dataset,
@@ -359,6 +370,7 @@ def train(
             num_workers=config.data.num_workers,
             skip_bad=config.data.skip_bad,
             progress=progress,
+            kept=kept,
         )
         total = total_steps(int(cache.valid.sum()), tcfg)
 
