@@ -40,9 +40,11 @@ from cnc_ad.config import Config, config_from_dict, load_config, parse_overrides
 from cnc_ad.data import DatasetIndex, TrainDataset, make_loader, scan_dataset
 from cnc_ad.device import resolve_device
 from cnc_ad.evaluate import EvalResult, evaluate, evaluate_checkpoint, markdown_table
+from cnc_ad.feature_cache import ENCODER_FIELDS
 from cnc_ad.model import CNC, build_model
 from cnc_ad.model.anomaly_map import GaussianBlur, image_score, tokens_to_grid
 from cnc_ad.model.detector import Prediction
+from cnc_ad.model.presets import resolve_config
 from cnc_ad.runs import RunFolder
 from cnc_ad.train import train
 
@@ -124,13 +126,9 @@ def side_by_side(model: EvalResult, knn: EvalResult) -> str:
 
 
 def knn_cache_key(config: Config, suite: Path, bank: int, seed: int) -> str:
-    """The baseline depends on the encoder side, the map settings and the data only."""
-    m = config.model
-    encoder_side = {
-        k: getattr(m, k)
-        for k in ("preset", "encoder", "backbone", "pretrained", "image_size", "layers", "blur_sigma", "map_size")
-    }
-    encoder_side.update({k: getattr(m, k) for k in m.__dataclass_fields__ if k.startswith(("input_", "token_"))})
+    """The baseline depends on the encoder side (resolved from the preset), the map settings and the data only."""
+    m = resolve_config(config.model)
+    encoder_side = {k: getattr(m, k) for k in (*ENCODER_FIELDS, "preset", "blur_sigma", "map_size", "score")}
     payload = json.dumps(
         {"encoder": encoder_side, "suite": (suite / "suite.json").read_text(), "bank": bank, "seed": seed},
         sort_keys=True,
