@@ -89,6 +89,7 @@ def run_demo(
         checkpoint, config, out_dir=out / EVAL_DIR, device=config.train.device, progress=progress
     )
     evaluation, eval_dir = done.result, done.out_dir
+    assert eval_dir is not None  # the demo runs in one process, which writes
     seconds["evaluate"] = time.perf_counter() - tick
 
     tick = time.perf_counter()

@@ -388,7 +388,7 @@ def train(
             bar.set_postfix({k: f"{v:.4f}" for k, v in last.items() if not k.startswith("diag_")}, refresh=False)
             if step % tcfg.log_every == 0 or step == total:
                 elapsed = time.perf_counter() - tick
-                record = {"step": step, "epoch": epoch, "lr": lr, **last}
+                record: dict[str, float | None] = {"step": step, "epoch": epoch, "lr": lr, **last}
                 record["images_per_s"] = round(seen / elapsed, 3) if elapsed > 0 else None
                 if dist.is_main_process():
                     run.append_log(record)

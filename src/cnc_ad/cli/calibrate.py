@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         trust_pickle=args.trust_pickle,
     )
     stored = load_thresholds(checkpoint)
+    assert stored is not None  # calibrate_checkpoint has just stored them
     print("| category | images | image threshold | pixel threshold | rule |")
     print("|---|---:|---:|---:|---|")
     for category in [*found.categories, ALL]:

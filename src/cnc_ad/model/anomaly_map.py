@@ -48,6 +48,8 @@ class GaussianBlur(nn.Module):
         sigma: standard deviation in pixels; 0 disables the blur.
     """
 
+    kernel: Tensor  # (2r + 1,) a buffer
+
     def __init__(self, sigma: float = 4.0) -> None:
         super().__init__()
         self.sigma = float(sigma)

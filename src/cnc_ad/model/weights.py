@@ -64,6 +64,7 @@ def map_in_order(source: Mapping[str, Tensor], target: Mapping[str, Tensor], nam
 def _read_tensors(path: Path) -> Mapping[str, Tensor]:
     if not path.is_file():
         raise WeightsError(f"weights file {path} not found")
+    tensors: object  # a mapping of tensors, unless the file is not a weights file
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
