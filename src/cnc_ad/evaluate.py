@@ -1,4 +1,5 @@
-"""Evaluation (METHOD.md §5): per-category and mean of the seven metrics, thresholds, curves and report examples.
+"""Evaluation (docs/method.md, Evaluation): per-category and mean of the seven metrics, thresholds, curves and report
+examples.
 
 Protocols:
 - ``ader`` (default, what CNC's tables follow): maps and masks at 256x256, masks resized bilinearly and binarised at

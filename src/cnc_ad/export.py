@@ -1,4 +1,5 @@
-"""ONNX and OpenVINO export of the whole visual inference graph (METHOD.md §4), with a parity check against PyTorch.
+"""ONNX and OpenVINO export of the whole visual inference graph (docs/method.md, Inference), with a parity check
+against PyTorch.
 
 The graph is ``images -> normalisation -> frozen encoder -> bottleneck -> gated MoE -> decoder -> 1 - cos maps ->
 upsample -> Gaussian blur -> image score``. The stored text features enter as constants (they matter only with FNP);

@@ -1,4 +1,4 @@
-"""CNC's training objective as pure functions of tensors (METHOD.md §3).
+"""CNC's training objective as pure functions of tensors (docs/method.md, Training objective).
 
 Per tapped level l, with ê, d̂ the L2-normalised joint-space encoder / decoder tokens and t_l the normal text feature:
 

@@ -1,4 +1,5 @@
-"""The training loop (METHOD.md §3): one multi-class model over every category, one code path for every dataset.
+"""The training loop (docs/method.md, Training objective): one multi-class model over every category, one code path
+for every dataset.
 
 :func:`train` reads top to bottom: check the config, find the training images, build the model and optimiser, resume,
 fill the feature cache (:mod:`cnc_ad.feature_cache`), then take :func:`train_step` on :func:`encode_batch` features (or

@@ -1,4 +1,5 @@
-"""The CNC model: frozen encoders, prompts, gated MoE, decoder, anomaly maps, presets (METHOD.md §2-4, §7).
+"""The CNC model: frozen encoders, prompts, gated MoE, decoder, anomaly maps, presets (docs/method.md: Model,
+Training objective, Inference).
 
 Start at :mod:`cnc_ad.model.detector` (the composed model) and :func:`build_model` (presets -> model).
 """

@@ -1,5 +1,5 @@
 """The CNC detector (Wang et al., "CNC: Cross-modal Normality Constraint for Unsupervised Multi-class Anomaly
-Detection", AAAI 2025), composed from injected parts (METHOD.md §2-4).
+Detection", AAAI 2025), composed from injected parts (docs/method.md: Model, Training objective, Inference).
 
     images -> frozen encoder -> per-level tokens e_l ----------------------------------------+
                                       |                                                        | 1 - cos -> map
@@ -252,7 +252,7 @@ class CNC(nn.Module):
 
     # ------------------------------------------------------------------------------------------------- inference
     def maps_from_output(self, output: CNCOutput, map_size: int | None = None) -> Tensor:
-        """Smoothed anomaly maps (B, 1, M, M) from a :class:`CNCOutput` (METHOD.md §4)."""
+        """Smoothed anomaly maps (B, 1, M, M) from a :class:`CNCOutput` (docs/method.md, Inference)."""
         levels = []
         text = self.stored_text_features() if self.config.fnp else None
         for level, (e, d) in enumerate(zip(output.encoder, output.decoder)):

