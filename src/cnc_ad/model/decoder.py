@@ -119,4 +119,4 @@ class Decoder(nn.Module):
             if index in self.taps:
                 outputs.append(x)
         outputs.reverse()  # last tapped block <-> shallowest encoder level
-        return [head(out) for head, out in zip(self.heads, outputs)]
+        return [head(out) for head, out in zip(self.heads, outputs, strict=True)]

@@ -255,7 +255,7 @@ class CNC(nn.Module):
         """Smoothed anomaly maps (B, 1, M, M) from a :class:`CNCOutput` (docs/method.md, Inference)."""
         levels = []
         text = self.stored_text_features() if self.config.fnp else None
-        for level, (e, d) in enumerate(zip(output.encoder, output.decoder)):
+        for level, (e, d) in enumerate(zip(output.encoder, output.decoder, strict=True)):
             a = discrepancy(e, d)  # (B, L)
             if text is not None:
                 a = a * fnp_weight(self.encoder.to_joint(level, e), text.normal[level], self.config.fnp_theta)

@@ -78,7 +78,8 @@ def text_prefix_length(clip: OpenCLIP, tokens: Tensor) -> int:
 
 def _prompt_tokens(clip: OpenCLIP, tokenizer: Callable[[list[str]], Tensor], text: str) -> Tensor:
     """Token ids (1, T) of ``text`` up to :func:`text_prefix_length`, in their own storage with plain strides (a
-    sliced view would keep the tokenizer's (1, 77) storage and strides, which DDP's buffer broadcast refuses)."""
+    sliced view would keep the tokenizer's (1, 77) storage and strides, which DDP's buffer broadcast refuses).
+    """
     tokens = tokenizer([text])
     return tokens[:, : text_prefix_length(clip, tokens)].clone(memory_format=torch.contiguous_format)
 

