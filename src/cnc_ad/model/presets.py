@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from cnc_ad.config import ModelConfig
 from cnc_ad.errors import ConfigError
 from cnc_ad.model.anomaly_map import SCORES
-from cnc_ad.model.detector import CNC
+from cnc_ad.model.cnc import CNC
 from cnc_ad.model.encoders import NORMALIZATIONS, CLIPEncoder, TimmEncoder, create_clip, create_timm
 
 log = logging.getLogger(__name__)
