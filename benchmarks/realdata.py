@@ -43,7 +43,7 @@ from cnc_ad.evaluate import EvalResult, evaluate, evaluate_checkpoint, markdown_
 from cnc_ad.feature_cache import ENCODER_FIELDS
 from cnc_ad.model import CNC, build_model
 from cnc_ad.model.anomaly_map import GaussianBlur, image_score, tokens_to_grid
-from cnc_ad.model.detector import Prediction
+from cnc_ad.model.cnc import Prediction
 from cnc_ad.model.presets import resolve_config
 from cnc_ad.runs import RunFolder
 from cnc_ad.train import train

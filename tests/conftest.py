@@ -1,15 +1,16 @@
-"""Shared fixtures: a tiny synthetic dataset in the MVTec AD layout, written once per test session."""
+"""Shared fixtures: a tiny synthetic dataset in the MVTec AD layout (written once per test session), a tiny model, a
+tiny checkpoint and a runner of the ``cnc`` command. Plain helpers are in ``tests/helpers.py``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cnc_ad.data.synth import synthesize
+from tests import helpers
 
 SYNTH_CATEGORIES = 3
 SYNTH_PER_CATEGORY = 6
@@ -35,27 +36,27 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def write_image(path: Path, size: tuple[int, int] = (16, 16), value: int | None = None, mode: str = "RGB") -> Path:
-    """Write a small image (random content, or constant ``value``) of ``size`` (W, H); create parent folders."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    channels = {"RGB": 3, "L": 1}[mode]
-    rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
-    shape = (size[1], size[0], channels)
-    array = np.full(shape, value, np.uint8) if value is not None else rng.integers(0, 256, shape, dtype=np.uint8)
-    Image.fromarray(array[..., 0] if channels == 1 else array).save(path)
-    return path
+@pytest.fixture(scope="module")
+def tiny_model() -> torch.nn.Module:
+    """A tiny random-weight CNC (``model.preset=tiny``, torch seeded with 0), shared by the tests of one module."""
+    return helpers.tiny_model()
 
 
-def tiny_checkpoint(folder: Path, thresholds: dict | None = None) -> Path:
-    """Save a tiny random-weight checkpoint into ``folder`` (with ``thresholds.json`` when given); return it."""
-    import json
+@pytest.fixture(scope="module")
+def tiny_thresholds() -> dict | None:
+    """The ``thresholds.json`` content that :func:`tiny_checkpoint` stores: none here; a test module overrides this
+    fixture to store some."""
+    return None
 
-    from cnc_ad.checkpoint import save_checkpoint
-    from cnc_ad.config import load_config
-    from cnc_ad.model import build_model
 
-    model = build_model(load_config(None, ["model.preset=tiny"]).model, pretrained=False)
-    saved = save_checkpoint(folder, model)
-    if thresholds is not None:
-        (saved / "thresholds.json").write_text(json.dumps(thresholds))
-    return saved
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_thresholds: dict | None) -> Path:
+    """A tiny random-weight checkpoint folder (with the module's ``tiny_thresholds``), shared by one module."""
+    return helpers.save_tiny_checkpoint(tmp_path_factory.mktemp("run") / "ckpt", tiny_thresholds)
+
+
+@pytest.fixture(scope="session")
+def run_cli() -> Callable[..., helpers.CliResult]:
+    """``run_cli(*argv)``: run ``cnc ARGV`` in-process (or with ``subprocess_=True`` as ``python -m cnc_ad``) and
+    return its exit code, stdout and stderr."""
+    return helpers.run_cli

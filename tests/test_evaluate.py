@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnc_ad.cli import main
 from cnc_ad.evaluate import CategoryResult, _finish_category, pool_thresholds, summarize
 from cnc_ad.metrics import METRIC_KEYS, MetricAccumulator, f1_max_threshold
 from cnc_ad.results import ALL
@@ -69,17 +68,17 @@ def test_examples_are_the_most_and_least_anomalous_without_repeats(tmp_path: Pat
     assert sorted(Path(e["image"]).stem for e in few.examples) == ["0", "1", "2"]  # each image once
 
 
-def test_cnc_eval_honours_the_runs_eval_config(synth_root: Path, tmp_path: Path, capsys) -> None:
+def test_cnc_eval_honours_the_runs_eval_config(synth_root: Path, tmp_path: Path, run_cli) -> None:
     run = tmp_path / "run"
     tiny = ["--set", "model.preset=tiny", "--set", "data.num_workers=0", "--set", "train.batch_size=4"]
-    assert main(["train", "--config", "demo", "--data-root", str(synth_root), "--out", str(run), "--max-steps", "1",
-                 "--device", "cpu", "--no-progress", *tiny, "--set", "eval.protocol=dinomaly"]) == 0  # fmt: skip
-    common = ["eval", "--checkpoint", str(run), "--data-root", str(synth_root), "--device", "cpu", "--no-progress",
+    assert run_cli("train", "--config", "demo", "--data-root", synth_root, "--out", run, "--max-steps", "1",
+                   "--device", "cpu", "--no-progress", *tiny, "--set", "eval.protocol=dinomaly").code == 0  # fmt: skip
+    common = ["eval", "--checkpoint", run, "--data-root", synth_root, "--device", "cpu", "--no-progress",
               "--set", "data.categories=[brick]"]  # fmt: skip
-    assert main([*common, "--out", str(tmp_path / "e1")]) == 0
+    assert run_cli(*common, "--out", tmp_path / "e1").code == 0
     assert json.loads((tmp_path / "e1" / "metrics.json").read_text())["protocol"] == "dinomaly"
-    assert main([*common, "--out", str(tmp_path / "e2"), "--protocol", "ader"]) == 0  # a flag wins
+    assert run_cli(*common, "--out", tmp_path / "e2", "--protocol", "ader").code == 0  # a flag wins
     metrics = json.loads((tmp_path / "e2" / "metrics.json").read_text())
     assert metrics["protocol"] == "ader" and list(metrics["categories"]) == ["brick"]
-    assert main([*common, "--out", str(tmp_path / "e3"), "--set", "eval.protocol=nope"]) == 2
-    assert "eval.protocol" in capsys.readouterr().err
+    code, _, err = run_cli(*common, "--out", tmp_path / "e3", "--set", "eval.protocol=nope")
+    assert code == 2 and "eval.protocol" in err

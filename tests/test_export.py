@@ -10,7 +10,6 @@ import onnx
 import pytest
 import torch
 
-from cnc_ad.checkpoint import save_checkpoint
 from cnc_ad.cli import main
 from cnc_ad.config import load_config
 from cnc_ad.export import check_parity, export_onnx, random_images
@@ -63,8 +62,8 @@ def test_fixed_batch_export(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_checkpoint(tmp_path_factory.mktemp("run") / "ckpt", _model("model.preset=tiny"))
+def checkpoint(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 def test_cli_export_checks_parity(

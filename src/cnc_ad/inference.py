@@ -16,7 +16,7 @@ import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -25,8 +25,11 @@ from PIL import Image
 from cnc_ad.data.dataset import ImageFileDataset
 from cnc_ad.data.transforms import prepare_image, to_tensor
 from cnc_ad.errors import DataError, ExportError
-from cnc_ad.results import Thresholds, load_thresholds
+from cnc_ad.results import Kind, Thresholds, load_thresholds
 from cnc_ad.visualize import resize_map
+
+if TYPE_CHECKING:
+    from cnc_ad.model import CNC
 
 _ARRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "F")
 THRESHOLDS_METADATA = "cnc_ad.thresholds"  # the ONNX metadata key of the embedded thresholds
@@ -88,14 +91,14 @@ def _flatten_inputs(x: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
         raise DataError(f"image tensors must be (B, 3, H, W) or (3, H, W); got {tuple(x.shape)}")
     if isinstance(x, (list, tuple)):
         return list(x)
-    return [x]
+    return [cast(ImageInput, x)]  # any other value is one input (a str path is not a sequence of inputs)
 
 
 # ---------------------------------------------------------------------------------------------------- backends
 class TorchBackend:
     """Runs a :class:`cnc_ad.model.CNC` on one device (eval mode, fp32)."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, model: CNC, device: torch.device) -> None:
         self.model = model.to(device).eval()
         self.device = device
 
@@ -269,7 +272,7 @@ class Detector:
         names = {name for output in graph.outputs for name in output.get_names()}
         shape = graph.inputs[0].get_partial_shape() if len(graph.inputs) == 1 else None
         square = shape is not None and shape.rank.is_static and shape.rank.get_length() == 4 and shape[3].is_static
-        if not {"score", "anomaly_map"} <= names or not square:
+        if not {"score", "anomaly_map"} <= names or not square or shape is None:
             raise ExportError(f"{path} is not a CNC graph (input (B, 3, S, S); outputs score, anomaly_map)")
         meta = read_openvino_metadata(graph)
         if thresholds is None and meta.get(THRESHOLDS_METADATA):
@@ -279,7 +282,7 @@ class Detector:
         return cls(OpenVinoBackend(compiled), shape[3].get_length(), thresholds, str(path))
 
     # ----------------------------------------------------------------------------------------------- thresholds
-    def threshold(self, kind: str = "image", category: str | None = None) -> float | None:
+    def threshold(self, kind: Kind = "image", category: str | None = None) -> float | None:
         """The stored ``kind`` ("image" or "pixel") threshold for ``category`` (None: all categories), or None."""
         return self.thresholds.select(kind, category) if self.thresholds is not None else None
 
@@ -312,7 +315,8 @@ class Detector:
             item = ImageFileDataset([image], side)[0]
             if item.get("error"):
                 raise DataError(item["error"])
-            return item["image"], tuple(int(v) for v in item["size"])
+            height, width = item["size"]
+            return item["image"], (int(height), int(width))
         if isinstance(image, torch.Tensor):
             if (
                 image.ndim == 3

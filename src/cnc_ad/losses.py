@@ -1,4 +1,4 @@
-"""CNC's training objective as pure functions of tensors (METHOD.md §3).
+"""CNC's training objective as pure functions of tensors (docs/method.md, Training objective).
 
 Per tapped level l, with ê, d̂ the L2-normalised joint-space encoder / decoder tokens and t_l the normal text feature:
 
@@ -38,7 +38,7 @@ def reconstruction_loss(
             per token). 0 = plain loss.
         easy_factor: gradient scale of those easy tokens.
     """
-    total = 0.0
+    total: float | Tensor = 0.0
     for e, d in zip(encoder, decoder, strict=True):
         distance = 1.0 - F.cosine_similarity(e.to(d.dtype), d, dim=-1)  # (B, L)
         if hard_share > 0.0:
@@ -82,7 +82,7 @@ def cfd_loss(
     """
     if pool not in ("mean", "softmax"):
         raise ValueError(f"unknown cfd pool {pool!r}; choose 'mean' or 'softmax'")
-    total = 0.0
+    total: float | Tensor = 0.0
     for level, (tokens, text) in enumerate(zip(encoder_joint, normal, strict=True)):
         tokens = F.normalize(tokens.detach().float(), dim=-1)  # (B, L, J), sg(ê)
         text = F.normalize(text.float(), dim=-1)  # (J,)
@@ -119,12 +119,13 @@ def ngd_loss(
         raise ValueError(f"unknown ngd form {form!r}; choose 'pull' or 'hinge'")
     if form == "hinge" and encoder_joint is None:
         raise ValueError("the hinge form of ngd needs the encoder tokens")
-    total = 0.0
+    total: float | Tensor = 0.0
     for level, (d, t) in enumerate(zip(decoder_joint, normal, strict=True)):
         cos_decoded = F.cosine_similarity(d, t.detach().to(d.dtype).expand_as(d), dim=-1)  # (B, L)
         if form == "pull":
             total = total + (1.0 - cos_decoded).mean()
         else:
+            assert encoder_joint is not None  # checked above
             e = encoder_joint[level].detach().to(d.dtype)
             cos_encoded = F.cosine_similarity(e, t.detach().to(d.dtype).expand_as(e), dim=-1)  # (B, L)
             total = total + F.relu(cos_encoded - cos_decoded).mean()

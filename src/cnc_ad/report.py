@@ -1,6 +1,6 @@
 """The evaluation report: one self-contained ``report.html`` built from an evaluation folder (``cnc eval --out DIR``).
 
-The page holds the metric table (categories x the seven metrics of METHOD.md §5, in %), per-category ROC, PR and
+The page holds the metric table (categories x the seven metrics of docs/metrics.md, in %), per-category ROC, PR and
 PRO curves (inline SVG drawn with matplotlib) and, for each category, the most and least anomalous test images as
 image | heatmap overlay | predicted mask | ground truth. Every picture is embedded as a base64 data URI, so the file
 can be mailed or archived on its own. The input layout is the "Evaluation folder" of ``docs/architecture.md``.
@@ -31,7 +31,7 @@ from cnc_ad.visualize import colorize, mask_to_rgb, outline, overlay, resize_map
 
 logger = logging.getLogger(__name__)
 
-# Column labels of the metrics, as in the paper's tables (METHOD.md §5); columns follow METRIC_KEYS.
+# Column labels of the metrics, as in the paper's tables (docs/method.md, Evaluation); columns follow METRIC_KEYS.
 METRIC_LABELS: dict[str, str] = {
     "image_auroc": "I-AUROC",
     "image_ap": "I-AP",

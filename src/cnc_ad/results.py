@@ -156,14 +156,14 @@ class Thresholds:
         """
         if not isinstance(value, Mapping):
             raise DataError(f"{source} is not a thresholds file ({{'image': {{...}}, 'pixel': {{...}}}})")
-        basis = value.get("basis") if isinstance(value.get("basis"), Mapping) else {}
+        basis = _mapping(value.get("basis"))
         tables: dict[str, dict[str, Threshold]] = {}
         try:
             for kind in KINDS:
-                known = basis.get(kind) if isinstance(basis.get(kind), Mapping) else {}
+                known = _mapping(basis.get(kind))
                 table = {}
                 for category, number in (value.get(kind) or {}).items():
-                    how = known.get(category) if isinstance(known.get(category), Mapping) else {}
+                    how = _mapping(known.get(category))
                     images = how.get("images")
                     table[str(category)] = Threshold(
                         _as_float(number), str(how.get("rule") or ""), int(images) if images is not None else None
@@ -172,6 +172,11 @@ class Thresholds:
         except (AttributeError, TypeError, ValueError) as err:
             raise DataError(f"{source} is not a thresholds file ({{'image': {{...}}, 'pixel': {{...}}}})") from err
         return cls(image=tables["image"], pixel=tables["pixel"])
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """``value`` when it is a mapping, else an empty one (a missing or malformed optional part of the file)."""
+    return value if isinstance(value, Mapping) else {}
 
 
 def _as_float(value: Any) -> float:

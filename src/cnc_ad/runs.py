@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,7 +87,7 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         save_config(config, self.config_path)
 
-    def read_config(self, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    def read_config(self, overrides: Sequence[str] = ()) -> Config:
         """The run's config with ``group.key=value`` overrides (ConfigError when it is missing or invalid)."""
         return load_config(self.config_path, overrides)
 

@@ -1,4 +1,5 @@
-"""The training loop (METHOD.md §3): one multi-class model over every category, one code path for every dataset.
+"""The training loop (docs/method.md, Training objective): one multi-class model over every category, one code path
+for every dataset.
 
 :func:`train` reads top to bottom: check the config, find the training images, build the model and optimiser, resume,
 fill the feature cache (:mod:`cnc_ad.feature_cache`), then take :func:`train_step` on :func:`encode_batch` features (or
@@ -400,7 +401,7 @@ def train(
             bar.set_postfix({k: f"{v:.4f}" for k, v in last.items() if not k.startswith("diag_")}, refresh=False)
             if step % tcfg.log_every == 0 or step == total:
                 elapsed = time.perf_counter() - tick
-                record = {"step": step, "epoch": epoch, "lr": lr, **last}
+                record: dict[str, float | None] = {"step": step, "epoch": epoch, "lr": lr, **last}
                 record["images_per_s"] = round(seen / elapsed, 3) if elapsed > 0 else None
                 if dist.is_main_process():
                     run.append_log(record)

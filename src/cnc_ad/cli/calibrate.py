@@ -67,11 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from cnc_ad.calibrate import calibrate_checkpoint, check_rate, held_out_by_category, split_calibration
     from cnc_ad.checkpoint import resolve_checkpoint, run_folder_of
-    from cnc_ad.config import DataConfig, load_config
+    from cnc_ad.config import DataConfig
     from cnc_ad.data import scan_dataset
     from cnc_ad.errors import ConfigError, DataError
     from cnc_ad.predict import collect_inputs
     from cnc_ad.results import ALL, load_thresholds, thresholds_path
+    from cnc_ad.runs import RunFolder
 
     if not args.normal and not args.data_root:
         raise ConfigError("pass --normal with folders of good images, or --data-root with the training dataset")
@@ -81,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint)
     images: dict[str | None, list] = {}
     if args.data_root:
-        run_config = run_folder_of(checkpoint) / "config.yaml"  # written by `cnc train`
-        data = load_config(run_config).data if run_config.is_file() else DataConfig()
+        run = RunFolder(run_folder_of(checkpoint))
+        data = run.read_config().data if run.is_run() else DataConfig()
         index = scan_dataset(args.data_root, args.format, data.categories, skip_bad=args.skip_bad)
         _, held = split_calibration(index.train_samples(), data.calibration_share, data.calibration_min)
         if not held:
@@ -109,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         trust_pickle=args.trust_pickle,
     )
     stored = load_thresholds(checkpoint)
+    assert stored is not None  # calibrate_checkpoint has just stored them
     print("| category | images | image threshold | pixel threshold | rule |")
     print("|---|---:|---:|---:|---|")
     for category in [*found.categories, ALL]:

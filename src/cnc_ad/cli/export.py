@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from cnc_ad.cli._options import add_weights
 
@@ -64,11 +65,11 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint)
     model = load_model(checkpoint, clip_weights=args.clip_weights, trust_pickle=args.trust_pickle)
     thresholds = load_thresholds(checkpoint)
-    metadata = {"cnc_ad.checkpoint": str(checkpoint)}
+    metadata: dict[str, Any] = {"cnc_ad.checkpoint": str(checkpoint)}
     if thresholds is not None:
         metadata[THRESHOLDS_METADATA] = thresholds.to_json()
     traced = 2
-    options = {"opset": args.opset or DEFAULT_OPSET, "batch_size": traced, "metadata": metadata}
+    options: dict[str, Any] = {"opset": args.opset or DEFAULT_OPSET, "batch_size": traced, "metadata": metadata}
     if args.format == "openvino":
         path = export_openvino(model, args.out, fp16=args.fp16, **options)
     else:
@@ -78,10 +79,10 @@ def run(args: argparse.Namespace) -> int:
         index = scan_dataset(args.data_root)
         samples = [s for c in index.categories for s in index.test_samples(c)][: args.parity_images]
         dataset = ImageFileDataset([s.image for s in samples], model.image_size)
-        images = [item["image"] for item in (dataset[i] for i in range(len(dataset))) if not item.get("error")]
-        if not images:
+        decoded = [item["image"] for item in (dataset[i] for i in range(len(dataset))) if not item.get("error")]
+        if not decoded:
             raise DataError(f"no readable test image in {args.data_root} for the parity check")
-        checks["dataset"] = torch.stack(images)
+        checks["dataset"] = torch.stack(decoded)
     worst = 0.0
     for name, images in checks.items():
         parity = check_parity(model, path, images)

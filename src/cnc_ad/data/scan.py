@@ -154,16 +154,16 @@ def _match_masks(images: Sequence[Path], masks: Sequence[Path], where: str, prob
         by_stem[image.stem] = image
     pairs: dict[Path, Path] = {}
     for mask in masks:
-        image = next((by_stem[k] for k in _mask_keys(mask) if k in by_stem), None)
-        if image is None:
+        owner = next((by_stem[k] for k in _mask_keys(mask) if k in by_stem), None)
+        if owner is None:
             problems(
                 f"mask {mask} has no image (expected {'/'.join(_mask_keys(mask))} with an image extension in "
                 f"{where}); remove the mask or add its image"
             )
-        elif image in pairs:
-            problems(f"image {image} has two masks ({pairs[image]}, {mask}); remove one")
+        elif owner in pairs:
+            problems(f"image {owner} has two masks ({pairs[owner]}, {mask}); remove one")
         else:
-            pairs[image] = mask
+            pairs[owner] = mask
     for image in by_stem.values():
         if image not in pairs:
             problems(
@@ -426,6 +426,7 @@ def _folder_category(
     for image in abnormal_images:
         if pairs is not None and image not in pairs:
             continue
+        assert abnormal is not None  # there are abnormal images
         relative = image.relative_to(abnormal)
         defect = relative.parts[0] if len(relative.parts) > 1 else "bad"
         samples.append(Sample(image, category, "test", 1, defect, pairs.get(image) if pairs else None))

@@ -26,6 +26,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -48,7 +49,7 @@ OBJECT_DEFECTS = ("missing_part", "extra_part", "scratch", "stain")
 PASTE_SOURCES = ("brick", "grass", "gravel", "moon")
 STAMP_FILE = ".cnc-synth.json"  # the arguments of the last complete run (hidden: scanners skip it)
 SYNTH_VERSION = 1  # bump when the generator changes, so old datasets are rewritten
-PNG_OPTIONS = {"format": "PNG", "compress_level": 1, "optimize": False}
+PNG_OPTIONS: dict[str, Any] = {"format": "PNG", "compress_level": 1, "optimize": False}
 
 Scene = tuple[Image.Image, np.ndarray, np.ndarray | None]  # image, where defects may go (S, S) bool, missing part
 
@@ -72,7 +73,9 @@ def _photo(name: str) -> np.ndarray:
     return array.mean(axis=2) if array.ndim == 3 else array
 
 
-def _texture(name: str, tint: Sequence[float], rng: np.random.Generator, size: int, flips: bool) -> np.ndarray:
+def _texture(
+    name: str, tint: Sequence[float] | np.ndarray, rng: np.random.Generator, size: int, flips: bool
+) -> np.ndarray:
     """A random window of a photograph, resized to ``(size, size, 3)`` float32 RGB 0..255."""
     photo = _photo(name)
     side = round(0.6 * min(photo.shape))
@@ -122,7 +125,8 @@ def _to_board(cx: float, cy: float, angle: float, u: float, v: float) -> tuple[f
     return cx + u * math.cos(angle) - v * math.sin(angle), cy + u * math.sin(angle) + v * math.cos(angle)
 
 
-def _footprint(size: int, draw: Callable[[ImageDraw.ImageDraw], None]) -> np.ndarray:
+def _footprint(size: int, draw: Callable[..., None]) -> np.ndarray:
+    """Pixels that ``draw(ImageDraw)`` paints (its other arguments, if any, have defaults) as an (S, S) bool mask."""
     mask = Image.new("L", (size, size), 0)
     draw(ImageDraw.Draw(mask))
     return np.asarray(mask) > 0
@@ -465,7 +469,7 @@ def synthesize(
     for name in sorted(set(existing) | {n for n in earlier if n in CATEGORIES and (out / n).is_dir()}):
         shutil.rmtree(out / name)
     n_good, n_defect = split_counts(per_category)
-    jobs = []
+    jobs: list[tuple[str, int, int, str | None, int, Path]] = []
     for name in names:
         c = CATEGORIES.index(name)
         jobs += [(name, c, 0, None, i, out / name / "train" / "good") for i in range(per_category)]

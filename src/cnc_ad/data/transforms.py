@@ -1,4 +1,4 @@
-"""Resizing for the two evaluation protocols (METHOD.md §5).
+"""Resizing for the two evaluation protocols (docs/method.md, Evaluation).
 
 - ``"ader"`` (ADer, followed by CNC's tables): the image is resized to ``S x S`` (bilinear); the mask is resized
   bilinearly to ``M x M`` and binarised at 0.5.

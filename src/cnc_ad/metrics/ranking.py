@@ -45,7 +45,9 @@ class Ranked:
         return np.cumsum(self.pos, dtype=np.float64)
 
 
-def group_desc(values: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+def group_desc(
+    values: np.ndarray, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Distinct values of ``values`` (descending), their counts and (optionally) summed weights."""
     order = np.argsort(values)[::-1]
     v = values[order]

@@ -1,4 +1,4 @@
-"""Anomaly maps and image scores (METHOD.md §4; ADer protocol).
+"""Anomaly maps and image scores (docs/method.md, Inference; ADer protocol).
 
 Per level the map is ``1 - cos(e, d)`` on the token grid, optionally weighted by feature-level normality promotion
 (FNP); levels are averaged, upsampled bilinearly and smoothed by a Gaussian (σ = 4 by default, as a separable
@@ -47,6 +47,8 @@ class GaussianBlur(nn.Module):
     Args:
         sigma: standard deviation in pixels; 0 disables the blur.
     """
+
+    kernel: Tensor  # (2r + 1,) a buffer
 
     def __init__(self, sigma: float = 4.0) -> None:
         super().__init__()

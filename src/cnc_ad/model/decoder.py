@@ -1,4 +1,4 @@
-"""Bottleneck and decoder of the reverse-distillation model (METHOD.md §2; after ViTAD / Dinomaly).
+"""Bottleneck and decoder of the reverse-distillation model (docs/method.md, Model; after ViTAD / Dinomaly).
 
 The bottleneck fuses the tapped encoder levels into one token sequence of the decoder width; a stack of pre-LN ViT
 blocks (timm's ``Block``) decodes it, and the outputs of chosen blocks, reversed, reconstruct the levels: the first
@@ -119,4 +119,4 @@ class Decoder(nn.Module):
             if index in self.taps:
                 outputs.append(x)
         outputs.reverse()  # last tapped block <-> shallowest encoder level
-        return [head(out) for head, out in zip(self.heads, outputs)]
+        return [head(out) for head, out in zip(self.heads, outputs, strict=True)]

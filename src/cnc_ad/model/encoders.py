@@ -1,4 +1,4 @@
-"""Frozen encoders that turn images into multi-level patch tokens (METHOD.md §2 and §7).
+"""Frozen encoders that turn images into multi-level patch tokens (docs/method.md, Model).
 
 Two kinds behind one small protocol (:class:`Encoder`):
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -67,11 +67,20 @@ class Encoder(Protocol):
         text_model: the frozen open_clip model whose text tower the prompt learner runs, or None.
     """
 
-    level_dims: tuple[int, ...]
-    joint_dims: tuple[int, ...]
-    grid_size: int
-    image_size: int
-    text_model: nn.Module | None
+    @property
+    def level_dims(self) -> tuple[int, ...]: ...
+    @property
+    def joint_dims(self) -> tuple[int, ...]: ...
+    @property
+    def grid_size(self) -> int: ...
+    @property
+    def image_size(self) -> int: ...
+    @property
+    def text_model(self) -> nn.Module | None: ...
+
+    def eval(self) -> Any:
+        """Put the encoder in evaluation mode (it is a frozen ``nn.Module``)."""
+        ...
 
     def __call__(self, images: Tensor) -> list[Tensor]:
         """Normalise ``images`` (B, 3, S, S) in [0, 1] and return per level tokens (B, L, C_l)."""
@@ -84,6 +93,9 @@ class Encoder(Protocol):
 
 class _Normalize(nn.Module):
     """(x - mean) / std with constant (non-persistent) buffers."""
+
+    mean: Tensor
+    std: Tensor
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -107,9 +119,11 @@ class CLIPEncoder(nn.Module):
         layers: 0-based ViT blocks to tap.
     """
 
+    clip: Any  # open_clip's CLIP (open_clip has no type information)
+
     def __init__(self, clip: nn.Module, layers: Sequence[int], normalize: str = "clip") -> None:
         super().__init__()
-        visual = clip.visual
+        visual: Any = clip.visual  # open_clip's VisionTransformer
         num_blocks = len(visual.transformer.resblocks)
         if not layers or min(layers) < 0 or max(layers) >= num_blocks:
             raise ValueError(f"layers {list(layers)} must be 0-based blocks of the {num_blocks}-block image tower")
@@ -151,9 +165,11 @@ class TimmEncoder(nn.Module):
             coarser ones upsampled bilinearly.
     """
 
+    model: Any  # a timm model: nn.Module does not declare feature_info and forward_intermediates
+
     def __init__(
         self,
-        model: nn.Module,
+        model: Any,
         layers: Sequence[int],
         image_size: int,
         normalize: str = "imagenet",

@@ -1,4 +1,5 @@
-"""Gated mixture of experts over tokens (METHOD.md §2; after Shazeer et al. 2017, "Outrageously large neural nets").
+"""Gated mixture of experts over tokens (docs/method.md, Model; after Shazeer et al. 2017, "Outrageously large neural
+nets").
 
 Each token picks its top-k experts by router logit; its gates are the softmax over those k logits (so they sum to 1
 over exactly k experts) and the output is ``x + Σ_e gate_e · expert_e(x)``. The balance statistic is the importance of
@@ -67,10 +68,11 @@ class GatedMoE(nn.Module):
         order = expert.argsort(stable=True)
         token, expert = token[order], expert[order]
         counts = torch.bincount(expert, minlength=self.num_experts).tolist()  # tokens per expert (one host sync)
-        weights = zip(self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0))
+        weights = zip(self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0), strict=True)
+        routed = x.index_select(0, token).split(counts)  # per expert (count_e, D), in expert order
         outputs = [
             F.gelu(rows @ w1 + b1) @ w2 + b2
-            for rows, count, (w1, b1, w2, b2) in zip(x.index_select(0, token).split(counts), counts, weights)
+            for rows, count, (w1, b1, w2, b2) in zip(routed, counts, weights, strict=True)
             if count
         ]
         if not outputs:  # no tokens

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from cnc_ad.config import ModelConfig
 from cnc_ad.errors import ConfigError
 from cnc_ad.model.anomaly_map import SCORES
-from cnc_ad.model.detector import CNC
+from cnc_ad.model.cnc import CNC
 from cnc_ad.model.encoders import NORMALIZATIONS, CLIPEncoder, TimmEncoder, create_clip, create_timm
 
 log = logging.getLogger(__name__)
@@ -128,17 +128,20 @@ def _check(c: ModelConfig) -> None:
         fail("token_stride", "applies to CNN encoders only (a ViT's token grid is its patch grid); leave it unset")
     if c.cfd_pool not in ("mean", "softmax"):
         fail("cfd_pool", "must be 'mean' or 'softmax'")
-    if len(c.decoder_layers) != len(c.layers):
-        fail("decoder_layers", f"needs one decoder block per tapped encoder layer ({len(c.layers)})")
-    if list(c.decoder_layers) != sorted(set(c.decoder_layers)) or c.decoder_layers[-1] != c.decoder_depth - 1:
-        fail("decoder_layers", f"must be increasing 0-based blocks ending at the last one ({c.decoder_depth - 1})")
-    if c.decoder_layers[0] < 0:
+    # Filled from the preset by resolve_config (every preset sets them):
+    layers, taps, depth, width, heads = c.layers, c.decoder_layers, c.decoder_depth, c.width, c.decoder_heads
+    assert layers is not None and taps is not None and depth is not None and width is not None and heads is not None
+    if len(taps) != len(layers):
+        fail("decoder_layers", f"needs one decoder block per tapped encoder layer ({len(layers)})")
+    if list(taps) != sorted(set(taps)) or taps[-1] != depth - 1:
+        fail("decoder_layers", f"must be increasing 0-based blocks ending at the last one ({depth - 1})")
+    if taps[0] < 0:
         fail("decoder_layers", "must be 0-based block indices")
     for key in ("width", "decoder_depth", "decoder_heads", "image_size", "prompt_length", "num_experts", "map_size"):
         if getattr(c, key) < 1:
             fail(key, "must be positive")
-    if c.width % c.decoder_heads:
-        fail("decoder_heads", f"must divide model.width={c.width}")
+    if width % heads:
+        fail("decoder_heads", f"must divide model.width={width}")
     if not 1 <= c.top_k <= c.num_experts:
         fail("top_k", f"must be between 1 and model.num_experts={c.num_experts}")
     if c.fnp and not c.use_text:
@@ -171,22 +174,25 @@ def build_model(
     config = resolve_config(cfg)
     if not pretrained:
         config = dataclasses.replace(config, pretrained="none")
+    # Filled from the preset by resolve_config:
+    backbone, image_size, layers, normalize = config.backbone, config.image_size, config.layers, config.normalize
+    assert backbone is not None and image_size is not None and layers is not None and normalize is not None
     tokenizer = None
+    encoder: CLIPEncoder | TimmEncoder
     try:
         if config.encoder == "clip":
             import open_clip
 
             weights = clip_weights if (clip_weights and config.pretrained != "none") else config.pretrained
-            clip = create_clip(config.backbone, config.image_size, weights, trust_pickle=trust_pickle)
-            encoder = CLIPEncoder(clip, config.layers, config.normalize)
-            tokenizer = (
-                open_clip.SimpleTokenizer() if config.backbone == "tiny" else open_clip.get_tokenizer(config.backbone)
-            )
+            clip = create_clip(backbone, image_size, weights, trust_pickle=trust_pickle)
+            encoder = CLIPEncoder(clip, layers, normalize)
+            tokenizer = open_clip.SimpleTokenizer() if backbone == "tiny" else open_clip.get_tokenizer(backbone)
         else:
             if clip_weights:
                 log.warning("clip_weights is ignored by the %s encoder (no CLIP)", config.backbone)
-            backbone = create_timm(config.backbone, pretrained=config.pretrained)
-            encoder = TimmEncoder(backbone, config.layers, config.image_size, config.normalize, config.token_stride)
+            assert config.token_stride is not None  # checked for timm encoders by resolve_config
+            timm_model = create_timm(backbone, pretrained=config.pretrained)
+            encoder = TimmEncoder(timm_model, layers, image_size, normalize, config.token_stride)
         return CNC(encoder, config, tokenizer)
     except ValueError as err:  # architecture arguments that do not fit together
         if isinstance(err, ConfigError):

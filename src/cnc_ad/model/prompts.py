@@ -1,4 +1,5 @@
-"""Class-agnostic learnable prompts: the normality features t_l of CNC (METHOD.md §2, after CoOp / AnomalyCLIP).
+"""Class-agnostic learnable prompts: the normality features t_l of CNC (docs/method.md, Model; after CoOp /
+AnomalyCLIP).
 
 With a CLIP encoder, the prompt ``[V1..Vn] object.`` has learnable context vectors in the token-embedding space and
 runs through the frozen text tower (:func:`encode_text_embeddings`, the same computation as open_clip's
@@ -14,12 +15,15 @@ Both return :class:`TextFeatures`: per level an L2-normalised vector (J_l,).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from torch import Tensor, nn
+
+OpenCLIP = Any
+"""An open_clip ``CLIP`` model (an ``nn.Module``; open_clip has no type information, so its attributes are untyped)."""
 
 
 class TextFeatures(NamedTuple):
@@ -29,7 +33,7 @@ class TextFeatures(NamedTuple):
     abnormal: list[Tensor] | None
 
 
-def encode_text_embeddings(clip: nn.Module, embeddings: Tensor, tokens: Tensor) -> Tensor:
+def encode_text_embeddings(clip: OpenCLIP, embeddings: Tensor, tokens: Tensor) -> Tensor:
     """Run an open_clip CLIP text tower from token embeddings instead of token ids.
 
     Args:
@@ -55,7 +59,7 @@ def encode_text_embeddings(clip: nn.Module, embeddings: Tensor, tokens: Tensor) 
     return F.normalize(x, dim=-1)
 
 
-def text_prefix_length(clip: nn.Module, tokens: Tensor) -> int:
+def text_prefix_length(clip: OpenCLIP, tokens: Tensor) -> int:
     """How many leading positions of ``tokens`` (N, T) the text tower needs to run.
 
     With causal attention and pooling at the end-of-text token (``text_pool_type="argmax"``, OpenAI CLIP), the pooled
@@ -72,9 +76,10 @@ def text_prefix_length(clip: nn.Module, tokens: Tensor) -> int:
     return int(tokens.argmax(dim=-1).max()) + 1
 
 
-def _prompt_tokens(clip: nn.Module, tokenizer: Callable[[list[str]], Tensor], text: str) -> Tensor:
+def _prompt_tokens(clip: OpenCLIP, tokenizer: Callable[[list[str]], Tensor], text: str) -> Tensor:
     """Token ids (1, T) of ``text`` up to :func:`text_prefix_length`, in their own storage with plain strides (a
-    sliced view would keep the tokenizer's (1, 77) storage and strides, which DDP's buffer broadcast refuses)."""
+    sliced view would keep the tokenizer's (1, 77) storage and strides, which DDP's buffer broadcast refuses).
+    """
     tokens = tokenizer([text])
     return tokens[:, : text_prefix_length(clip, tokens)].clone(memory_format=torch.contiguous_format)
 
@@ -95,9 +100,13 @@ class PromptLearner(nn.Module):
         shared_context: one context set for all levels instead of one per level.
     """
 
+    normal_tokens: Tensor  # (1, T) token ids, a buffer
+    abnormal_tokens: Tensor | None
+    abnormal_context: nn.Parameter | None
+
     def __init__(
         self,
-        text_model: nn.Module,
+        text_model: OpenCLIP,
         tokenizer: Callable[[list[str]], Tensor],
         num_levels: int,
         prompt_length: int = 12,
@@ -124,7 +133,7 @@ class PromptLearner(nn.Module):
             self.abnormal_tokens = None
             self.abnormal_context = None
 
-    def _encode(self, text_model: nn.Module, context: Tensor, tokens: Tensor) -> list[Tensor]:
+    def _encode(self, text_model: OpenCLIP, context: Tensor, tokens: Tensor) -> list[Tensor]:
         sets = context.shape[0]
         tokens = tokens.expand(sets, -1)  # (P, T)
         embedded = text_model.token_embedding(tokens).to(context.dtype)  # (P, T, W)
@@ -133,10 +142,10 @@ class PromptLearner(nn.Module):
         features = encode_text_embeddings(text_model, embedded, tokens)  # (P, E)
         return [features[min(level, sets - 1)] for level in range(self.num_levels)]
 
-    def forward(self, text_model: nn.Module) -> TextFeatures:
+    def forward(self, text_model: OpenCLIP) -> TextFeatures:
         normal = self._encode(text_model, self.normal_context, self.normal_tokens)
         abnormal = None
-        if self.abnormal_context is not None:
+        if self.abnormal_context is not None and self.abnormal_tokens is not None:
             abnormal = self._encode(text_model, self.abnormal_context, self.abnormal_tokens)
         return TextFeatures(normal, abnormal)
 
@@ -162,6 +171,6 @@ class NormalityVectors(nn.Module):
     def _expand(self, vectors: nn.ParameterList) -> list[Tensor]:
         return [F.normalize(vectors[min(level, len(vectors) - 1)], dim=-1) for level in range(self.num_levels)]
 
-    def forward(self, text_model: nn.Module | None = None) -> TextFeatures:
+    def forward(self, text_model: OpenCLIP | None = None) -> TextFeatures:
         abnormal = self._expand(self.abnormal) if self.abnormal is not None else None
         return TextFeatures(self._expand(self.normal), abnormal)

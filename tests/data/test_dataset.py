@@ -12,7 +12,7 @@ from PIL import Image
 
 from cnc_ad.data import ImageFileDataset, TestDataset, TrainDataset, make_loader, scan_dataset
 from cnc_ad.errors import DataError
-from conftest import write_image
+from tests.helpers import write_image
 
 
 def test_train_and_test_items(synth_root):

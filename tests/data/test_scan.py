@@ -27,7 +27,7 @@ from cnc_ad.data import (
     verify_index,
 )
 from cnc_ad.errors import DataError
-from conftest import write_image
+from tests.helpers import write_image
 
 
 def _mask(path: Path, size=(16, 16), value=255) -> Path:

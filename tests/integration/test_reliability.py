@@ -32,19 +32,13 @@ from cnc_ad.config import load_config
 from cnc_ad.data.images import decode_image
 from cnc_ad.errors import CheckpointError, ConfigError, DataError, WeightsError
 from cnc_ad.files import read_jsonl
-from cnc_ad.model import build_model
 from cnc_ad.model.encoders import create_clip
 from cnc_ad.model.weights import load_efficientnet_lite0, load_weights_in_order
 from cnc_ad.train import train
+from tests.helpers import SUBPROCESS_ENV, run_cli
 
 # Exit codes of the documented errors (cnc_ad.errors); anything else escaping main() is a bug.
 DOCUMENTED_EXIT_CODES = {1, 2, 3, 4, 5, 6, 7}
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def tiny_model() -> torch.nn.Module:
-    return build_model(load_config(None, ["model.preset=tiny"]).model, pretrained=False)
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +50,9 @@ def checkpoint(tiny_model: torch.nn.Module, tmp_path_factory: pytest.TempPathFac
 
 
 def _cli(*argv: str) -> tuple[int, str]:
-    """Run ``cnc ARGV`` in-process; return its exit code and what it wrote to stderr."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main(["-q", *argv])
-    return code, err.getvalue()
+    """Run ``cnc -q ARGV`` in-process; return its exit code and what it wrote to stderr."""
+    code, _, err = run_cli("-q", *argv)
+    return code, err
 
 
 def _assert_one_line_error(code: int, stderr: str, expected_code: int, *needles: str) -> None:

@@ -10,14 +10,8 @@ import torch.nn.functional as F
 
 from cnc_ad.config import ModelConfig
 from cnc_ad.errors import ConfigError, DataError
-from cnc_ad.model import CNC, PRESETS, CNCOutput, Prediction, build_model
+from cnc_ad.model import PRESETS, CNCOutput, Prediction, build_model
 from cnc_ad.model.anomaly_map import GaussianBlur, image_score
-
-
-@pytest.fixture(scope="module")
-def tiny() -> CNC:
-    torch.manual_seed(0)
-    return build_model(ModelConfig(preset="tiny"), pretrained=False)
 
 
 def _check_preset(name: str, batch: int = 2, **overrides) -> None:
@@ -104,31 +98,31 @@ def test_presets_registry_is_complete():
     assert vitl.decoder_layers == (1, 3, 5, 7) and vitl.width == 1024 and vitl.decoder_heads == 16
 
 
-def test_forward_output_and_mode_independent_type(tiny):
-    features = tiny.encode(torch.rand(2, 3, 32, 32))
+def test_forward_output_and_mode_independent_type(tiny_model):
+    features = tiny_model.encode(torch.rand(2, 3, 32, 32))
     for mode in (True, False):
-        tiny.train(mode)
-        out = tiny(features)
+        tiny_model.train(mode)
+        out = tiny_model(features)
         assert isinstance(out, CNCOutput)
         assert [d.shape for d in out.decoder] == [f.shape for f in features]
         assert out.gates.shape == (2, 64, 5) and out.importance.shape == (5,)
-    tiny.eval()
+    tiny_model.eval()
 
 
-def test_train_keeps_encoder_frozen_and_in_eval_mode(tiny):
-    tiny.train()
-    assert not tiny.encoder.training and not any(m.training for m in tiny.encoder.modules())
-    assert tiny.decoder.training
-    assert not any(p.requires_grad for p in tiny.encoder.parameters())
-    trainable = {id(p) for p in tiny.trainable_parameters()}
-    assert not trainable & {id(p) for p in tiny.encoder.parameters()}
-    tiny.eval()
+def test_train_keeps_encoder_frozen_and_in_eval_mode(tiny_model):
+    tiny_model.train()
+    assert not tiny_model.encoder.training and not any(m.training for m in tiny_model.encoder.modules())
+    assert tiny_model.decoder.training
+    assert not any(p.requires_grad for p in tiny_model.encoder.parameters())
+    trainable = {id(p) for p in tiny_model.trainable_parameters()}
+    assert not trainable & {id(p) for p in tiny_model.encoder.parameters()}
+    tiny_model.eval()
 
 
-def test_features_from_cache_dtype(tiny):
-    tiny.eval()
-    features = tiny.encode(torch.rand(1, 3, 32, 32))
-    out16 = tiny([f.half() for f in features])
+def test_features_from_cache_dtype(tiny_model):
+    tiny_model.eval()
+    features = tiny_model.encode(torch.rand(1, 3, 32, 32))
+    out16 = tiny_model([f.half() for f in features])
     assert out16.decoder[0].dtype == torch.float32
 
 
@@ -141,10 +135,10 @@ def test_plain_reconstruction_when_switched_off():
     assert torch.equal(losses["loss"], losses["rec"])
 
 
-def test_lambdas_are_honoured(tiny):
-    tiny.eval()  # no dropout: both calls see the same network
-    features = tiny.encode(torch.rand(2, 3, 32, 32))
-    losses = tiny.training_losses(features, lambda_cfd=0.5, lambda_ngd=2.0, lambda_moe=3.0)
+def test_lambdas_are_honoured(tiny_model):
+    tiny_model.eval()  # no dropout: both calls see the same network
+    features = tiny_model.encode(torch.rand(2, 3, 32, 32))
+    losses = tiny_model.training_losses(features, lambda_cfd=0.5, lambda_ngd=2.0, lambda_moe=3.0)
     expected = losses["rec"] + 0.5 * losses["cfd"] + 2.0 * losses["ngd"] + 3.0 * losses["moe"]
     assert torch.allclose(losses["loss"], expected)
 
@@ -185,9 +179,9 @@ def test_scores_and_blur():
     assert torch.allclose(blurred[0, 0], torch.from_numpy(reference), atol=1e-5)
 
 
-def test_bad_input_and_bad_config(tiny):
+def test_bad_input_and_bad_config(tiny_model):
     with pytest.raises(DataError, match="images must be"):
-        tiny.encode(torch.rand(1, 3, 16, 16))
+        tiny_model.encode(torch.rand(1, 3, 16, 16))
     with pytest.raises(ConfigError, match=r"model.preset"):
         build_model(ModelConfig(preset="nope"), pretrained=False)
     with pytest.raises(ConfigError, match=r"model.decoder_layers"):

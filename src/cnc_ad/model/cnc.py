@@ -1,5 +1,5 @@
 """The CNC detector (Wang et al., "CNC: Cross-modal Normality Constraint for Unsupervised Multi-class Anomaly
-Detection", AAAI 2025), composed from injected parts (METHOD.md §2-4).
+Detection", AAAI 2025), composed from injected parts (docs/method.md: Model, Training objective, Inference).
 
     images -> frozen encoder -> per-level tokens e_l ----------------------------------------+
                                       |                                                        | 1 - cos -> map
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -69,15 +69,15 @@ class CNC(nn.Module):
         self.image_size = encoder.image_size
         self.grid_size = encoder.grid_size
         self.num_levels = len(encoder.level_dims)
-        self.bottleneck = Bottleneck(encoder.level_dims, config.width, config.bottleneck_dropout)
-        self.moe = (
-            GatedMoE(config.width, config.num_experts, config.top_k, config.expert_ratio) if config.use_moe else None
-        )
+        width, depth, heads, taps = config.width, config.decoder_depth, config.decoder_heads, config.decoder_layers
+        assert width is not None and depth is not None and heads is not None and taps is not None  # a resolved config
+        self.bottleneck = Bottleneck(encoder.level_dims, width, config.bottleneck_dropout)
+        self.moe = GatedMoE(width, config.num_experts, config.top_k, config.expert_ratio) if config.use_moe else None
         self.decoder = Decoder(
-            config.width,
-            config.decoder_depth,
-            config.decoder_heads,
-            config.decoder_layers,
+            width,
+            depth,
+            heads,
+            taps,
             encoder.level_dims,
             config.mlp_ratio,
             config.attention,
@@ -85,11 +85,12 @@ class CNC(nn.Module):
         self.prompts: PromptLearner | NormalityVectors | None = None
         self.logit_scale = DEFAULT_LOGIT_SCALE
         if config.use_text:
-            if encoder.text_model is not None:
+            text_model: Any = encoder.text_model  # open_clip's CLIP, or None
+            if text_model is not None:
                 if tokenizer is None:
                     raise ValueError("an encoder with a text tower needs a tokenizer for the prompts")
                 self.prompts = PromptLearner(
-                    encoder.text_model,
+                    text_model,
                     tokenizer,
                     self.num_levels,
                     config.prompt_length,
@@ -98,7 +99,7 @@ class CNC(nn.Module):
                     config.abnormal_template,
                     config.shared_context,
                 )
-                self.logit_scale = float(encoder.text_model.logit_scale.exp().item())
+                self.logit_scale = float(text_model.logit_scale.exp().item())
             else:
                 self.prompts = NormalityVectors(encoder.joint_dims, config.abnormal_prompt, config.shared_context)
             for level, dim in enumerate(encoder.joint_dims):
@@ -251,10 +252,10 @@ class CNC(nn.Module):
 
     # ------------------------------------------------------------------------------------------------- inference
     def maps_from_output(self, output: CNCOutput, map_size: int | None = None) -> Tensor:
-        """Smoothed anomaly maps (B, 1, M, M) from a :class:`CNCOutput` (METHOD.md §4)."""
+        """Smoothed anomaly maps (B, 1, M, M) from a :class:`CNCOutput` (docs/method.md, Inference)."""
         levels = []
         text = self.stored_text_features() if self.config.fnp else None
-        for level, (e, d) in enumerate(zip(output.encoder, output.decoder)):
+        for level, (e, d) in enumerate(zip(output.encoder, output.decoder, strict=True)):
             a = discrepancy(e, d)  # (B, L)
             if text is not None:
                 a = a * fnp_weight(self.encoder.to_joint(level, e), text.normal[level], self.config.fnp_theta)
@@ -292,4 +293,5 @@ class CNC(nn.Module):
 def _mark_text_loaded(module: nn.Module, incompatible) -> None:
     """After load_state_dict: the text features count as stored when the checkpoint carried them."""
     if not any(key.startswith(("normal_text_", "abnormal_text_")) for key in incompatible.missing_keys):
+        assert isinstance(module, CNC)  # the hook is registered by CNC.__init__ only
         module._text_stored = True

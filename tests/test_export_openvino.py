@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 from cnc_ad import Detector
-from cnc_ad.checkpoint import save_checkpoint
 from cnc_ad.cli import main
 from cnc_ad.config import load_config
 from cnc_ad.data import ImageFileDataset, scan_dataset
@@ -85,11 +84,14 @@ def test_export_needs_an_xml_path(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_thresholds() -> dict:
+    return THRESHOLDS
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint: Path) -> Path:
     """A tiny random-weight checkpoint with stored thresholds."""
-    folder = save_checkpoint(tmp_path_factory.mktemp("run") / "ckpt", _model("model.preset=tiny"))
-    (folder / "thresholds.json").write_text(json.dumps(THRESHOLDS))
-    return folder
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,6 @@ from cnc_ad.cli import main  # noqa: E402
 from cnc_ad.errors import ConfigError  # noqa: E402
 from cnc_ad.serve.app import create_app  # noqa: E402
 from cnc_ad.serve.settings import ServeSettings, check_access, is_loopback  # noqa: E402
-from conftest import tiny_checkpoint  # noqa: E402
 
 THRESHOLDS = {"image": {"__all__": 0.5, "brick": 0.25}, "pixel": {"__all__": 0.6, "brick": 0.3}}
 LIMITS = ServeSettings(max_upload_bytes=200_000, max_pixels=250_000, max_images=4, max_batch_size=8, max_wait_ms=20)
@@ -42,9 +41,14 @@ SIZES = [(40, 50), (33, 21), (64, 64), (20, 30), (48, 40), (25, 25)]  # (H, W)
 
 # ------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_thresholds() -> dict:
+    return THRESHOLDS
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint: Path) -> Path:
     """A tiny random-weight checkpoint with stored thresholds."""
-    return tiny_checkpoint(tmp_path_factory.mktemp("run") / "ckpt", THRESHOLDS)
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

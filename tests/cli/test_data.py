@@ -7,50 +7,50 @@ import json
 import pytest
 
 from cnc_ad.cli import main
-from conftest import write_image
+from tests.helpers import write_image
 
 
 def _lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def test_scan_json_schema(synth_root, capsys):
-    assert main(["data", "scan", str(synth_root), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+def test_scan_json_schema(synth_root, run_cli):
+    done = run_cli("data", "scan", synth_root, "--json")
+    assert done.code == 0
+    result = json.loads(done.out)
     assert set(result) == {"format", "categories"} and result["format"] == "mvtec"
     assert sorted(result["categories"]) == ["brick", "grass", "washer"]
     for counts in result["categories"].values():
         assert counts == {"train_good": 6, "test_good": 2, "test_anomalous": 4, "masks": 4}
 
 
-def test_scan_table_and_verify(synth_root, capsys):
-    assert main(["-q", "data", "scan", str(synth_root), "--verify", "--categories", "brick,grass"]) == 0
-    out = capsys.readouterr().out
+def test_scan_table_and_verify(synth_root, run_cli):
+    code, out, _ = run_cli("-q", "data", "scan", synth_root, "--verify", "--categories", "brick,grass")
+    assert code == 0
     assert "train normal" in out and "brick" in out and "washer" not in out
     assert _lines(out)[-1].split() == ["total", "12", "4", "8", "8"]
 
 
-def test_scan_errors_are_one_line_with_exit_code(tmp_path, capsys):
-    assert main(["data", "scan", str(tmp_path / "missing")]) == 3
-    err = capsys.readouterr().err
-    assert len(_lines(err)) == 1 and "does not exist" in err
+def test_scan_errors_are_one_line_with_exit_code(tmp_path, run_cli):
+    code, _, err = run_cli("data", "scan", tmp_path / "missing")
+    assert code == 3 and len(_lines(err)) == 1 and "does not exist" in err
     bad = tmp_path / "d" / "c" / "train" / "good" / "x.png"
     bad.parent.mkdir(parents=True)
     bad.write_text("text, not pixels")
     write_image(tmp_path / "d" / "c" / "train" / "good" / "y.png")
-    assert main(["data", "scan", str(tmp_path / "d"), "--verify"]) == 3
-    err = capsys.readouterr().err
-    assert "x.png" in err and "--skip-bad" in err and "Traceback" not in err
-    assert main(["data", "scan", str(tmp_path / "d"), "--verify", "--skip-bad", "--json"]) == 0
-    captured = capsys.readouterr()
-    assert json.loads(captured.out)["categories"]["c"]["train_good"] == 1 and "x.png" in captured.err
+    code, _, err = run_cli("data", "scan", tmp_path / "d", "--verify")
+    assert code == 3 and "x.png" in err and "--skip-bad" in err and "Traceback" not in err
+    done = run_cli("data", "scan", tmp_path / "d", "--verify", "--skip-bad", "--json")
+    assert done.code == 0
+    assert json.loads(done.out)["categories"]["c"]["train_good"] == 1 and "x.png" in done.err
 
 
-def test_scan_folder_options(tmp_path, capsys):
+def test_scan_folder_options(tmp_path, run_cli):
     for name in ("a", "b", "c"):
         write_image(tmp_path / "ok" / f"{name}.png")
-    assert main(["data", "scan", "--normal", str(tmp_path / "ok"), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    done = run_cli("data", "scan", "--normal", tmp_path / "ok", "--json")
+    assert done.code == 0
+    result = json.loads(done.out)
     assert result["format"] == "folder"  # one category, named after the folder that holds ok/
     assert result["categories"] == {tmp_path.name: {"train_good": 3, "test_good": 0, "test_anomalous": 0, "masks": 0}}
 
