@@ -120,7 +120,7 @@ def _is_within(path: Path, folder: Path | None) -> bool:
 
 def _scan(folder: Path, excluded: Iterable[Path]) -> Iterator[Path]:
     """Every image file under ``folder`` (absolute), outside the ``excluded`` folders; each real folder once."""
-    excluded = {p for p in excluded}
+    skip = set(excluded)
     seen: set[tuple[int, int]] = set()
     stack = [folder]
     while stack:
@@ -137,7 +137,7 @@ def _scan(folder: Path, excluded: Iterable[Path]) -> Iterator[Path]:
             path = Path(entry.path)
             try:
                 if entry.is_dir():
-                    if path not in excluded and not entry.name.startswith("."):
+                    if path not in skip and not entry.name.startswith("."):
                         stack.append(path)
                 elif entry.is_file() and is_image_file(path):
                     yield path
@@ -194,13 +194,17 @@ def _same_content(a: Path, b: Path) -> bool:
 
 
 class _StopSignals:
-    """SIGINT and SIGTERM set ``stop`` (the current batch finishes, then the watcher stops); restored on exit."""
+    """SIGINT and SIGTERM set ``stop`` (the current batch finishes, then the watcher stops; a second Ctrl-C
+    interrupts at once); the previous handlers are restored on exit.
+    """
 
     def __init__(self, stop: threading.Event, summary: WatchSummary) -> None:
         self.stop, self.summary = stop, summary
         self.previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.stop.is_set() and signum == signal.SIGINT:  # a second Ctrl-C: do not wait for the batch
+            raise KeyboardInterrupt
         self.summary.stopped_by = signal.Signals(signum).name
         self.stop.set()
 

@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         trust_pickle=args.trust_pickle,
     )
     stored = load_thresholds(checkpoint)
+    assert stored is not None  # calibrate_checkpoint has just written them
     kept = sorted({c for c in [*found.categories, ALL] if stored.image[c] != found.image[c]})
     if args.json:
         rows = {}
