@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     _setup_logging(args.verbose, args.quiet)
-    if not getattr(args, "json", False):
+    if not (getattr(args, "json", False) and getattr(args, "json_document", False)):
         return _run(args)
     with _stdout_to_stderr() as stdout:
         code = _run(args)

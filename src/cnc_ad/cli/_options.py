@@ -52,6 +52,7 @@ def add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", action="store_true", help="print one JSON summary object on stdout (everything else goes to stderr)"
     )
+    parser.set_defaults(json_document=True)  # cnc_ad.cli.main prints the object (commands with JSON of their own: not)
 
 
 def emit_json(args: argparse.Namespace, summary: dict[str, Any]) -> None:
