@@ -38,12 +38,15 @@ from cnc_ad.model import build_model
 Backend = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
 
 
-def build_backends(preset: str, threads: int, folder: Path) -> tuple[dict[str, Backend], int]:
-    """PyTorch, ONNX Runtime and OpenVINO backends of one randomly initialised preset, and its image size."""
+def build_backends(preset: str | ModelConfig, threads: int, folder: Path) -> tuple[dict[str, Backend], int]:
+    """PyTorch, ONNX Runtime and OpenVINO backends of one randomly initialised preset (or model config), and its
+    image size.
+    """
     import onnxruntime as ort
     import openvino as ov
 
-    model = build_model(ModelConfig(preset=preset), pretrained=False)
+    config = preset if isinstance(preset, ModelConfig) else ModelConfig(preset=preset)
+    model = build_model(config, pretrained=False)
     model.store_text_features()
     model.eval()
     onnx_path = export_onnx(model, folder / "model.onnx")

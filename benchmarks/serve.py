@@ -1,9 +1,10 @@
 """Throughput and latency of ``cnc serve`` under concurrent clients, next to in-process batch prediction. Prints;
 never asserts.
 
-The model is a checkpoint given with ``--checkpoint``, or else ``--config``'s model (default ``demo``: the offline
-``cnc-effnet-lite0`` preset with its shipped ImageNet weights, untrained decoder) saved to a temporary folder. The
-images are ``--distinct`` synthetic PNGs of ``--image-size`` pixels (textured noise with a dark scratch), cycled.
+The model is a checkpoint given with ``--checkpoint``, or else ``--config``'s model (default ``offline``: the
+``cnc-effnet-lite0`` preset with its shipped ImageNet weights and linear attention, untrained decoder) saved to a
+temporary folder. The images are ``--distinct`` synthetic PNGs of ``--image-size`` pixels (textured noise with a dark
+scratch), cycled.
 
 1. In-process: ``Detector.predict`` on the PNG files, ``--max-batch-size`` per call (decoding included, as in the
    server), images per second after one untimed warm-up batch.
@@ -13,12 +14,17 @@ images are ``--distinct`` synthetic PNGs of ``--image-size`` pixels (textured no
    second over the wall time, p50 and p99 latency, errors (any non-200 answer or transport error), and the server's
    mean batch size (``/v1/stats``). The server process's resident memory (``VmRSS``) is read after a warm-up and at
    the end. The client threads run on the same machine and share its cores with the server.
+3. ``--config``'s model's (the offline preset's) CPU images/s through PyTorch, ONNX Runtime and OpenVINO, side
+   by side, measured by ``benchmarks/export_speed.py`` (its ``build_backends`` and ``measure``: random weights, the
+   whole graph, ``--export-threads`` threads, batch ``--max-batch-size``), after the server has stopped.
 
 The last line is
 
     serve: rps_c32=<x> inprocess_ips=<x> ratio=<rps_c32 / inprocess_ips> p99_ms_c32=<x> errors=<n> rss_growth_mb=<x>
+    ort_vs_torch=<x> ov_vs_torch=<x>
 
-(``c32`` is the highest concurrency run). Full run (>= 2000 requests) and a smoke run:
+(one line; ``c32`` is the highest concurrency run). A full run sends at least ``--requests`` (default 2100) measured
+requests, split evenly over the concurrencies (rounded up), plus a warm-up. Full run and a smoke run:
 
     .venv/bin/python benchmarks/serve.py
     .venv/bin/python benchmarks/serve.py --quick
@@ -42,11 +48,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import torch
+from export_speed import build_backends, measure
 from PIL import Image
 
 from cnc_ad import Detector
 from cnc_ad.checkpoint import save_checkpoint
 from cnc_ad.config import load_config
+from cnc_ad.export import random_images
 from cnc_ad.model import build_model
 
 
@@ -178,11 +187,37 @@ def load(url: str, files: list[bytes], requests: int, concurrency: int) -> dict[
     }
 
 
+# ---------------------------------------------------------------------------------------------------- runtimes
+def runtime_comparison(args: argparse.Namespace) -> dict[str, float]:
+    """CPU images/s of ``--config``'s model through PyTorch, ONNX Runtime and OpenVINO (benchmarks/export_speed.py)."""
+    model_config = load_config(args.config).model
+    preset = f"{args.config} ({model_config.preset}, {model_config.attention} attention)"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.export_threads)
+    try:
+        with tempfile.TemporaryDirectory(prefix="cnc-serve-bench-export-") as folder:
+            backends, size = build_backends(model_config, args.export_threads, Path(folder))
+            batch = args.max_batch_size
+            seconds, difference = measure(backends, random_images(batch, size), args.export_repeats, warmup=2)
+    finally:
+        torch.set_num_threads(threads)
+    ips = {name: batch / value for name, value in seconds.items()}
+    for name in backends:
+        print(
+            f"{preset} on the CPU, {name:>5}: {ips[name]:7.2f} images/s (batch {batch}, {args.export_threads} "
+            f"thread(s), {ips[name] / ips['torch']:.3f} x PyTorch, max |diff| {difference[name]:.2e})",
+            flush=True,
+        )
+    return ips
+
+
 # -------------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="run or checkpoint folder (default: --config's model, saved to a tmp dir)")
-    parser.add_argument("--config", default="demo", help="config whose model is built when no checkpoint is given")
+    parser.add_argument(
+        "--config", default="offline", help="config whose model is built when no checkpoint is given (default offline)"
+    )
     parser.add_argument("--requests", type=int, default=2100, help="requests in total, split over the concurrencies")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="client threads per phase")
     parser.add_argument("--image-size", type=int, default=256, help="side of the synthetic PNGs in pixels")
@@ -190,11 +225,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inprocess-images", type=int, default=128, help="images for the in-process measurement")
     parser.add_argument("--max-batch-size", type=int, default=16, help="server and in-process batch size")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the server's batching wait")
+    parser.add_argument(
+        "--export-threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="threads of each runtime in the PyTorch / ONNX Runtime / OpenVINO comparison (default: usable cores)",
+    )
+    parser.add_argument("--export-repeats", type=int, default=10, help="timed calls per runtime in that comparison")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 60 requests, 32 in-process images")
     args = parser.parse_args(argv)
     if args.quick:
-        args.requests, args.inprocess_images, args.distinct = 60, 32, 8
-    per_level = max(1, args.requests // len(args.concurrency))
+        args.requests, args.inprocess_images, args.distinct, args.export_repeats = 60, 32, 8, 2
+    per_level = max(1, -(-args.requests // len(args.concurrency)))  # rounded up: at least --requests in all
 
     with tempfile.TemporaryDirectory(prefix="cnc-serve-bench-") as tmp:
         workdir = Path(tmp)
@@ -229,11 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     top = rows[-1]
     errors = sum(row["errors"] for row in rows)
     print(f"server RSS: {rss_before:.1f} MiB after warm-up, {rss_after:.1f} MiB at the end")
+    print(f"requests: {sum(row['requests'] for row in rows)} measured (+ warm-up), {errors} errors", flush=True)
+    runtimes = runtime_comparison(args)
     print(f"cores usable: {len(os.sched_getaffinity(0))} of {os.cpu_count()}; the clients share them with the server")
     print(
         f"serve: rps_c{top['concurrency']}={top['ips']:.2f} inprocess_ips={inprocess_ips:.2f} "
         f"ratio={top['ips'] / inprocess_ips:.3f} p99_ms_c{top['concurrency']}={top['p99_ms']:.1f} errors={errors} "
-        f"rss_growth_mb={rss_after - rss_before:.1f}"
+        f"rss_growth_mb={rss_after - rss_before:.1f} ort_vs_torch={runtimes['ort'] / runtimes['torch']:.3f} "
+        f"ov_vs_torch={runtimes['ov'] / runtimes['torch']:.3f}"
     )
     return 0
 

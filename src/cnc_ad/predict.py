@@ -13,7 +13,7 @@ import hashlib
 import io
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,21 +142,9 @@ def predict_files(
         raise ConfigError(f"map dtype {map_dtype!r}; use one of {', '.join(MAP_DTYPES)}")
     out = Path(out)
     paths = [Path(p).resolve() for p in paths]  # records and output names key on absolute paths
-    jsonl, errors_file = out / PREDICTIONS_FILE, out / ERRORS_FILE
-    done: set[str] = set()
-    if jsonl.exists() and jsonl.stat().st_size:
-        if resume:
-            done = {record["path"] for record in read_jsonl(jsonl) if "path" in record}
-        elif not overwrite:
-            raise ConfigError(f"{out} already holds predictions: resume them, or overwrite them to start afresh")
-        dist.barrier()  # every process has read the old records before any is removed
-        if overwrite and dist.is_main_process():
-            jsonl.unlink()
-            errors_file.unlink(missing_ok=True)
-    for folder in ("maps", "masks", "overlays"):
-        (out / folder).mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+    done = open_output(out, resume=resume, overwrite=overwrite)
     # Under torchrun each process takes its share; all append to the same JSON-lines files (one write per line).
+    jsonl = out / PREDICTIONS_FILE
     remaining = [p for p in paths if str(p) not in done]
     skipped = len(paths) - len(remaining)
     todo = dist.shard(remaining)
@@ -166,48 +154,26 @@ def predict_files(
     if image_t is None:
         log.warning("no threshold (evaluate the model, or give one): is_anomalous is null, no masks are written")
 
-    loader = DataLoader(
-        ImageFileDataset(todo, detector.image_size),
-        batch_size=max(1, batch_size),
-        num_workers=num_workers,
-        collate_fn=collate_items,
-    )
     predicted = failed = anomalous = 0
     bar = progress_bar(total=len(todo), desc="predict", unit="img", enabled=progress)
     try:
-        for batch in loader:
-            for index, reason in batch.pop("errors"):
-                message = reason.replace(", or pass --skip-bad", "").replace("; or pass --skip-bad", "")
-                log.warning("skipped: %s", message)
-                append_jsonl(errors_file, {"path": str(todo[index]), "error": message})
+        for outcome in predict_stream(
+            detector,
+            todo,
+            out,
+            image_threshold=image_t,
+            pixel_threshold=pixel_t,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            map_dtype=map_dtype,
+            overlay_max_side=overlay_max_side,
+        ):
+            if outcome.record is None:
                 failed += 1
-                bar.update(1)
-            if not batch:
-                continue
-            scores, maps = detector.score_batch(batch["image"])
-            for path, size, score, small_map in zip(batch["path"], batch["size"].tolist(), scores, maps, strict=True):
-                try:
-                    record = _write_prediction(
-                        Path(path),
-                        tuple(size),
-                        float(score),
-                        small_map,
-                        out,
-                        image_t,
-                        pixel_t,
-                        map_dtype,
-                        overlay_max_side,
-                    )
-                except DataError as err:  # the file changed or vanished since it was decoded
-                    log.warning("skipped: %s", err)
-                    append_jsonl(errors_file, {"path": path, "error": str(err)})
-                    failed += 1
-                    bar.update(1)
-                    continue
-                append_jsonl(jsonl, record)
+            else:
                 predicted += 1
-                anomalous += bool(record["is_anomalous"])
-                bar.update(1)
+                anomalous += bool(outcome.record["is_anomalous"])
+            bar.update(1)
     finally:
         bar.close()
         if not dist.is_distributed() and jsonl.exists():  # also after an interruption
@@ -218,6 +184,99 @@ def predict_files(
         if dist.is_main_process() and jsonl.exists():
             write_summary_csv(jsonl, out / SUMMARY_FILE)
     return PredictionSummary(out, predicted, skipped, failed, anomalous)
+
+
+def open_output(out: Path, *, resume: bool, overwrite: bool) -> set[str]:
+    """Prepare the output folder ``out``; return the paths its ``predictions.jsonl`` already records.
+
+    Raises:
+        ConfigError: ``out`` already holds predictions and neither ``resume`` nor ``overwrite`` is set.
+    """
+    jsonl, errors_file = out / PREDICTIONS_FILE, out / ERRORS_FILE
+    done: set[str] = set()
+    if jsonl.exists() and jsonl.stat().st_size:
+        if resume:
+            done = recorded_paths(out)
+        elif not overwrite:
+            raise ConfigError(f"{out} already holds predictions: resume them, or overwrite them to start afresh")
+        dist.barrier()  # every process has read the old records before any is removed
+        if overwrite and dist.is_main_process():
+            jsonl.unlink()
+            errors_file.unlink(missing_ok=True)
+    for folder in ("maps", "masks", "overlays"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    return done
+
+
+def recorded_paths(out: Path) -> set[str]:
+    """The input paths that ``out/predictions.jsonl`` records (a last line cut short by a crash does not count)."""
+    return {record["path"] for record in read_jsonl(out / PREDICTIONS_FILE) if "path" in record}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One input's result in :func:`predict_stream`: its record (appended and fsynced), or why it failed."""
+
+    path: Path
+    record: dict[str, Any] | None
+    error: str | None = None
+
+
+def predict_stream(
+    detector: Detector,
+    paths: Sequence[Path],
+    out: Path,
+    *,
+    image_threshold: float | None,
+    pixel_threshold: float | None,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    map_dtype: str = "float16",
+    overlay_max_side: int = 2048,
+) -> Iterator[Outcome]:
+    """Score ``paths`` (absolute) into ``out``, yielding each input's :class:`Outcome` once its line is on disk.
+
+    A predicted image's map, mask and overlay are written (atomically) before its ``predictions.jsonl`` line is
+    appended and fsynced; a file that cannot be decoded gets an ``errors.jsonl`` line instead. So when an outcome is
+    yielded, its line is durable: an interruption at any moment loses at most the images in flight.
+    """
+    jsonl, errors_file = out / PREDICTIONS_FILE, out / ERRORS_FILE
+    loader = DataLoader(
+        ImageFileDataset(paths, detector.image_size),
+        batch_size=max(1, batch_size),
+        num_workers=num_workers,
+        collate_fn=collate_items,
+    )
+    for batch in loader:
+        for index, reason in batch.pop("errors"):
+            message = reason.replace(", or pass --skip-bad", "").replace("; or pass --skip-bad", "")
+            log.warning("skipped: %s", message)
+            append_jsonl(errors_file, {"path": str(paths[index]), "error": message})
+            yield Outcome(Path(paths[index]), None, message)
+        if not batch:
+            continue
+        scores, maps = detector.score_batch(batch["image"])
+        for path, size, score, small_map in zip(batch["path"], batch["size"].tolist(), scores, maps, strict=True):
+            try:
+                record = _write_prediction(
+                    Path(path),
+                    tuple(size),
+                    float(score),
+                    small_map,
+                    out,
+                    image_threshold,
+                    pixel_threshold,
+                    map_dtype,
+                    overlay_max_side,
+                )
+            except DataError as err:  # the file changed or vanished since it was decoded
+                log.warning("skipped: %s", err)
+                append_jsonl(errors_file, {"path": path, "error": str(err)})
+                yield Outcome(Path(path), None, str(err))
+                continue
+            append_jsonl(jsonl, record)
+            yield Outcome(Path(path), record)
 
 
 def _write_prediction(

@@ -8,10 +8,15 @@ one-line message and a non-zero exit code here, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import json
 import logging
+import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, TextIO
 
 from cnc_ad import __version__
 from cnc_ad.errors import CNCError
@@ -93,17 +98,81 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     _setup_logging(args.verbose, args.quiet)
+    if not (getattr(args, "json", False) and getattr(args, "json_document", False)):
+        return _run(args)
+    with _stdout_to_stderr() as stdout:
+        code = _run(args)
+        summary: dict[str, Any] | None = getattr(args, "json_summary", None)
+        error: dict[str, Any] | None = getattr(args, "json_error", None)
+        if summary is None and error is None and code == 0:
+            return code  # a process that reports nothing (a torchrun worker other than the first)
+        document = {"command": args.command, "ok": code == 0, "exit_code": code, **(summary or {})}
+        if error is not None:
+            document["error"] = error
+        stdout.write(json.dumps(_json_safe(document)) + "\n")  # ASCII: any file name, any parser
+        stdout.flush()
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except CNCError as err:  # one line, even when the message quotes a multi-line report (e.g. torch's)
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
         print(f"cnc {args.command}: error: {message}", file=sys.stderr)
+        args.json_error = {"type": type(err).__name__, "message": message}
         return err.exit_code
     except KeyboardInterrupt:
         print(f"cnc {args.command}: interrupted", file=sys.stderr)
+        args.json_error = {"type": "KeyboardInterrupt", "message": "interrupted"}
         return 130
     finally:
         if "torch" in sys.modules:  # leave a torchrun process group cleanly (no-op otherwise)
             from cnc_ad import distributed
 
             distributed.cleanup()
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[TextIO]:
+    """Send everything written to stdout (Python's and, in a real process, file descriptor 1: native libraries) to
+    stderr; yield a stream that writes to the real stdout, for the one JSON object.
+    """
+    real = sys.stdout
+    try:
+        fd, err_fd = real.fileno(), sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a replaced stream (pytest's capsys): Python-level only
+        fd = err_fd = -1
+    sys.stdout = sys.stderr
+    if fd != 1 or err_fd < 0:  # not the process's own stdout (a capture): Python-level only
+        try:
+            yield real
+        finally:
+            sys.stdout = real
+        return
+    real.flush()
+    saved = os.dup(fd)
+    try:
+        os.dup2(err_fd, fd)
+        with os.fdopen(os.dup(saved), "w", encoding="utf-8") as stream:
+            yield stream
+    finally:
+        sys.stderr.flush()
+        sys.stdout = real
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as null, NumPy scalars as numbers and paths as strings (strict JSON)."""
+    if hasattr(value, "item") and hasattr(value, "dtype"):  # a NumPy scalar or 0-d array
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value

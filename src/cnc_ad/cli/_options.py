@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from cnc_ad.data.scan import FORMATS
 
@@ -44,3 +45,20 @@ def add_weights(parser: argparse.ArgumentParser) -> None:
 def add_progress(parser: argparse.ArgumentParser) -> None:
     """``--no-progress``: no progress bars (into ``args.no_progress``)."""
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    """``--json``: one JSON summary object on stdout, nothing else there (diagnostics go to stderr in every mode)."""
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON summary object on stdout (everything else goes to stderr)"
+    )
+    parser.set_defaults(json_document=True)  # cnc_ad.cli.main prints the object (commands with JSON of their own: not)
+
+
+def emit_json(args: argparse.Namespace, summary: dict[str, Any]) -> None:
+    """Hand the command's JSON summary to :func:`cnc_ad.cli.main`, which prints it on stdout as the only thing there.
+
+    ``main`` prints it when the command returns, and also when it then fails (with ``"ok": false`` and the error), so
+    a script reads one object in either case.
+    """
+    args.json_summary = summary

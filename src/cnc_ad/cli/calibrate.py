@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from cnc_ad.cli._options import add_json, emit_json
+
 EPILOG = """\
 examples:
   cnc calibrate --checkpoint runs/line3 --normal batches/2026-11-28/ --category pump
@@ -61,6 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--skip-bad", action="store_true", help="leave unreadable images out instead of stopping")
     parser.add_argument("--clip-weights", metavar="PATH", help="local CLIP weights file (offline use)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow a pickle/TorchScript CLIP weights file")
+    add_json(parser)
     parser.set_defaults(func=run)
 
 
@@ -110,7 +113,30 @@ def run(args: argparse.Namespace) -> int:
         trust_pickle=args.trust_pickle,
     )
     stored = load_thresholds(checkpoint)
-    assert stored is not None  # calibrate_checkpoint has just stored them
+    assert stored is not None  # calibrate_checkpoint has just written them
+    kept = sorted({c for c in [*found.categories, ALL] if stored.image[c] != found.image[c]})
+    if args.json:
+        rows = {}
+        for category in [*found.categories, ALL]:
+            image, pixel = stored.image[category], stored.pixel.get(category)
+            rows[category] = {
+                "images": image.images,
+                "image_threshold": image.value,
+                "image_rule": image.rule,
+                "pixel_threshold": None if pixel is None else pixel.value,
+                "pixel_rule": None if pixel is None else pixel.rule,
+            }
+        emit_json(
+            args,
+            {
+                "checkpoint": str(checkpoint),
+                "thresholds_file": str(thresholds_path(checkpoint)),
+                "false_alarm_rate": args.false_alarm_rate,
+                "categories": rows,
+                "kept_f1_max": kept,
+            },
+        )
+        return 0
     print("| category | images | image threshold | pixel threshold | rule |")
     print("|---|---:|---:|---:|---|")
     for category in [*found.categories, ALL]:
@@ -119,7 +145,6 @@ def run(args: argparse.Namespace) -> int:
         name = "(any)" if category == ALL else category
         pixel_value = _number(pixel.value if pixel is not None else None)
         print(f"| {name} | {image.images} | {_number(image.value)} | {pixel_value} | {rule} |")
-    kept = sorted({c for c in [*found.categories, ALL] if stored.image[c] != found.image[c]})
     if kept:
         print(f"\nkept the F1-max thresholds of `cnc eval` for: {', '.join(kept)} (--replace-f1-max replaces them)")
     print(f"\nthresholds: {thresholds_path(checkpoint)}")

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 
-from cnc_ad.cli._options import add_device, add_format, add_overrides, add_progress, add_skip_bad, add_weights
+from cnc_ad.cli._options import (
+    add_device,
+    add_format,
+    add_json,
+    add_overrides,
+    add_progress,
+    add_skip_bad,
+    add_weights,
+    emit_json,
+)
 
 EPILOG = """\
 examples:
@@ -43,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_skip_bad(parser)
     add_weights(parser)
     add_progress(parser)
+    add_json(parser)
     parser.set_defaults(func=run)
 
 
@@ -77,6 +87,20 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     if not dist.is_main_process():
+        return 0
+    if args.json:
+        emit_json(
+            args,
+            {
+                "checkpoint": str(done.checkpoint),
+                "out": str(done.out_dir),
+                "thresholds_file": None if done.thresholds_file is None else str(done.thresholds_file),
+                "mean": done.result.mean,
+                "categories": done.result.categories,
+                "left_out_of_mean": done.result.left_out,
+                "thresholds": done.result.thresholds.to_json(),
+            },
+        )
         return 0
     print(markdown_table(done.result))
     print(f"\nresults: {done.out_dir}")

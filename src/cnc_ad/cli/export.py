@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
-from cnc_ad.cli._options import add_weights
+from cnc_ad.cli._options import add_json, add_weights, emit_json
 
 EPILOG = """\
 examples:
@@ -47,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed abs difference (default 1e-4)")
     parser.add_argument("--parity-images", type=int, default=4, help="images per parity check (default 4)")
     add_weights(parser)
+    add_json(parser)
     parser.set_defaults(func=run)
 
 
@@ -84,21 +86,49 @@ def run(args: argparse.Namespace) -> int:
             raise DataError(f"no readable test image in {args.data_root} for the parity check")
         checks["dataset"] = torch.stack(decoded)
     worst = 0.0
+    parities: dict[str, dict[str, float | int]] = {}
     for name, images in checks.items():
         parity = check_parity(model, path, images)
         worst = max(worst, parity["max_abs_map"], parity["max_abs_score"])
-        print(
+        parities[name] = {
+            "images": len(images),
+            "max_abs_map": parity["max_abs_map"],
+            "max_abs_score": parity["max_abs_score"],
+        }
+        _say(
+            args,
             f"parity on {len(images)} {name} images: max |map diff| {parity['max_abs_map']:.3g}, "
-            f"max |score diff| {parity['max_abs_score']:.3g}"
+            f"max |score diff| {parity['max_abs_score']:.3g}",
         )
+    faithful = bool(worst <= args.tolerance)
+    files = [str(path)] + ([str(path.with_suffix(".bin"))] if args.format == "openvino" else [])
+    emit_json(
+        args,
+        {
+            "format": args.format,
+            "out": str(path),
+            "files": files,
+            "checkpoint": str(checkpoint),
+            "fp16": bool(args.fp16),
+            "parity": parities,
+            "max_abs_diff": worst,
+            "tolerance": args.tolerance,
+            "within_tolerance": faithful,
+        },
+    )
     if args.fp16:
-        print(f"exported {path} (float16 weights: parity {worst:.3g}, not held to --tolerance {args.tolerance:g})")
+        _say(args, f"exported {path} (float16 weights: parity {worst:.3g}, not held to --tolerance {args.tolerance:g})")
         return 0
-    if not worst <= args.tolerance:
+    if not faithful:
         name = "OpenVINO" if args.format == "openvino" else "ONNX"
         raise ExportError(
             f"{name} parity {worst:.3g} exceeds the tolerance {args.tolerance:g}; {path} is not faithful to the "
             "checkpoint (try another --opset, or report it)"
         )
-    print(f"exported {path} (parity within {args.tolerance:g})")
+    _say(args, f"exported {path} (parity within {args.tolerance:g})")
     return 0
+
+
+def _say(args: argparse.Namespace, line: str) -> None:
+    """A result line: on stdout, or on stderr with --json (stdout then holds the JSON object only)."""
+    print(line, file=sys.stderr if args.json else sys.stdout)

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import TYPE_CHECKING
 
-from cnc_ad.cli._options import add_device, add_progress, add_weights
+from cnc_ad.cli._options import add_device, add_json, add_progress, add_weights, emit_json
+
+if TYPE_CHECKING:
+    from cnc_ad.inference import Detector
+    from cnc_ad.watch import After
 
 EPILOG = """\
 examples:
@@ -12,6 +18,8 @@ examples:
   cnc predict --checkpoint runs/demo 'line3/**/*.jpg' part_0042.png --threshold 0.35
   cnc predict --onnx model.onnx images/ --out predictions --resume
   cnc predict --openvino model.xml images/ --out predictions             # model.bin beside model.xml
+  cnc predict --checkpoint runs/line3 --watch incoming/ --out predictions --after move:done/
+  cnc predict --checkpoint runs/line3 --watch /mnt/share/cam1 --poll 2   # network share: list every 2 s
 
 INPUT: image files, folders (searched recursively) or glob patterns (quote them); any size or mode Pillow reads.
 
@@ -30,6 +38,18 @@ checkpoint (all categories, or --category's): set by training on held-out good i
 F1-max one of `cnc eval` (docs/thresholds.md); --threshold overrides it. Masks use the stored pixel
 threshold (or --pixel-threshold), else the image threshold. Without any threshold, is_anomalous is null and no
 masks are written.
+
+--watch DIR: keep running and score each image written into DIR (and its subfolders) once its size and
+modification time have not changed for --settle seconds (default 1), until Ctrl-C or SIGTERM. Each file gets exactly
+one predictions.jsonl line, also across restarts: on start the images already in DIR that predictions.jsonl does not
+record are scored, the recorded ones never again. --after leave (default) leaves files where they are;
+--after move:DIR2 moves each file into DIR2 (same relative path; a different file of that name is never overwritten)
+once its line is on disk. A file that cannot be decoded gets an errors.jsonl line, stays, and is tried again when it
+changes. Change notifications come from watchfiles; --poll SECONDS lists the folder instead (network shares, where
+notifications do not arrive; also the fallback without watchfiles). See docs/watch.md.
+
+--json: one JSON object on stdout at the end (counts, output folder; with --watch when it stops); every other line
+goes to stderr.
 
 exit status: 0 when every image was predicted (or was done before, with --resume); 0 with a warning when some files
 could not be decoded (listed in errors.jsonl), or 3 with --strict; 3 when no image could be predicted.
@@ -50,7 +70,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument(
         "--openvino", metavar="FILE.xml", help="an OpenVINO IR written by `cnc export --format openvino` (CPU)"
     )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders or glob patterns")
+    parser.add_argument("--watch", metavar="DIR", help="keep running: score each image written into DIR, once")
+    parser.add_argument(
+        "--after",
+        default="leave",
+        metavar="leave|move:DIR",
+        help="--watch: leave scored files (default), or move them into DIR once recorded",
+    )
+    parser.add_argument(
+        "--poll", type=float, metavar="SECONDS", help="--watch: list the folder every SECONDS (network shares)"
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="--watch: a file is complete once unchanged this long (default 1)",
+    )
     parser.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     parser.add_argument("--threshold", type=float, help="image threshold (default: the stored one)")
     parser.add_argument("--pixel-threshold", type=float, help="mask threshold (default: stored, else --threshold)")
@@ -67,35 +104,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--strict", action="store_true", help="exit 3 when any input could not be decoded")
     add_weights(parser)
     add_progress(parser)
+    add_json(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from cnc_ad import distributed as dist
-    from cnc_ad.device import resolve_device
     from cnc_ad.errors import ConfigError, DataError
-    from cnc_ad.inference import Detector
     from cnc_ad.predict import ERRORS_FILE, collect_inputs, predict_files
-    from cnc_ad.results import load_thresholds
+    from cnc_ad.watch import After, check_not_both
 
+    check_not_both(args.watch, args.inputs)
+    if args.watch:
+        if dist.launched_by_torchrun():
+            raise ConfigError("--watch runs in one process; start it without torchrun")
+        if args.overwrite:
+            raise ConfigError("--watch always resumes --out's predictions.jsonl; pass another --out to start afresh")
+        after = After.parse(args.after)
+        return _watch(args, _detector(args), after)
+    if args.after != "leave" or args.poll is not None:
+        raise ConfigError("--after and --poll apply to --watch DIR only")
     paths = collect_inputs(args.inputs)
-    exported = "--onnx" if args.onnx else "--openvino" if args.openvino else None
-    if exported and dist.launched_by_torchrun():
-        raise ConfigError(f"{exported} runs in one process; start it without torchrun")
-    if not exported:
-        dist.init_from_env(resolve_device(args.device))  # under torchrun: join the group, shard the inputs
-    if args.onnx:
-        detector = Detector.from_onnx(args.onnx, thresholds=args.thresholds)
-    elif args.openvino:
-        detector = Detector.from_openvino(args.openvino, thresholds=args.thresholds)
-    else:
-        detector = Detector.from_checkpoint(
-            args.checkpoint, device=args.device, clip_weights=args.clip_weights, trust_pickle=args.trust_pickle
-        )
-        if args.thresholds:
-            detector.thresholds = load_thresholds(args.thresholds)
     summary = predict_files(
-        detector,
+        _detector(args),
         paths,
         args.out,
         batch_size=args.batch_size,
@@ -111,13 +142,92 @@ def run(args: argparse.Namespace) -> int:
     )
     if not dist.is_main_process():
         return 0
-    print(
-        f"{summary.predicted} predicted ({summary.anomalous} anomalous), {summary.skipped} done before, "
-        f"{summary.failed} failed; results: {summary.out}"
-    )
+    if args.json:
+        emit_json(
+            args,
+            {
+                "out": str(summary.out),
+                "predictions": str(summary.out / "predictions.jsonl"),
+                "inputs": summary.total,
+                "predicted": summary.predicted,
+                "anomalous": summary.anomalous,
+                "done_before": summary.skipped,
+                "failed": summary.failed,
+            },
+        )
+    else:
+        print(
+            f"{summary.predicted} predicted ({summary.anomalous} anomalous), {summary.skipped} done before, "
+            f"{summary.failed} failed; results: {summary.out}"
+        )
     if summary.failed:
         message = f"{summary.failed} of {summary.total} inputs could not be decoded; see {summary.out / ERRORS_FILE}"
         if args.strict or summary.predicted + summary.skipped == 0:
             raise DataError(message)
-        print(f"warning: {message}")
+        print(f"warning: {message}", file=sys.stderr)
+    return 0
+
+
+def _detector(args: argparse.Namespace) -> Detector:
+    from cnc_ad import distributed as dist
+    from cnc_ad.device import resolve_device
+    from cnc_ad.errors import ConfigError
+    from cnc_ad.inference import Detector
+    from cnc_ad.results import load_thresholds
+
+    exported = "--onnx" if args.onnx else "--openvino" if args.openvino else None
+    if exported and dist.launched_by_torchrun():
+        raise ConfigError(f"{exported} runs in one process; start it without torchrun")
+    if not exported and not args.watch:
+        dist.init_from_env(resolve_device(args.device))  # under torchrun: join the group, shard the inputs
+    if args.onnx:
+        return Detector.from_onnx(args.onnx, thresholds=args.thresholds)
+    if args.openvino:
+        return Detector.from_openvino(args.openvino, thresholds=args.thresholds)
+    detector = Detector.from_checkpoint(
+        args.checkpoint, device=args.device, clip_weights=args.clip_weights, trust_pickle=args.trust_pickle
+    )
+    if args.thresholds:
+        detector.thresholds = load_thresholds(args.thresholds)
+    return detector
+
+
+def _watch(args: argparse.Namespace, detector: Detector, after: After) -> int:
+    from cnc_ad.watch import watch_folder
+
+    summary = watch_folder(
+        detector,
+        args.watch,
+        args.out,
+        after=after,
+        poll=args.poll,
+        settle=args.settle,
+        batch_size=args.batch_size,
+        threshold=args.threshold,
+        pixel_threshold=args.pixel_threshold,
+        category=args.category,
+        map_dtype=args.map_dtype,
+        overlay_max_side=args.overlay_max_side,
+    )
+    if args.json:
+        emit_json(
+            args,
+            {
+                "out": str(summary.out),
+                "predictions": str(summary.out / "predictions.jsonl"),
+                "watched": str(summary.folder),
+                "mode": summary.mode,
+                "predicted": summary.predicted,
+                "anomalous": summary.anomalous,
+                "failed": summary.failed,
+                "moved": summary.moved,
+                "done_before": summary.recorded_before,
+                "stopped_by": summary.stopped_by,
+            },
+        )
+    else:
+        print(
+            f"{summary.predicted} predicted ({summary.anomalous} anomalous), {summary.failed} failed, "
+            f"{summary.moved} moved; stopped by {summary.stopped_by}; results: {summary.out}"
+        )
     return 0

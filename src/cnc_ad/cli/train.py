@@ -9,7 +9,16 @@ import sys
 import time
 from pathlib import Path
 
-from cnc_ad.cli._options import add_device, add_format, add_overrides, add_progress, add_skip_bad, add_weights
+from cnc_ad.cli._options import (
+    add_device,
+    add_format,
+    add_json,
+    add_overrides,
+    add_progress,
+    add_skip_bad,
+    add_weights,
+    emit_json,
+)
 from cnc_ad.errors import ConfigError
 
 EPILOG = """\
@@ -47,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_skip_bad(parser)
     parser.add_argument("--nproc", type=int, metavar="N", help="train on N processes/GPUs through torchrun")
     add_progress(parser)
+    add_json(parser)
     parser.set_defaults(func=run)
 
 
@@ -86,6 +96,7 @@ def _relaunch_with_torchrun(args: argparse.Namespace, run_dir: Path) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from cnc_ad.config import load_config
+    from cnc_ad.results import load_thresholds
     from cnc_ad.runs import RunFolder
     from cnc_ad.train import train
 
@@ -121,8 +132,23 @@ def run(args: argparse.Namespace) -> int:
     )
     from cnc_ad import distributed as dist
 
-    if dist.is_main_process():
-        terms = " ".join(f"{k}={v:.4f}" for k, v in result.last_loss.items())
-        print(f"trained {result.steps} steps ({result.epochs} epochs): {terms}")
-        print(f"checkpoint: {result.checkpoint}")
+    if not dist.is_main_process():
+        return 0
+    if args.json:
+        thresholds = load_thresholds(result.checkpoint)
+        emit_json(
+            args,
+            {
+                "run_dir": str(result.run_dir),
+                "checkpoint": str(result.checkpoint),
+                "epochs": result.epochs,
+                "steps": result.steps,
+                "last_loss": result.last_loss,
+                "thresholds": thresholds.to_json() if thresholds is not None else None,
+            },
+        )
+        return 0
+    terms = " ".join(f"{k}={v:.4f}" for k, v in result.last_loss.items())
+    print(f"trained {result.steps} steps ({result.epochs} epochs): {terms}")
+    print(f"checkpoint: {result.checkpoint}")
     return 0
