@@ -12,8 +12,10 @@ scratch), cycled.
    size and ``--max-wait-ms``. For each concurrency C in ``--concurrency``, C client threads send one image per
    request (multipart, ``POST /v1/predict``) until ``--requests / len(concurrency)`` requests are done: images per
    second over the wall time, p50 and p99 latency, errors (any non-200 answer or transport error), and the server's
-   mean batch size (``/v1/stats``). The server process's resident memory (``VmRSS``) is read after a warm-up and at
-   the end. The client threads run on the same machine and share its cores with the server.
+   mean batch size (``/v1/stats``). The server process's resident memory (``VmRSS``) is read after a warm-up (a few
+   batches at every concurrency, so the allocator has seen every batch size) and at the end: growth after that is
+   what a long-running server would accumulate. The client threads run on the same machine and share its cores
+   with the server.
 3. ``--config``'s model's (the offline preset's) CPU images/s through PyTorch, ONNX Runtime and OpenVINO, side
    by side, measured by ``benchmarks/export_speed.py`` (its ``build_backends`` and ``measure``: random weights, the
    whole graph, ``--export-threads`` threads, batch ``--max-batch-size``), after the server has stopped.
@@ -252,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
 
         rows = []
         with server_process(checkpoint, args) as (url, process):
-            load(url, files, min(2 * args.max_batch_size, per_level), max(args.concurrency))  # warm-up
+            for concurrency in args.concurrency:  # warm-up: every concurrency, so every batch size has been seen
+                load(url, files, min(2 * max(concurrency, args.max_batch_size), per_level), concurrency)
             rss_before = rss_mb(process.pid)
             for concurrency in args.concurrency:
                 stats_before = httpx.get(f"{url}/v1/stats").json()
