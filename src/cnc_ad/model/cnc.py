@@ -69,15 +69,16 @@ class CNC(nn.Module):
         self.image_size = encoder.image_size
         self.grid_size = encoder.grid_size
         self.num_levels = len(encoder.level_dims)
-        width, depth, heads, taps = config.width, config.decoder_depth, config.decoder_heads, config.decoder_layers
-        assert width is not None and depth is not None and heads is not None and taps is not None  # a resolved config
+        width, depth, heads = config.width, config.decoder_depth, config.decoder_heads
+        decoder_layers = config.decoder_layers
+        assert width is not None and depth is not None and heads is not None and decoder_layers is not None  # resolved
         self.bottleneck = Bottleneck(encoder.level_dims, width, config.bottleneck_dropout)
         self.moe = GatedMoE(width, config.num_experts, config.top_k, config.expert_ratio) if config.use_moe else None
         self.decoder = Decoder(
             width,
             depth,
             heads,
-            taps,
+            decoder_layers,
             encoder.level_dims,
             config.mlp_ratio,
             config.attention,
