@@ -213,6 +213,7 @@ def describe_preset(name: str) -> dict[str, int | float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     model = build_model(ModelConfig(preset=name), pretrained=False).eval()
+    model.store_text_features()  # as training leaves it: predict reads the stored features, not the text tower
     trainable, frozen = model.parameter_counts()
     images = torch.rand(1, 3, model.image_size, model.image_size)
     with FlopCounterMode(display=False) as counter:
