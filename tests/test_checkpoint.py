@@ -34,6 +34,7 @@ def _trained(preset: str = "tiny", steps: int = 2, **overrides):
         optimizer.zero_grad()
         model.training_losses(model.encode(images))["loss"].backward()
         optimizer.step()
+    model.store_text_features()  # as training does at its end
     return model.eval(), images
 
 
@@ -51,6 +52,30 @@ def test_round_trip_gives_identical_predictions(tmp_path, preset):
     assert loaded.config == model.config and not loaded.training
 
 
+def test_a_checkpoint_written_before_the_text_stored_flag_loads_and_predicts_identically(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from cnc_ad.checkpoint import sha256_file
+
+    model, images = _trained(fnp=True)
+    before = model.predict(images, map_size=32)
+    folder = save_checkpoint(tmp_path / "ck", model)
+    tensors = load_file(str(folder / "model.safetensors"))
+    assert bool(tensors.pop("text_stored"))  # what 0.1 wrote: the stored features without the flag
+    save_file(tensors, str(folder / "model.safetensors"))
+    meta = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps({**meta, "sha256": sha256_file(folder / "model.safetensors")}))
+    loaded = load_model(folder)
+    assert loaded.text_features_stored()
+    after = loaded.predict(images, map_size=32)
+    assert torch.equal(before.score, after.score) and torch.equal(before.anomaly_map, after.anomaly_map)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("normal_text_")}  # no features: still refused
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "model.json").write_text(json.dumps({**meta, "sha256": sha256_file(folder / "model.safetensors")}))
+    with pytest.raises(CheckpointError, match="normal_text_0"):
+        load_model(folder)
+
+
 def test_checkpoint_holds_no_backbone(tmp_path):
     model, _ = _trained()
     folder = save_checkpoint(tmp_path / "ck", model)
@@ -58,7 +83,7 @@ def test_checkpoint_holds_no_backbone(tmp_path):
 
     keys = load_file(str(folder / "model.safetensors")).keys()
     assert not any(k.startswith("encoder.") for k in keys)
-    assert {"normal_text_0", "prompts.normal_context"} <= set(keys)
+    assert {"normal_text_0", "text_stored", "prompts.normal_context"} <= set(keys)
 
 
 def test_run_folder_latest_previous_and_pruning(tmp_path):

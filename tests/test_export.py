@@ -12,6 +12,7 @@ import torch
 
 from cnc_ad.cli import main
 from cnc_ad.config import load_config
+from cnc_ad.errors import TextFeaturesError
 from cnc_ad.export import check_parity, export_onnx, random_images
 from cnc_ad.model import build_model
 
@@ -46,6 +47,13 @@ def test_tiny_parity_with_dynamic_batch(overrides: tuple[str, ...], tmp_path: Pa
         parity = check_parity(model, path, random_images(batch, model.image_size, seed=batch))
         assert parity["max_abs_map"] <= TOLERANCE and parity["max_abs_score"] <= TOLERANCE, parity
     assert not model.training
+
+
+def test_a_model_whose_text_features_were_never_stored_is_not_exported(tmp_path: Path) -> None:
+    model = build_model(load_config(None, ["model.preset=tiny"]).model, pretrained=False)
+    with pytest.raises(TextFeaturesError, match=r"never stored.*store_text_features"):
+        export_onnx(model, tmp_path / "never.onnx")
+    assert model.training and not (tmp_path / "never.onnx").exists() and not list(tmp_path.iterdir())
 
 
 def test_offline_preset_parity(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from cnc_ad import Detector
 from cnc_ad.cli import main
-from cnc_ad.errors import ConfigError, DataError
+from cnc_ad.errors import ConfigError, DataError, TextFeaturesError
 from cnc_ad.files import read_jsonl
 from cnc_ad.inference import DetectionResult
 from cnc_ad.predict import collect_inputs, output_name
@@ -106,6 +106,14 @@ def test_thresholds_stored_explicit_and_per_category(detector: Detector) -> None
         detector.predict(images, category="carpet")
     bare = Detector(detector.backend, detector.image_size, thresholds=None)
     assert bare.predict(images).is_anomalous is None and bare.predict(images).masks is None
+
+
+def test_a_model_whose_text_features_were_never_stored_is_refused() -> None:
+    from cnc_ad.inference import TorchBackend
+    from tests.helpers import tiny_model
+
+    with pytest.raises(TextFeaturesError, match=r"never stored.*store_text_features"):
+        Detector(TorchBackend(tiny_model(), torch.device("cpu")), 32)
 
 
 def test_collect_inputs(tmp_path: Path) -> None:

@@ -106,6 +106,19 @@ def test_run_folder_holds_config_log_and_checkpoint(synth_root, tmp_path):
     assert latest_checkpoint(run) == result.checkpoint
 
 
+def test_training_stores_the_trained_text_features_and_the_model_predicts(synth_root, tmp_path):
+    config = tiny_config(synth_root, "model.fnp=true", "model.abnormal_prompt=true", "train.checkpoint_every=1")
+    result = train(config, tmp_path / "run", progress=False, pretrained=False)
+    model = load_model(result.checkpoint, pretrained=False)
+    assert model.text_features_stored()
+    live, stored = model.text_features(), model.stored_text_features()  # from the final prompts, not an earlier epoch
+    assert stored.abnormal is not None and live.abnormal is not None
+    for a, b in zip([*live.normal, *live.abnormal], [*stored.normal, *stored.abnormal], strict=True):
+        torch.testing.assert_close(a, b)
+    prediction = model.predict(torch.rand(2, 3, model.image_size, model.image_size))
+    assert torch.isfinite(prediction.anomaly_map).all()
+
+
 def test_non_finite_loss_stops_with_step_and_term(synth_root, tmp_path, monkeypatch):
     from cnc_ad.model import CNC
 

@@ -27,7 +27,7 @@ from cnc_ad import watch as watch_module
 from cnc_ad.cli import main
 from cnc_ad.files import read_jsonl
 from cnc_ad.watch import After, WatchSummary, watch_folder
-from conftest import tiny_checkpoint
+from tests.helpers import save_tiny_checkpoint
 
 THRESHOLDS = {"image": {"__all__": 0.0}, "pixel": {"__all__": 0.9}}
 TIMEOUT_S = 120.0
@@ -36,7 +36,7 @@ SETTLE_S = 0.3
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("run") / "ckpt", THRESHOLDS)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("run") / "ckpt", THRESHOLDS)
 
 
 @pytest.fixture(scope="module")

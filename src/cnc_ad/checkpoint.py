@@ -87,8 +87,8 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint folder atomically and point the run folder's ``latest`` at it.
 
-    Stores the model's text features first (:meth:`CNC.store_text_features`), so a checkpoint is always ready for
-    inference.
+    Stores the model's text features first (:meth:`CNC.store_text_features`: the ``normal_text_*`` buffers and the
+    ``text_stored`` flag), so a checkpoint is always ready for inference.
 
     Args:
         directory: the checkpoint folder to write (e.g. ``runs/demo/checkpoints/epoch-0003``).
@@ -355,7 +355,19 @@ def load_trainable_state(model: CNC, path: str | Path) -> None:
     _load_into(model, folder, _load_verified(folder / MODEL_FILE, meta["sha256"], "checkpoint"))
 
 
+def _upgrade_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors of a checkpoint in the current layout.
+
+    Checkpoints written before the ``text_stored`` flag (cnc-ad 0.1; CHANGELOG, "Unreleased", "On-disk formats") carry
+    the ``normal_text_*`` buffers that their writer stored, without the flag: they count as stored.
+    """
+    if "normal_text_0" in tensors and "text_stored" not in tensors:
+        return {**tensors, "text_stored": torch.tensor(True)}
+    return tensors
+
+
 def _load_into(model: CNC, folder: Path, tensors: dict[str, Tensor]) -> None:
+    tensors = _upgrade_tensors(tensors)
     try:
         result = model.load_state_dict(tensors, strict=False)
     except RuntimeError as err:  # shape mismatches

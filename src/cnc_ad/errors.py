@@ -46,3 +46,9 @@ class ExportError(CNCError):
     """An export failed or its parity check against PyTorch failed."""
 
     exit_code = 7
+
+
+class TextFeaturesError(CNCError):
+    """A model's text features were never stored (``CNC.store_text_features``): it cannot predict or be exported."""
+
+    exit_code = 8

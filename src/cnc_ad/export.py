@@ -88,11 +88,16 @@ def _require_openvino() -> None:
 
 @contextlib.contextmanager
 def _exporting(model: CNC) -> Iterator[None]:
-    """Eval mode, stored text features and the plain (traceable) attention path for the duration of an export."""
+    """Eval mode and the plain (traceable) attention path for the duration of an export of a model whose text
+    features were stored (they become constants of the graph).
+
+    Raises:
+        TextFeaturesError: the model's text features were never stored.
+    """
+    model.require_text_features()
     was_training = model.training
     fastpath = torch.backends.mha.get_fastpath_enabled()
     model.eval()
-    model.stored_text_features()  # stores them when stale, so the constants are the trained ones
     # nn.MultiheadAttention's fused inference kernel (the CLIP encoder's) has no ONNX symbolic.
     torch.backends.mha.set_fastpath_enabled(False)
     try:
@@ -138,6 +143,7 @@ def export_onnx(
 
     Raises:
         ExportError: onnx/onnxruntime are missing, or the exporter or the checker fails.
+        TextFeaturesError: the model's text features were never stored (a model built but never trained or saved).
     """
     _require_onnx()
     import onnx
@@ -233,6 +239,7 @@ def export_openvino(
     Raises:
         ExportError: openvino (or onnx/onnxruntime) is missing, ``path`` does not end in ``.xml``, or the export or
             the conversion fails.
+        TextFeaturesError: the model's text features were never stored (a model built but never trained or saved).
     """
     _require_openvino()
     import openvino as ov

@@ -96,9 +96,14 @@ def _flatten_inputs(x: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
 
 # ---------------------------------------------------------------------------------------------------- backends
 class TorchBackend:
-    """Runs a :class:`cnc_ad.model.CNC` on one device (eval mode, fp32)."""
+    """Runs a :class:`cnc_ad.model.CNC` on one device (eval mode, fp32).
+
+    Raises:
+        TextFeaturesError: the model's text features were never stored (a model built but never trained or saved).
+    """
 
     def __init__(self, model: CNC, device: torch.device) -> None:
+        model.require_text_features()
         self.model = model.to(device).eval()
         self.device = device
 

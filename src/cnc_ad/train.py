@@ -261,7 +261,11 @@ def save_training_checkpoint(
     epoch: int,
     step: int,
 ) -> Path:
-    """Write the checkpoint of ``epoch`` with everything resuming needs (rank 0 writes, every process waits)."""
+    """Write the checkpoint of ``epoch`` with everything resuming needs (rank 0 writes, every process waits).
+
+    Every process stores the text features of its prompts first (equal on every rank), so the model that training
+    leaves, and the checkpoint, are ready for inference.
+    """
     model.store_text_features()
     tensors, meta = training_state(optimizer, device)
     meta = {"epoch": epoch, "step": step, **meta, "config": config.to_dict()}

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from cnc_ad.cli import main
-from conftest import tiny_checkpoint, write_image
+from tests.helpers import save_tiny_checkpoint, write_image
 
 TINY = ["--set", "model.preset=tiny", "--set", "data.num_workers=0", "--set", "train.batch_size=4"]
 
@@ -76,7 +76,7 @@ def test_calibrate_json(run: Path, synth_root: Path, capsys: pytest.CaptureFixtu
 
 
 def test_predict_json_and_its_warning_on_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    checkpoint = tiny_checkpoint(tmp_path / "ckpt", {"image": {"__all__": 0.0}})
+    checkpoint = save_tiny_checkpoint(tmp_path / "ckpt", {"image": {"__all__": 0.0}})
     images = tmp_path / "images"
     write_image(images / "a.png")
     write_image(images / "b.png")
@@ -119,7 +119,7 @@ def test_predict_json_and_its_warning_on_stderr(tmp_path: Path, capsys: pytest.C
 
 
 def test_export_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    checkpoint = tiny_checkpoint(tmp_path / "ckpt")
+    checkpoint = save_tiny_checkpoint(tmp_path / "ckpt")
     argv = ["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "model.onnx"), "--parity-images", "3"]
     assert main([*argv, "--json"]) == 0
     out, err = capsys.readouterr()
@@ -132,7 +132,7 @@ def test_export_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 def test_json_in_a_real_process_keeps_native_output_off_stdout(tmp_path: Path) -> None:
     """File descriptor 1 itself is sent to stderr while the command runs: output of native libraries too."""
-    checkpoint = tiny_checkpoint(tmp_path / "ckpt")
+    checkpoint = save_tiny_checkpoint(tmp_path / "ckpt")
     images = tmp_path / "images"
     write_image(images / "a.png")
     (images / "empty.png").write_bytes(b"")

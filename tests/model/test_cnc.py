@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cnc_ad.config import ModelConfig
-from cnc_ad.errors import ConfigError, DataError
+from cnc_ad.errors import ConfigError, DataError, TextFeaturesError
 from cnc_ad.model import PRESETS, CNCOutput, Prediction, build_model
 from cnc_ad.model.anomaly_map import GaussianBlur, image_score
 
@@ -37,6 +37,7 @@ def _check_preset(name: str, batch: int = 2, **overrides) -> None:
     assert all(p.grad is None for p in model.encoder.parameters())
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.trainable_parameters())
     model.eval()
+    model.store_text_features()  # as training does before it writes a checkpoint
     prediction = model.predict(images, map_size=48)
     assert isinstance(prediction, Prediction)
     assert prediction.score.shape == (batch,) and prediction.anomaly_map.shape == (batch, 1, 48, 48)
@@ -143,16 +144,47 @@ def test_lambdas_are_honoured(tiny_model):
     assert torch.allclose(losses["loss"], expected)
 
 
-def test_predict_uses_stored_text_features_only(monkeypatch):
+@pytest.mark.parametrize("preset", ["tiny", "cnc-effnet-lite0"])  # CLIP prompts; a CNN's learned normality vectors
+def test_a_model_whose_text_features_were_never_stored_is_refused(preset):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset=preset, fnp=True), pretrained=False).eval()
+    images = torch.rand(1, 3, model.image_size, model.image_size)
+    assert "text_stored" in model.checkpoint_state_dict() and not model.text_features_stored()
+    for call in (
+        lambda: model.predict(images),
+        lambda: model.anomaly_maps(images),
+        lambda: model.maps_from_output(model(model.encode(images))),
+        model.stored_text_features,
+    ):
+        with pytest.raises(TextFeaturesError, match=r"never stored.*model\.store_text_features\(\)"):
+            call()
+    model.store_text_features()
+    assert model.text_features_stored() and bool(model.checkpoint_state_dict()["text_stored"])
+    assert model.predict(images).score.shape == (1,)
+
+
+def test_a_model_without_prompts_has_nothing_to_store():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny", use_text=False), pretrained=False).eval()
+    assert model.text_features_stored() and "text_stored" not in model.state_dict()
+    assert model.predict(torch.rand(1, 3, 32, 32)).score.shape == (1,)
+
+
+def test_fnp_maps_use_the_stored_buffers_only(monkeypatch):
     torch.manual_seed(0)
     model = build_model(ModelConfig(preset="tiny", fnp=True), pretrained=False).eval()
+    model.store_text_features()
     images = torch.rand(2, 3, 32, 32)
-    first = model.predict(images, map_size=32)  # stores the text features on first use
+    first = model.predict(images, map_size=32)
+    assert torch.allclose(model.normal_text_0.norm(), torch.tensor(1.0))
+    with torch.no_grad():  # prompts changed after storing: inference still reads the stored features
+        model.prompts.normal_context.add_(1.0)
     calls = []
     monkeypatch.setattr(model.prompts, "forward", lambda *a: calls.append(1))
     second = model.predict(images, map_size=32)
     assert not calls and torch.equal(first.anomaly_map, second.anomaly_map)
-    assert torch.allclose(model.normal_text_0.norm(), torch.tensor(1.0))
+    model.normal_text_0.copy_(-model.normal_text_0)  # another stored feature: another map
+    assert not torch.allclose(model.predict(images, map_size=32).anomaly_map, first.anomaly_map)
 
 
 def test_fnp_changes_the_map():

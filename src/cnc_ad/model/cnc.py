@@ -7,13 +7,14 @@ Detection", AAAI 2025), composed from injected parts (docs/method.md: Model, Tra
 
 Training adds the cross-modal normality constraint: class-agnostic learnable prompts give a normal text feature t_l per
 level, pulled toward the encoder's normal tokens (CFD) while the decoded tokens are pulled toward it (NGD). Text
-features are constants after training: :meth:`CNC.store_text_features` keeps them in buffers, and inference never
-runs the text tower.
+features are constants after training: :meth:`CNC.store_text_features` keeps them in buffers (``normal_text_<l>``,
+``abnormal_text_<l>``) and sets the ``text_stored`` flag buffer; training calls it at the end and before every
+checkpoint, and the checkpoint writer calls it too. Inference reads the buffers and never runs the text tower: it
+refuses a model whose text features were never stored (:class:`cnc_ad.errors.TextFeaturesError`).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -22,15 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cnc_ad.config import ModelConfig
-from cnc_ad.errors import DataError
+from cnc_ad.errors import DataError, TextFeaturesError
 from cnc_ad.losses import cfd_loss, moe_balance_loss, ngd_loss, reconstruction_loss, total_loss
 from cnc_ad.model.anomaly_map import GaussianBlur, discrepancy, fnp_weight, image_score, tokens_to_grid
 from cnc_ad.model.decoder import Bottleneck, Decoder
 from cnc_ad.model.encoders import Encoder
 from cnc_ad.model.moe import GatedMoE
 from cnc_ad.model.prompts import NormalityVectors, PromptLearner, TextFeatures
-
-log = logging.getLogger(__name__)
 
 # CLIP's initial logit scale (1 / 0.07), used by the abnormal-prompt term when the encoder has no text tower.
 DEFAULT_LOGIT_SCALE = 1.0 / 0.07
@@ -60,6 +59,8 @@ class CNC(nn.Module):
         tokenizer: open_clip tokenizer for the prompts; needed when the encoder has a text tower and ``use_text``.
     """
 
+    text_stored: Tensor  # () bool buffer, with prompts only: the normal_text_<l> / abnormal_text_<l> buffers are set
+
     def __init__(
         self, encoder: Encoder, config: ModelConfig, tokenizer: Callable[[list[str]], Tensor] | None = None
     ) -> None:
@@ -69,15 +70,16 @@ class CNC(nn.Module):
         self.image_size = encoder.image_size
         self.grid_size = encoder.grid_size
         self.num_levels = len(encoder.level_dims)
-        width, depth, heads, taps = config.width, config.decoder_depth, config.decoder_heads, config.decoder_layers
-        assert width is not None and depth is not None and heads is not None and taps is not None  # a resolved config
+        width, depth, heads = config.width, config.decoder_depth, config.decoder_heads
+        decoder_layers = config.decoder_layers
+        assert width is not None and depth is not None and heads is not None and decoder_layers is not None  # resolved
         self.bottleneck = Bottleneck(encoder.level_dims, width, config.bottleneck_dropout)
         self.moe = GatedMoE(width, config.num_experts, config.top_k, config.expert_ratio) if config.use_moe else None
         self.decoder = Decoder(
             width,
             depth,
             heads,
-            taps,
+            decoder_layers,
             encoder.level_dims,
             config.mlp_ratio,
             config.attention,
@@ -106,21 +108,15 @@ class CNC(nn.Module):
                 self.register_buffer(f"normal_text_{level}", torch.zeros(dim))
                 if config.abnormal_prompt:
                     self.register_buffer(f"abnormal_text_{level}", torch.zeros(dim))
+            # Whether the buffers above hold the prompts' features: set by store_text_features, saved in checkpoints.
+            self.register_buffer("text_stored", torch.tensor(False))
         self.blur = GaussianBlur(config.blur_sigma)
-        self._text_stored = False
-        self.register_load_state_dict_post_hook(_mark_text_loaded)
 
     # ----------------------------------------------------------------------------------------------------- modes
     def train(self, mode: bool = True) -> CNC:
-        """Set the trainable parts' mode; the encoder always stays in eval mode.
-
-        Switching to training marks the stored text features stale: the next inference that needs them
-        stores them again from the current prompts.
-        """
+        """Set the trainable parts' mode; the encoder always stays in eval mode."""
         super().train(mode)
         self.encoder.eval()
-        if mode:
-            self._text_stored = False
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -230,20 +226,50 @@ class CNC(nn.Module):
 
     @torch.no_grad()
     def store_text_features(self) -> None:
-        """Compute the text features from the learned prompts and keep them in buffers for inference and export."""
-        if self.prompts is not None:
-            text = self.text_features()
-            for level in range(self.num_levels):
-                getattr(self, f"normal_text_{level}").copy_(text.normal[level])
-                if text.abnormal is not None:
-                    getattr(self, f"abnormal_text_{level}").copy_(text.abnormal[level])
-        self._text_stored = True
+        """Compute the text features from the learned prompts, keep them in buffers for inference and export, and set
+        the ``text_stored`` flag. Training calls it at its end and before each checkpoint, the checkpoint writer
+        before writing; call it yourself after changing the prompts in any other way. No-op without prompts.
+        """
+        if self.prompts is None:
+            return
+        text = self.text_features()
+        for level in range(self.num_levels):
+            getattr(self, f"normal_text_{level}").copy_(text.normal[level])
+            if text.abnormal is not None:
+                getattr(self, f"abnormal_text_{level}").copy_(text.abnormal[level])
+        self.text_stored.fill_(True)
+
+    def text_features_stored(self) -> bool:
+        """Whether inference can run: the text features were stored (always true for a model without prompts)."""
+        return self.prompts is None or bool(self.text_stored)
+
+    def require_text_features(self) -> None:
+        """Raise :class:`cnc_ad.errors.TextFeaturesError` unless :meth:`text_features_stored`.
+
+        Every inference entry point calls it once; while a graph is traced it does nothing (an export calls it before
+        tracing, and the flag is no part of the graph).
+        """
+        if torch.jit.is_tracing():
+            return
+        if not self.text_features_stored():
+            raise TextFeaturesError(
+                "this model's text features were never stored, so it cannot predict (it was built but never trained "
+                "or saved); train it, load a checkpoint, or call model.store_text_features() after setting its prompts"
+            )
 
     def stored_text_features(self) -> TextFeatures:
-        """The stored normality features (stores them first if they were never stored or are stale)."""
-        if not self._text_stored:
-            log.info("storing the text features from the current prompts")
-            self.store_text_features()
+        """The stored normality features (the buffers; the text tower does not run).
+
+        Raises:
+            TextFeaturesError: they were never stored (:meth:`store_text_features`).
+            ValueError: the model has no prompts (``model.use_text`` is false).
+        """
+        if self.prompts is None:
+            raise ValueError("this model has no prompts (model.use_text is false)")
+        self.require_text_features()
+        return self._text_buffers()
+
+    def _text_buffers(self) -> TextFeatures:
         normal = [getattr(self, f"normal_text_{level}") for level in range(self.num_levels)]
         abnormal = None
         if self.config.abnormal_prompt:
@@ -252,9 +278,19 @@ class CNC(nn.Module):
 
     # ------------------------------------------------------------------------------------------------- inference
     def maps_from_output(self, output: CNCOutput, map_size: int | None = None) -> Tensor:
-        """Smoothed anomaly maps (B, 1, M, M) from a :class:`CNCOutput` (docs/method.md, Inference)."""
+        """Smoothed anomaly maps (B, 1, M, M) from a :class:`CNCOutput` (docs/method.md, Inference).
+
+        With ``config.fnp`` the maps are weighted by the stored normal text features (the buffers).
+
+        Raises:
+            TextFeaturesError: the model has prompts whose features were never stored.
+        """
+        self.require_text_features()
+        return self._maps_from_output(output, map_size)
+
+    def _maps_from_output(self, output: CNCOutput, map_size: int | None) -> Tensor:
         levels = []
-        text = self.stored_text_features() if self.config.fnp else None
+        text = self._text_buffers() if self.config.fnp else None
         for level, (e, d) in enumerate(zip(output.encoder, output.decoder, strict=True)):
             a = discrepancy(e, d)  # (B, L)
             if text is not None:
@@ -267,8 +303,13 @@ class CNC(nn.Module):
 
     @torch.no_grad()
     def anomaly_maps(self, images: Tensor, map_size: int | None = None) -> Tensor:
-        """Smoothed anomaly maps (B, 1, M, M) of images (B, 3, S, S) in [0, 1]; ``M = map_size or config.map_size``."""
-        return self.maps_from_output(self(self.encode(images)), map_size)
+        """Smoothed anomaly maps (B, 1, M, M) of images (B, 3, S, S) in [0, 1]; ``M = map_size or config.map_size``.
+
+        Raises:
+            TextFeaturesError: the model has prompts whose features were never stored.
+        """
+        self.require_text_features()  # before any work is queued: the check reads the flag from the device
+        return self._maps_from_output(self(self.encode(images)), map_size)
 
     @torch.no_grad()
     def predict(self, images: Tensor, map_size: int | None = None) -> Prediction:
@@ -280,6 +321,9 @@ class CNC(nn.Module):
 
         Returns:
             :class:`Prediction` with ``score`` (B,) per ``config.score`` and ``anomaly_map`` (B, 1, M, M).
+
+        Raises:
+            TextFeaturesError: the model has prompts whose features were never stored.
         """
         maps = self.anomaly_maps(images, map_size)
         return Prediction(image_score(maps, self.config.score), maps)
@@ -288,10 +332,3 @@ class CNC(nn.Module):
         """(trainable, frozen) parameter counts."""
         trainable = sum(p.numel() for p in self.trainable_parameters())
         return trainable, sum(p.numel() for p in self.parameters()) - trainable
-
-
-def _mark_text_loaded(module: nn.Module, incompatible) -> None:
-    """After load_state_dict: the text features count as stored when the checkpoint carried them."""
-    if not any(key.startswith(("normal_text_", "abnormal_text_")) for key in incompatible.missing_keys):
-        assert isinstance(module, CNC)  # the hook is registered by CNC.__init__ only
-        module._text_stored = True

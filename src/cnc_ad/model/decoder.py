@@ -1,9 +1,9 @@
 """Bottleneck and decoder of the reverse-distillation model (docs/method.md, Model; after ViTAD / Dinomaly).
 
 The bottleneck fuses the tapped encoder levels into one token sequence of the decoder width; a stack of pre-LN ViT
-blocks (timm's ``Block``) decodes it, and the outputs of chosen blocks, reversed, reconstruct the levels: the first
-tapped decoder block matches the deepest encoder level. Per-level heads map the decoder width back to each level's
-width (identity where they agree).
+blocks (timm's ``Block``) decodes it, and the outputs of the chosen blocks (``decoder_layers``), reversed,
+reconstruct the levels: the first of them matches the deepest encoder level. Per-level heads map the decoder width
+back to each level's width (identity where they agree).
 
 Attention is softmax attention (the paper's ViT decoder) or, as an option against over-generalisation, linear
 attention (Dinomaly, CVPR 2025): its kernel ``elu + 1`` spreads every query over all tokens, so the decoder cannot
@@ -73,13 +73,13 @@ class Bottleneck(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Pre-LN ViT blocks; returns the outputs of ``taps`` reversed, each mapped to its level's width.
+    """Pre-LN ViT blocks; returns the outputs of ``decoder_layers`` reversed, each mapped to its level's width.
 
     Args:
         width: token width D.
         depth: number of blocks.
         heads: attention heads per block.
-        taps: 0-based blocks whose outputs are read, one per level, increasing; the last is the last block.
+        decoder_layers: 0-based blocks whose outputs are read, one per level, increasing; the last is the last block.
         level_dims: width C_l of each encoder level (shallow to deep); a Linear head maps D -> C_l where they differ.
         mlp_ratio: block MLP hidden width as a multiple of D.
         attention: ``"softmax"`` (standard ViT blocks) or ``"linear"`` (:class:`LinearAttention` in every block).
@@ -90,7 +90,7 @@ class Decoder(nn.Module):
         width: int,
         depth: int,
         heads: int,
-        taps: Sequence[int],
+        decoder_layers: Sequence[int],
         level_dims: Sequence[int],
         mlp_ratio: float = 4.0,
         attention: str = "softmax",
@@ -98,13 +98,16 @@ class Decoder(nn.Module):
         super().__init__()
         if attention not in ("softmax", "linear"):
             raise ValueError(f"attention {attention!r} must be 'softmax' or 'linear'")
-        if len(taps) != len(level_dims):
-            raise ValueError(f"{len(taps)} decoder taps for {len(level_dims)} encoder levels; give one per level")
-        if list(taps) != sorted(set(taps)) or taps[0] < 0 or taps[-1] != depth - 1:
+        if len(decoder_layers) != len(level_dims):
             raise ValueError(
-                f"decoder taps {list(taps)} must be increasing 0-based blocks of {depth}, the last one {depth - 1}"
+                f"{len(decoder_layers)} decoder layers for {len(level_dims)} encoder levels; give one per level"
             )
-        self.taps = tuple(taps)
+        read = list(decoder_layers)
+        if read != sorted(set(read)) or read[0] < 0 or read[-1] != depth - 1:
+            raise ValueError(
+                f"decoder layers {read} must be increasing 0-based blocks of {depth}, the last one {depth - 1}"
+            )
+        self.decoder_layers = tuple(read)
         self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth)])
         if attention == "linear":
             for block in self.blocks:
@@ -116,7 +119,7 @@ class Decoder(nn.Module):
         outputs = []
         for index, block in enumerate(self.blocks):
             x = block(x)
-            if index in self.taps:
+            if index in self.decoder_layers:
                 outputs.append(x)
-        outputs.reverse()  # last tapped block <-> shallowest encoder level
+        outputs.reverse()  # last read block <-> shallowest encoder level
         return [head(out) for head, out in zip(self.heads, outputs, strict=True)]

@@ -129,13 +129,15 @@ def _check(c: ModelConfig) -> None:
     if c.cfd_pool not in ("mean", "softmax"):
         fail("cfd_pool", "must be 'mean' or 'softmax'")
     # Filled from the preset by resolve_config (every preset sets them):
-    layers, taps, depth, width, heads = c.layers, c.decoder_layers, c.decoder_depth, c.width, c.decoder_heads
-    assert layers is not None and taps is not None and depth is not None and width is not None and heads is not None
-    if len(taps) != len(layers):
+    layers, decoder_layers, depth = c.layers, c.decoder_layers, c.decoder_depth
+    width, heads = c.width, c.decoder_heads
+    assert layers is not None and decoder_layers is not None and depth is not None
+    assert width is not None and heads is not None
+    if len(decoder_layers) != len(layers):
         fail("decoder_layers", f"needs one decoder block per tapped encoder layer ({len(layers)})")
-    if list(taps) != sorted(set(taps)) or taps[-1] != depth - 1:
+    if list(decoder_layers) != sorted(set(decoder_layers)) or decoder_layers[-1] != depth - 1:
         fail("decoder_layers", f"must be increasing 0-based blocks ending at the last one ({depth - 1})")
-    if taps[0] < 0:
+    if decoder_layers[0] < 0:
         fail("decoder_layers", "must be 0-based block indices")
     for key in ("width", "decoder_depth", "decoder_heads", "image_size", "prompt_length", "num_experts", "map_size"):
         if getattr(c, key) < 1:
@@ -211,6 +213,7 @@ def describe_preset(name: str) -> dict[str, int | float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     model = build_model(ModelConfig(preset=name), pretrained=False).eval()
+    model.store_text_features()  # as training leaves it: predict reads the stored features, not the text tower
     trainable, frozen = model.parameter_counts()
     images = torch.rand(1, 3, model.image_size, model.image_size)
     with FlopCounterMode(display=False) as counter:
