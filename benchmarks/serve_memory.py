@@ -1,0 +1,46 @@
+"""Resident memory of ``cnc serve`` over rounds of requests: does it level off? Prints; never asserts.
+
+Starts the server like ``benchmarks/serve.py`` (the offline preset's model, random decoder), warms it up at 1, 8 and 32
+concurrent clients, then runs ``--rounds`` rounds of ``--per-level`` requests at each of those concurrencies and prints
+the server's ``VmRSS`` after the warm-up and after each round. Set ``MALLOC_ARENA_MAX`` in the environment to see the
+allocator's share.
+
+    .venv/bin/python benchmarks/serve_memory.py --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import serve as bench
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the server's resident memory after a warm-up and after each round."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of requests (default 5)")
+    parser.add_argument("--per-level", type=int, default=150, help="requests per concurrency per round (default 150)")
+    parser.add_argument("--config", default="offline", help="config whose model is served (default offline)")
+    args = parser.parse_args(argv)
+    settings = argparse.Namespace(
+        checkpoint=None, config=args.config, max_batch_size=16, max_wait_ms=5.0, concurrency=[1, 8, 32]
+    )
+    with tempfile.TemporaryDirectory(prefix="cnc-serve-memory-") as tmp:
+        checkpoint = bench.prepare_checkpoint(settings, Path(tmp))
+        files = bench.synthetic_pngs(32, 256)
+        with bench.server_process(checkpoint, settings) as (url, process):
+            for concurrency in settings.concurrency:
+                bench.load(url, files, 2 * max(concurrency, 16), concurrency)
+            print(f"after warm-up: {bench.rss_mb(process.pid):.1f} MiB", flush=True)
+            for round_ in range(args.rounds):
+                for concurrency in settings.concurrency:
+                    bench.load(url, files, args.per_level, concurrency)
+                print(f"round {round_}: {bench.rss_mb(process.pid):.1f} MiB", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
