@@ -4,10 +4,16 @@ both, and with feature-level normality promotion, each over one or more seeds.
 Each variant is the same config with a few keys changed (:data:`VARIANTS`); with ``use_text`` and ``use_moe`` off the
 model is plain multi-layer feature reconstruction. Every variant is trained and evaluated the same way, once per seed
 (``train.seed``); the table gives the mean over the seeds and, with several, ± their standard deviation.
+
+A grid on real data takes hours on a CPU, so it can be stopped and run again: a run folder that already holds a
+finished evaluation of the same config is read, not trained again; one whose training was interrupted is resumed;
+one that holds another config is refused. ``variants`` selects rows, so the grid can also be split over processes
+or machines that share ``out`` and gathered by one last call over all rows (which then only reads).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,24 +23,39 @@ from typing import Any
 import numpy as np
 
 from cnc_ad.config import Config, config_from_dict
+from cnc_ad.errors import ConfigError
 from cnc_ad.files import atomic_write_json, atomic_write_text
 from cnc_ad.metrics import METRIC_KEYS
 
-VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
-    "full (CNC)": {"model": {"use_text": True, "use_moe": True}},
-    "w/o cross-modal": {"model": {"use_text": False, "use_moe": True}},
-    "w/o CFD only": {"model": {"use_text": True, "use_moe": True}, "train": {"lambda_cfd": 0.0}},
-    "w/o MoE": {"model": {"use_text": True, "use_moe": False}},
-    "w/o both (plain reconstruction)": {"model": {"use_text": False, "use_moe": False}},
-    "with FNP": {"model": {"use_text": True, "use_moe": True, "fnp": True}},
-}
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the grid: ``key`` names it on the command line and its folder, ``title`` in the table."""
+
+    key: str
+    title: str
+    changes: dict[str, dict[str, Any]]
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("full", "full (CNC)", {"model": {"use_text": True, "use_moe": True}}),
+    Variant("no-text", "w/o cross-modal", {"model": {"use_text": False, "use_moe": True}}),
+    Variant("no-cfd", "w/o CFD only", {"model": {"use_text": True, "use_moe": True}, "train": {"lambda_cfd": 0.0}}),
+    Variant("no-moe", "w/o MoE", {"model": {"use_text": True, "use_moe": False}}),
+    Variant("plain", "w/o both (plain reconstruction)", {"model": {"use_text": False, "use_moe": False}}),
+    Variant("fnp", "with FNP", {"model": {"use_text": True, "use_moe": True, "fnp": True}}),
+)
+VARIANT_KEYS = tuple(v.key for v in VARIANTS)
 
 
 @dataclass(frozen=True)
 class AblationResult:
-    means: dict[str, dict[str, float]]  # per variant, the mean over the seeds of each mean metric
+    means: dict[str, dict[str, float]]  # per variant title, the mean over the seeds of each mean metric
     table: str
     stds: dict[str, dict[str, float]] = field(default_factory=dict)  # per variant, the standard deviation over seeds
+    trained: int = 0  # runs trained (or resumed) by this call; the others were read from their folders
 
 
 def ablation_table(means: dict[str, dict[str, float]], stds: dict[str, dict[str, float]] | None = None) -> str:
@@ -63,6 +84,20 @@ def _over_seeds(runs: list[dict[str, float]]) -> tuple[dict[str, float], dict[st
     return means, stds
 
 
+def select_variants(keys: Sequence[str] | None) -> list[Variant]:
+    """The variants named by ``keys`` in grid order (all when None).
+
+    Raises:
+        ConfigError: an unknown key.
+    """
+    if keys is None:
+        return list(VARIANTS)
+    unknown = sorted(set(keys) - set(VARIANT_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown ablation variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANT_KEYS)}")
+    return [v for v in VARIANTS if v.key in keys]
+
+
 def run_ablation(
     config: Config,
     out: str | Path,
@@ -71,17 +106,24 @@ def run_ablation(
     trust_pickle: bool = False,
     progress: bool = True,
     seeds: Sequence[int] | None = None,
+    variants: Sequence[str] | None = None,
 ) -> AblationResult:
-    """Train and evaluate every variant of :data:`VARIANTS` once per seed (default: ``train.seed``) under
-    ``out/<variant>`` (``out/<variant>/seed<k>`` with several seeds).
+    """Train and evaluate the variants of :data:`VARIANTS` named by ``variants`` (default all) once per seed
+    (default: ``train.seed``) under ``out/<key>`` (``out/<key>/seed<k>`` with several seeds).
+
+    Runs already finished and evaluated with the same config are read back; interrupted ones are resumed.
 
     Returns:
         the mean metrics of every variant over the seeds, their standard deviations (with two seeds or more) and the
         table; ``ablation.json`` and ``ablation.md`` in ``out`` hold the same, ``ablation.json`` every run too.
+
+    Raises:
+        ConfigError: no seed, an unknown variant, or a run folder that holds a run of another config.
     """
     seeds = list(seeds) if seeds is not None else [config.train.seed]
     if not seeds:
-        raise ValueError("give at least one seed")
+        raise ConfigError("give at least one seed")
+    chosen = select_variants(variants)
     from cnc_ad.data import scan_dataset
 
     out = Path(out)
@@ -89,19 +131,34 @@ def run_ablation(
     means: dict[str, dict[str, float]] = {}
     stds: dict[str, dict[str, float]] = {}
     runs: dict[str, dict[str, dict[str, float]]] = {}
-    for name, changes in VARIANTS.items():
-        variant_dir = out / "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
-        runs[name] = {}
+    trained = 0
+    for variant in chosen:
+        runs[variant.title] = {}
         for seed in seeds:
-            folder = variant_dir / f"seed{seed}" if len(seeds) > 1 else variant_dir
-            variant = config_from_dict({**changes, "train": {**changes.get("train", {}), "seed": seed}}, config)
-            runs[name][str(seed)] = _train_and_evaluate(variant, folder, index, clip_weights, trust_pickle, progress)
-        means[name], stds[name] = _over_seeds(list(runs[name].values()))
+            folder = out / variant.key / f"seed{seed}" if len(seeds) > 1 else out / variant.key
+            changed = config_from_dict(
+                {**variant.changes, "train": {**variant.changes.get("train", {}), "seed": seed}}, config
+            )
+            mean, was_trained = _train_and_evaluate(changed, folder, index, clip_weights, trust_pickle, progress)
+            runs[variant.title][str(seed)] = mean
+            trained += was_trained
+        means[variant.title], stds[variant.title] = _over_seeds(list(runs[variant.title].values()))
     spread = stds if len(seeds) > 1 else None
     table = ablation_table(means, spread)
     atomic_write_json(out / "ablation.json", {"seeds": list(seeds), "means": means, "stds": stds, "runs": runs})
     atomic_write_text(out / "ablation.md", table + "\n")
-    return AblationResult(means, table, stds if spread else {})
+    return AblationResult(means, table, stds if spread else {}, trained)
+
+
+def config_differences(saved: Config, wanted: Config) -> list[str]:
+    """``group.key`` of every setting in which two configs differ."""
+    a, b = saved.to_dict(), wanted.to_dict()
+    return [
+        f"{group}.{key}"
+        for group in b
+        for key in sorted(set(a.get(group, {})) | set(b[group]))
+        if a.get(group, {}).get(key) != b[group].get(key)
+    ]
 
 
 def _train_and_evaluate(
@@ -111,22 +168,46 @@ def _train_and_evaluate(
     clip_weights: str | None,
     trust_pickle: bool,
     progress: bool,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], bool]:
+    """The mean metrics of one run of the grid, and whether this call trained it (False: read back)."""
     from cnc_ad.evaluate import evaluate_checkpoint
+    from cnc_ad.results import is_evaluation_folder, read_evaluation
     from cnc_ad.runs import RunFolder
     from cnc_ad.train import train
 
-    result = train(
-        variant, folder, progress=progress, index=index, clip_weights=clip_weights, trust_pickle=trust_pickle
-    )
+    run = RunFolder(folder)
+    resume = run.is_run()
+    if resume:
+        differences = config_differences(run.read_config(), variant)
+        if differences:
+            raise ConfigError(
+                f"{folder} holds a run of another config (differs in {', '.join(differences)}); "
+                "choose another --out, or remove that folder to train it again"
+            )
+    checkpoint = run.final_checkpoint()
+    if checkpoint is not None and is_evaluation_folder(run.eval_dir):
+        log.info("%s: finished and evaluated with the same config, read back", folder)
+        return dict(read_evaluation(run.eval_dir).metrics["mean"]), False
+    if checkpoint is None:
+        if resume:
+            log.info("%s: interrupted, resuming", folder)
+        checkpoint = train(
+            variant,
+            folder,
+            resume=resume,
+            progress=progress,
+            index=index,
+            clip_weights=clip_weights,
+            trust_pickle=trust_pickle,
+        ).checkpoint
     done = evaluate_checkpoint(
-        result.checkpoint,
+        checkpoint,
         variant,
-        out_dir=RunFolder(folder).eval_dir,
+        out_dir=run.eval_dir,
         device=variant.train.device,
         index=index,
         clip_weights=clip_weights,
         trust_pickle=trust_pickle,
         progress=progress,
     )
-    return done.result.mean
+    return dict(done.result.mean), True

@@ -157,4 +157,4 @@ def test_ablation_grid(synth_root, tmp_path, capsys):
     saved = json.loads((tmp_path / "abl" / "ablation.json").read_text())
     assert saved["seeds"] == [0, 1] and len(saved["means"]) == 6
     assert all(set(runs) == {"0", "1"} for runs in saved["runs"].values())
-    assert (tmp_path / "abl" / "w_o_CFD_only" / "seed1" / "eval").is_dir()
+    assert (tmp_path / "abl" / "no-cfd" / "seed1" / "eval").is_dir()

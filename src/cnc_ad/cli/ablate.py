@@ -7,15 +7,23 @@ import argparse
 from cnc_ad.cli._options import add_device, add_format, add_overrides, add_progress, add_weights
 
 EPILOG = """\
-variants: full CNC; without the cross-modal normality constraint (model.use_text=false); without CFD only
-(train.lambda_cfd=0: the normality feature stays at its initialisation, NGD still acts); without the gated MoE
-(model.use_moe=false); without both (plain multi-layer feature reconstruction); with feature-level normality
-promotion at inference (model.fnp=true). With --seeds each variant is trained once per seed and the table gives
-mean ± standard deviation.
+variants (--variants keys):
+  full      the full CNC model
+  no-text   without the cross-modal normality constraint (model.use_text=false)
+  no-cfd    without CFD only (train.lambda_cfd=0: the normality feature stays at its initialisation, NGD still acts)
+  no-moe    without the gated MoE (model.use_moe=false)
+  plain     without both (plain multi-layer feature reconstruction)
+  fnp       with feature-level normality promotion at inference (model.fnp=true)
+With --seeds each variant is trained once per seed and the table gives mean ± standard deviation.
+
+Stopping and running again: a run folder under --out that holds a finished evaluation of the same config is read
+back, an interrupted training is resumed, and a folder that holds another config is refused (exit 2). So a long grid
+can be split over processes or machines sharing --out (--variants), then gathered by one call over all variants.
 
 examples:
   cnc ablate --config demo --data-root demo_out/data --out runs/ablation
   cnc ablate --config offline --data-root .bench/suite --out runs/ablation-real --seeds 0 1 2
+  cnc ablate --config offline --data-root .bench/suite --out runs/ablation-real --seeds 0 1 2 --variants no-text plain
   cnc ablate --config mvtec --data-root /data/mvtec_ad --out runs/ablation-mvtec
 """
 
@@ -37,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         metavar="SEED",
         help="train every variant once per seed; the table gives mean ± std (default: the config's train.seed, once)",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="KEY",
+        help="train only these rows of the grid (default all: full no-text no-cfd no-moe plain fnp)",
     )
     add_overrides(parser)
     add_device(parser, note="overrides train.device")
@@ -61,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         trust_pickle=args.trust_pickle,
         progress=not args.no_progress,
         seeds=args.seeds,
+        variants=args.variants,
     )
     print(result.table)
-    print(f"\nresults: {args.out}/ablation.md")
+    print(f"\nresults: {args.out}/ablation.md ({result.trained} runs trained by this call, the others read back)")
     return 0
