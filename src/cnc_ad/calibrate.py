@@ -21,6 +21,7 @@ F1-max values of ``cnc eval`` where they exist (see :mod:`cnc_ad.results` for th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     import torch
 
     from cnc_ad.config import Config
-    from cnc_ad.inference import Detector
+    from cnc_ad.inference import Detector, Tiling
     from cnc_ad.model import CNC
 
 log = logging.getLogger(__name__)
@@ -261,6 +262,8 @@ def score_images(
     """
     from cnc_ad.data.dataset import ImageFileDataset, make_loader
 
+    if detector.tiling is not None:
+        return _score_tiled(detector, paths, batch_size, skip_bad, per_image, seed)
     dataset = ImageFileDataset(list(paths), detector.image_size)
     loader = make_loader(dataset, max(1, batch_size), num_workers=num_workers, skip_bad=skip_bad)
     scores, values = [], []
@@ -271,6 +274,31 @@ def score_images(
     if not scores:
         return np.zeros(0, np.float32), np.zeros((0, 0), np.float32)
     return np.concatenate(scores), np.concatenate(values)
+
+
+def _score_tiled(
+    detector: Detector,
+    paths: Sequence[str | os.PathLike],
+    batch_size: int,
+    skip_bad: bool,
+    per_image: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`score_images` for a detector with tiling: one image at a time at its own resolution."""
+    scores, values = [], []
+    for k, path in enumerate(paths):
+        try:
+            score, stitched = detector.score_tiled(detector.load_full(path), batch_size)
+        except DataError as err:
+            if not skip_bad:
+                raise
+            log.warning("skipped: %s", err)
+            continue
+        scores.append(score)
+        values.append(sample_pixels(stitched[None], per_image, seed + k))
+    if not scores:
+        return np.zeros(0, np.float32), np.zeros((0, 0), np.float32)
+    return np.asarray(scores, np.float32), np.concatenate(values)
 
 
 def calibrate_detector(
@@ -304,8 +332,17 @@ def calibrate_detector(
             detector, paths, batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad
         )
         log.info("scored %d good images of %s", len(scores[category]), category or "no named category")
-    return normal_thresholds(
+    found = normal_thresholds(
         scores, maps, false_alarm_rate, pixel_false_alarm_rate=pixel_false_alarm_rate, min_images=min_images
+    )
+    if detector.tiling is None:
+        return found
+    suffix = detector.tiling.rule_suffix()  # the thresholds hold for scores of these tiles only
+    return Thresholds(
+        **{
+            kind: {c: dataclasses.replace(t, rule=t.rule + suffix) for c, t in found.table(kind).items()}
+            for kind in ("image", "pixel")
+        }
     )
 
 
@@ -322,6 +359,8 @@ def calibrate_checkpoint(
     num_workers: int = 0,
     skip_bad: bool = False,
     min_images: int = MIN_IMAGES,
+    tiling: Tiling | None = None,
+    save_to: str | os.PathLike | None = None,
     **load: Any,
 ) -> Thresholds:
     """Set thresholds on good images and store them beside a checkpoint, keeping F1-max values from ``cnc eval``.
@@ -338,6 +377,9 @@ def calibrate_checkpoint(
         num_workers: image decoding processes.
         skip_bad: leave unreadable files out with a warning instead of stopping.
         min_images: a category with fewer good images raises.
+        tiling: score the images by tiles (:class:`~cnc_ad.inference.Tiling`); the thresholds then hold for tiled
+            scoring only, and their rules say with which tiles. They need ``save_to``.
+        save_to: write the thresholds found to this file instead of beside the checkpoint (nothing there changes).
         **load: ``clip_weights``, ``trust_pickle``, ``pretrained`` for :meth:`Detector.from_checkpoint`.
 
     Returns:
@@ -346,14 +388,21 @@ def calibrate_checkpoint(
     from cnc_ad.checkpoint import resolve_checkpoint
     from cnc_ad.device import resolve_device
     from cnc_ad.inference import Detector, TorchBackend
-    from cnc_ad.results import update_thresholds
+    from cnc_ad.results import save_thresholds, update_thresholds
 
+    if tiling is not None and save_to is None:
+        raise ConfigError(
+            "thresholds for tiled scoring hold for tiled scoring only, so they are not stored beside the checkpoint "
+            "(whole-image predictions read those): give a file for them (--save FILE), then `cnc predict --tile ... "
+            "--thresholds FILE`"
+        )
     folder = resolve_checkpoint(checkpoint)
     if model is not None:
         torch_device = resolve_device(device) if isinstance(device, str) else device
         detector = Detector(TorchBackend(model, torch_device), model.image_size, None, str(folder))
     else:
         detector = Detector.from_checkpoint(folder, device=device, **load)
+    detector.tiling = tiling
     found = calibrate_detector(
         detector,
         normal_images,
@@ -364,6 +413,10 @@ def calibrate_checkpoint(
         skip_bad=skip_bad,
         min_images=min_images,
     )
+    if save_to is not None:
+        path = save_thresholds(save_to, found, file=True)
+        log.info("wrote thresholds at false-alarm rate %g to %s", false_alarm_rate, path)
+        return found
     stored = update_thresholds(folder, found, replace_labelled=replace_labelled)
     kept = [
         f"{kind} {category}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
@@ -23,15 +24,17 @@ import torch
 from PIL import Image
 
 from cnc_ad.data.dataset import ImageFileDataset
+from cnc_ad.data.images import decode_image
 from cnc_ad.data.transforms import prepare_image, to_tensor
-from cnc_ad.errors import DataError, ExportError
-from cnc_ad.results import Kind, Thresholds, load_thresholds
+from cnc_ad.errors import ConfigError, DataError, ExportError
+from cnc_ad.results import ALL, Kind, Thresholds, load_thresholds
 from cnc_ad.visualize import resize_map
 
 if TYPE_CHECKING:
     from cnc_ad.model import CNC
 
 _ARRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "F")
+TILES_RULE = ";tiles"  # a threshold rule set on tiled scores ends with ";tiles=<px>/<overlap>"
 THRESHOLDS_METADATA = "cnc_ad.thresholds"  # the ONNX metadata key of the embedded thresholds
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
@@ -140,6 +143,41 @@ class OpenVinoBackend:
 
 
 # ---------------------------------------------------------------------------------------------------- detector
+@dataclass(frozen=True)
+class Tiling:
+    """Score each image by overlapping square tiles of ``tile`` pixels (at the image's own resolution), each resized
+    to the model's input, their maps stitched into one (:mod:`cnc_ad.tiling`): for large images with small defects.
+
+    Raises:
+        ConfigError: a tile under 1 pixel, or an overlap outside [0, 1).
+    """
+
+    tile: int
+    overlap: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.tile < 1:
+            raise ConfigError(f"tile side {self.tile}: give a positive number of pixels, e.g. --tile 512")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ConfigError(f"tile overlap {self.overlap}: give a share in [0, 1), e.g. --tile-overlap 0.25")
+
+    def describe(self) -> str:
+        return f"{self.tile} px tiles, overlap {self.overlap:g}"
+
+    def rule_suffix(self) -> str:
+        """What a threshold set with these tiles adds to its rule (``";tiles=512/0.25"``)."""
+        return f"{TILES_RULE}={self.tile}/{self.overlap:g}"
+
+
+def _score_rule(meta: Mapping[str, str]) -> str:
+    """The image score rule an exported graph records in its config metadata (``"max"`` when absent)."""
+    try:
+        rule = json.loads(meta.get("cnc_ad.config", "{}")).get("score")
+    except (ValueError, AttributeError):
+        rule = None
+    return rule if isinstance(rule, str) and rule else "max"
+
+
 class Detector:
     """A trained model ready to score images: preprocessing, inference, maps at the input size and decisions.
 
@@ -152,6 +190,9 @@ class Detector:
         thresholds: the stored thresholds (a :class:`~cnc_ad.results.Thresholds`, or a ``thresholds.json``
             mapping), or None.
         source: where the model came from (for messages).
+        score_rule: how the model turns a map into an image score (``model.score``); tiled scoring applies it to
+            the stitched map.
+        tiling: score every image by tiles (:class:`Tiling`) instead of resizing it whole to the model's input.
     """
 
     def __init__(
@@ -160,11 +201,15 @@ class Detector:
         image_size: int,
         thresholds: Thresholds | Mapping[str, Any] | None = None,
         source: str = "",
+        score_rule: str = "max",
+        tiling: Tiling | None = None,
     ) -> None:
         self.backend = backend
         self.image_size = image_size
         self.thresholds = Thresholds.from_json(thresholds) if isinstance(thresholds, Mapping) else thresholds
         self.source = source
+        self.score_rule = score_rule
+        self.tiling = tiling
 
     @classmethod
     def from_checkpoint(
@@ -191,7 +236,9 @@ class Detector:
         folder = resolve_checkpoint(path)
         device = resolve_device(device) if isinstance(device, str) else device
         model = load_model(folder, clip_weights=clip_weights, trust_pickle=trust_pickle, pretrained=pretrained)
-        return cls(TorchBackend(model, device), model.image_size, load_thresholds(folder), str(folder))
+        return cls(
+            TorchBackend(model, device), model.image_size, load_thresholds(folder), str(folder), model.config.score
+        )
 
     @classmethod
     def from_onnx(
@@ -233,7 +280,7 @@ class Detector:
             thresholds = Thresholds.from_json(json.loads(meta[THRESHOLDS_METADATA]), source=f"{path} metadata")
         elif isinstance(thresholds, (str, os.PathLike)):
             thresholds = load_thresholds(thresholds)
-        return cls(OnnxBackend(session), int(shape[-1]), thresholds, str(path))
+        return cls(OnnxBackend(session), int(shape[-1]), thresholds, str(path), _score_rule(meta))
 
     @classmethod
     def from_openvino(
@@ -284,7 +331,7 @@ class Detector:
             thresholds = Thresholds.from_json(json.loads(meta[THRESHOLDS_METADATA]), source=f"{path} metadata")
         elif isinstance(thresholds, (str, os.PathLike)):
             thresholds = load_thresholds(thresholds)
-        return cls(OpenVinoBackend(compiled), shape[3].get_length(), thresholds, str(path))
+        return cls(OpenVinoBackend(compiled), shape[3].get_length(), thresholds, str(path), _score_rule(meta))
 
     # ----------------------------------------------------------------------------------------------- thresholds
     def threshold(self, kind: Kind = "image", category: str | None = None) -> float | None:
@@ -303,6 +350,16 @@ class Detector:
         image = threshold if threshold is not None else self.threshold("image", category)
         pixel = pixel_threshold if pixel_threshold is not None else self.threshold("pixel", category)
         return image, pixel if pixel is not None else image
+
+    def thresholds_fit_tiling(self, category: str | None = None) -> bool:
+        """Whether the stored image threshold (for ``category``) was set the way images are scored now: with
+        :attr:`tiling`'s tiles when it is set, on whole images when not. True when there is no stored threshold.
+        """
+        found = self.thresholds.image.get(ALL if category is None else category) if self.thresholds else None
+        if found is None:
+            return True
+        tiled = TILES_RULE + "=" in found.rule
+        return found.rule.endswith(self.tiling.rule_suffix()) if self.tiling is not None else not tiled
 
     # ---------------------------------------------------------------------------------------------- inference
     def preprocess(self, image: ImageInput) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -342,6 +399,50 @@ class Detector:
             raise DataError(f"cannot predict on a {type(image).__name__}; pass a path, PIL image, array or tensor")
         return to_tensor(prepare_image(pil, side)), (pil.height, pil.width)
 
+    def load_full(self, image: ImageInput) -> torch.Tensor:
+        """One input at its own resolution as a ``(3, H, W)`` tensor (for tiled scoring): uint8 for files, Pillow
+        images and arrays (one byte per value, however large the scan), float in [0, 1] for float tensors.
+
+        Raises:
+            DataError: an undecodable file or an unsupported array.
+        """
+        if isinstance(image, (str, os.PathLike)):
+            pil, _ = decode_image(image)
+        elif isinstance(image, torch.Tensor):
+            if image.ndim == 3 and image.shape[0] == 3 and image.is_floating_point():
+                return image.detach().float().cpu()
+            pil = _tensor_to_image(image)
+        elif isinstance(image, Image.Image):
+            pil = _array_to_image(np.asarray(image)) if image.mode in _ARRAY_MODES else image.convert("RGB")
+        elif isinstance(image, np.ndarray):
+            pil = _array_to_image(image)
+        else:
+            raise DataError(f"cannot predict on a {type(image).__name__}; pass a path, PIL image, array or tensor")
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(pil, dtype=np.uint8).transpose(2, 0, 1)))
+
+    @torch.no_grad()
+    def score_tiled(self, image: torch.Tensor, batch_size: int = 16) -> tuple[float, np.ndarray]:
+        """Score one full-resolution image ``(3, H, W)`` (uint8, or float in [0, 1]) by :attr:`tiling`'s tiles.
+
+        Returns:
+            the image score (:attr:`score_rule` on the stitched map) and the stitched map, ``map_size / tile`` of
+            the image's resolution (resize it with :func:`cnc_ad.visualize.resize_map`).
+        """
+        if self.tiling is None:
+            raise ValueError("this detector has no tiling; set detector.tiling = Tiling(tile=...)")
+        from cnc_ad.tiling import predict_tiled
+
+        score, stitched = predict_tiled(
+            lambda tiles: torch.as_tensor(np.asarray(self.backend(tiles)[1])),
+            image,
+            tile=self.tiling.tile,
+            overlap=self.tiling.overlap,
+            image_size=self.image_size,
+            score=self.score_rule,
+            batch_size=max(1, batch_size),
+        )
+        return score, stitched.numpy()
+
     @torch.no_grad()
     def score_batch(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Scores (B,) and maps (B, M, M) of preprocessed images (B, 3, S, S) in [0, 1]."""
@@ -375,6 +476,13 @@ class Detector:
         items = _flatten_inputs(x)
         image_t, pixel_t = self.resolve_thresholds(threshold, pixel_threshold, category)
         scores, maps = [], []
+        if self.tiling is not None:
+            for item in items:
+                full = self.load_full(item)
+                score, small_map = self.score_tiled(full, batch_size)
+                scores.append(np.array([score], np.float32))
+                maps.append(resize_map(small_map, (full.shape[1], full.shape[2])))
+            items = []
         for start in range(0, len(items), max(1, batch_size)):
             prepared = [self.preprocess(item) for item in items[start : start + batch_size]]
             batch_scores, batch_maps = self.score_batch(torch.stack([tensor for tensor, _ in prepared]))

@@ -242,6 +242,11 @@ def predict_stream(
     yielded, its line is durable: an interruption at any moment loses at most the images in flight.
     """
     jsonl, errors_file = out / PREDICTIONS_FILE, out / ERRORS_FILE
+    if detector.tiling is not None:
+        yield from _predict_tiled(
+            detector, paths, out, image_threshold, pixel_threshold, batch_size, map_dtype, overlay_max_side
+        )
+        return
     loader = DataLoader(
         ImageFileDataset(paths, detector.image_size),
         batch_size=max(1, batch_size),
@@ -277,6 +282,42 @@ def predict_stream(
                 continue
             append_jsonl(jsonl, record)
             yield Outcome(Path(path), record)
+
+
+def _predict_tiled(
+    detector: Detector,
+    paths: Sequence[Path],
+    out: Path,
+    image_threshold: float | None,
+    pixel_threshold: float | None,
+    batch_size: int,
+    map_dtype: str,
+    overlay_max_side: int,
+) -> Iterator[Outcome]:
+    """:func:`predict_stream` for a detector with tiling: one image at a time, decoded at its own resolution."""
+    jsonl, errors_file = out / PREDICTIONS_FILE, out / ERRORS_FILE
+    for path in paths:
+        try:
+            full = detector.load_full(path)
+            score, small_map = detector.score_tiled(full, batch_size)
+            record = _write_prediction(
+                Path(path),
+                (int(full.shape[1]), int(full.shape[2])),
+                score,
+                small_map,
+                out,
+                image_threshold,
+                pixel_threshold,
+                map_dtype,
+                overlay_max_side,
+            )
+        except DataError as err:  # undecodable, or changed / vanished since it was listed
+            log.warning("skipped: %s", err)
+            append_jsonl(errors_file, {"path": str(path), "error": str(err)})
+            yield Outcome(Path(path), None, str(err))
+            continue
+        append_jsonl(jsonl, record)
+        yield Outcome(Path(path), record)
 
 
 def _write_prediction(

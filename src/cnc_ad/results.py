@@ -189,9 +189,12 @@ def thresholds_path(folder: str | os.PathLike) -> Path:
     return Path(folder) / THRESHOLDS_FILE
 
 
-def save_thresholds(folder: str | os.PathLike, thresholds: Thresholds) -> Path:
-    """Write ``thresholds.json`` into ``folder`` (a checkpoint or evaluation folder), atomically; return its path."""
-    path = thresholds_path(folder)
+def save_thresholds(folder: str | os.PathLike, thresholds: Thresholds, *, file: bool = False) -> Path:
+    """Write ``thresholds.json`` into ``folder`` (a checkpoint or evaluation folder), atomically; return its path.
+
+    With ``file``, ``folder`` is the file's own path instead (e.g. thresholds for tiled scoring, kept apart).
+    """
+    path = Path(folder) if file else thresholds_path(folder)
     atomic_write_json(path, thresholds.to_json())
     return path
 

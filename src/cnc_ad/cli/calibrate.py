@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 from cnc_ad.cli._options import add_json, emit_json
 
@@ -12,6 +13,7 @@ examples:
   cnc calibrate --checkpoint runs/line3 --normal batches/2026-11-28/ --category pump
   cnc calibrate --checkpoint runs/line3 --normal 'good/**/*.png' --false-alarm-rate 0.005
   cnc calibrate --checkpoint runs/mvtec --data-root /data/mvtec_ad      # the images training held out
+  cnc calibrate --checkpoint runs/pcb --normal good_scans/ --tile 512 --save tiled.json   # for cnc predict --tile
 
 what it does: scores good images with the model and sets, per category, the image threshold above which a share
 R (--false-alarm-rate) of good images fall, and the pixel threshold above which a share R of their map values fall
@@ -29,7 +31,12 @@ config.yaml says.
 
 stored: beside the checkpoint (thresholds.json), where `cnc predict`, `cnc serve` and `cnc export` find them, with
 the rule that made each value. F1-max thresholds from `cnc eval` (labelled defects) take precedence and are kept;
---replace-f1-max replaces them. See docs/thresholds.md.
+--replace-f1-max replaces them. See docs/thresholds.md. --save FILE writes them to FILE instead and changes nothing
+beside the checkpoint.
+
+--tile PX [--tile-overlap SHARE]: score the good images by tiles, as `cnc predict --tile` does; such thresholds hold
+for tiled scoring only (a tiled score is the maximum over more of the image), so they need --save FILE; their rules
+end with ";tiles=PX/SHARE", and `cnc predict --tile PX --thresholds FILE` uses them.
 """
 
 
@@ -57,7 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--replace-f1-max", action="store_true", help="replace F1-max thresholds from `cnc eval` too")
     parser.add_argument("--min-images", type=int, default=5, help="fewest good images per category (default 5)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images (with --tile: tiles) per batch (default 16)")
+    parser.add_argument("--save", metavar="FILE", help="write the thresholds to FILE, not beside the checkpoint")
+    parser.add_argument("--tile", type=int, metavar="PX", help="score by PX x PX tiles, like cnc predict --tile")
+    parser.add_argument("--tile-overlap", type=float, metavar="SHARE", help="--tile: overlap share (default 0.25)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--num-workers", type=int, default=2, help="image decoding processes (default 2)")
     parser.add_argument("--skip-bad", action="store_true", help="leave unreadable images out instead of stopping")
@@ -73,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from cnc_ad.config import DataConfig
     from cnc_ad.data import scan_dataset
     from cnc_ad.errors import ConfigError, DataError
+    from cnc_ad.inference import Tiling
     from cnc_ad.predict import collect_inputs
     from cnc_ad.results import ALL, load_thresholds, thresholds_path
     from cnc_ad.runs import RunFolder
@@ -82,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
     if args.category and not args.normal:
         raise ConfigError("--category names the category of the --normal images; pass --normal too")
     check_rate(args.false_alarm_rate)
+    if args.tile_overlap is not None and args.tile is None:
+        raise ConfigError("--tile-overlap applies to --tile PX only")
+    tiling = Tiling(args.tile, 0.25 if args.tile_overlap is None else args.tile_overlap) if args.tile else None
     checkpoint = resolve_checkpoint(args.checkpoint)
     images: dict[str | None, list] = {}
     if args.data_root:
@@ -109,11 +123,14 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         skip_bad=args.skip_bad,
         min_images=args.min_images,
+        tiling=tiling,
+        save_to=args.save,
         clip_weights=args.clip_weights,
         trust_pickle=args.trust_pickle,
     )
-    stored = load_thresholds(checkpoint)
+    stored = load_thresholds(args.save or checkpoint)
     assert stored is not None  # calibrate_checkpoint has just written them
+    written = Path(args.save) if args.save else thresholds_path(checkpoint)
     kept = sorted({c for c in [*found.categories, ALL] if stored.image[c] != found.image[c]})
     if args.json:
         rows = {}
@@ -130,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             args,
             {
                 "checkpoint": str(checkpoint),
-                "thresholds_file": str(thresholds_path(checkpoint)),
+                "thresholds_file": str(written),
                 "false_alarm_rate": args.false_alarm_rate,
                 "categories": rows,
                 "kept_f1_max": kept,
@@ -147,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"| {name} | {image.images} | {_number(image.value)} | {pixel_value} | {rule} |")
     if kept:
         print(f"\nkept the F1-max thresholds of `cnc eval` for: {', '.join(kept)} (--replace-f1-max replaces them)")
-    print(f"\nthresholds: {thresholds_path(checkpoint)}")
+    print(f"\nthresholds: {written}")
     return 0
 
 

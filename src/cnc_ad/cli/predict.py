@@ -20,6 +20,7 @@ examples:
   cnc predict --openvino model.xml images/ --out predictions             # model.bin beside model.xml
   cnc predict --checkpoint runs/line3 --watch incoming/ --out predictions --after move:done/
   cnc predict --checkpoint runs/line3 --watch /mnt/share/cam1 --poll 2   # network share: list every 2 s
+  cnc predict --checkpoint runs/pcb scans/ --tile 512 --thresholds tiled.json  # 6000 px scans, small defects
 
 INPUT: image files, folders (searched recursively) or glob patterns (quote them); any size or mode Pillow reads.
 
@@ -47,6 +48,14 @@ record are scored, the recorded ones never again. --after leave (default) leaves
 once its line is on disk. A file that cannot be decoded gets an errors.jsonl line, stays, and is tried again when it
 changes. Change notifications come from watchfiles; --poll SECONDS lists the folder instead (network shares, where
 notifications do not arrive; also the fallback without watchfiles). See docs/watch.md.
+
+--tile PX: score each image by overlapping PX x PX tiles at its own resolution (--tile-overlap, default 0.25 of a
+tile), each resized to the model's input, their maps stitched into one map of the whole image; the score is the
+model's score rule on that map. For large scans with small defects, which a resize of the whole image to the model's
+input (256 px for the offline preset) shrinks below one token. Choose PX so that a tile shows the part at the scale
+of the training images. Thresholds set on whole images do not carry over (a tiled score is the maximum over more of
+the image): set them for tiled scoring with `cnc calibrate --tile PX --save FILE` and pass --thresholds FILE, or
+give --threshold; a warning says when the thresholds in use were not set with the same tiles.
 
 --json: one JSON object on stdout at the end (counts, output folder; with --watch when it stops); every other line
 goes to stderr.
@@ -93,7 +102,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pixel-threshold", type=float, help="mask threshold (default: stored, else --threshold)")
     parser.add_argument("--category", help="use this category's stored thresholds instead of the overall ones")
     parser.add_argument("--thresholds", metavar="FILE", help="a thresholds.json to use (default: the stored one)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images (with --tile: tiles) per batch (default 16)")
+    parser.add_argument("--tile", type=int, metavar="PX", help="score each image by PX x PX tiles (see below)")
+    parser.add_argument(
+        "--tile-overlap", type=float, metavar="SHARE", help="--tile: share of a tile shared with the next (0.25)"
+    )
     add_device(parser, default="auto", note="checkpoints only")
     parser.add_argument("--num-workers", type=int, default=2, help="image decoding processes (default 2)")
     parser.add_argument("--map-dtype", choices=["float16", "float32"], default="float16", help="dtype of the .npy maps")
@@ -181,14 +194,36 @@ def _detector(args: argparse.Namespace) -> Detector:
     if not exported and not args.watch:
         dist.init_from_env(resolve_device(args.device))  # under torchrun: join the group, shard the inputs
     if args.onnx:
-        return Detector.from_onnx(args.onnx, thresholds=args.thresholds)
+        return _with_tiling(args, Detector.from_onnx(args.onnx, thresholds=args.thresholds))
     if args.openvino:
-        return Detector.from_openvino(args.openvino, thresholds=args.thresholds)
+        return _with_tiling(args, Detector.from_openvino(args.openvino, thresholds=args.thresholds))
     detector = Detector.from_checkpoint(
         args.checkpoint, device=args.device, clip_weights=args.clip_weights, trust_pickle=args.trust_pickle
     )
     if args.thresholds:
         detector.thresholds = load_thresholds(args.thresholds)
+    return _with_tiling(args, detector)
+
+
+def _with_tiling(args: argparse.Namespace, detector: Detector) -> Detector:
+    """Set ``--tile`` on the detector; warn when the thresholds in use were not set with the same tiles."""
+    import logging
+
+    from cnc_ad.errors import ConfigError
+    from cnc_ad.inference import Tiling
+
+    if args.tile is None:
+        if args.tile_overlap is not None:
+            raise ConfigError("--tile-overlap applies to --tile PX only")
+        return detector
+    detector.tiling = Tiling(args.tile, 0.25 if args.tile_overlap is None else args.tile_overlap)
+    if args.threshold is None and not detector.thresholds_fit_tiling(args.category):
+        logging.getLogger("cnc_ad.predict").warning(
+            "the stored thresholds were not set with %s: decisions may be off (set them with `cnc calibrate --tile "
+            "%d --save FILE` and pass --thresholds FILE, or give --threshold)",
+            detector.tiling.describe(),
+            detector.tiling.tile,
+        )
     return detector
 
 
