@@ -32,10 +32,35 @@ def test_finished_runs_are_read_back_not_trained_again(config, tmp_path):
     assert first.trained == 2 and list(first.means) == ["full (CNC)", "w/o cross-modal"]
     assert (tmp_path / "full" / "eval" / "metrics.json").is_file()
     whole = run_ablation(config, tmp_path, progress=False)
-    assert whole.trained == len(VARIANTS) - 2
+    assert whole.trained == 3  # no-cfd, no-moe, plain; FNP evaluates the full model's checkpoint
     assert whole.means["full (CNC)"] == first.means["full (CNC)"]
     again = run_ablation(config, tmp_path, progress=False)
     assert again.trained == 0 and again.table == whole.table
+
+
+def test_fnp_evaluates_the_full_models_checkpoint_and_leaves_its_thresholds(config, tmp_path):
+    import json
+
+    done = run_ablation(config, tmp_path, progress=False, seeds=[3], variants=["fnp"])
+    assert done.trained == 1 and list(done.means) == ["with FNP"]  # the full model, trained for it
+    full, fnp = tmp_path / "full" / "seed3", tmp_path / "fnp" / "seed3"
+    assert not (fnp / "config.yaml").exists() and (fnp / "eval" / "metrics.json").is_file()
+    checkpoint = RunFolder(full).final_checkpoint()
+    assert json.loads((fnp / "eval" / "metrics.json").read_text())["checkpoint"] == str(checkpoint)
+    # The thresholds beside the checkpoint are the full model's own evaluation's, not FNP's.
+    beside = json.loads((checkpoint / "thresholds.json").read_text())
+    assert beside == json.loads((full / "eval" / "thresholds.json").read_text())
+    again = run_ablation(config, tmp_path, progress=False, seeds=[3], variants=["full", "fnp"])
+    assert again.trained == 0 and again.means["with FNP"] == done.means["with FNP"]
+
+
+def test_evaluation_changes_inference_keys_only(config, tmp_path):
+    from cnc_ad.evaluate import evaluate_checkpoint
+
+    run_ablation(config, tmp_path, progress=False, variants=["full"])
+    checkpoint = RunFolder(tmp_path / "full").final_checkpoint()
+    with pytest.raises(ConfigError, match="model.width act in training"):
+        evaluate_checkpoint(checkpoint, config, out_dir=tmp_path / "e", inference={"width": 8}, progress=False)
 
 
 def test_an_interrupted_run_is_resumed_to_the_same_result(config, tmp_path):

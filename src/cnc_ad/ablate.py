@@ -32,11 +32,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Variant:
-    """One row of the grid: ``key`` names it on the command line and its folder, ``title`` in the table."""
+    """One row of the grid: ``key`` names it on the command line and its folder, ``title`` in the table.
+
+    ``changes`` are config changes for training and evaluation. A row that differs from another only at inference
+    names that row in ``trained_as`` and the model keys it changes in ``inference``: it evaluates that row's
+    checkpoint (the same training would give the same weights) into its own folder.
+    """
 
     key: str
     title: str
     changes: dict[str, dict[str, Any]]
+    trained_as: str | None = None
+    inference: dict[str, Any] = field(default_factory=dict)
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -45,7 +52,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("no-cfd", "w/o CFD only", {"model": {"use_text": True, "use_moe": True}, "train": {"lambda_cfd": 0.0}}),
     Variant("no-moe", "w/o MoE", {"model": {"use_text": True, "use_moe": False}}),
     Variant("plain", "w/o both (plain reconstruction)", {"model": {"use_text": False, "use_moe": False}}),
-    Variant("fnp", "with FNP", {"model": {"use_text": True, "use_moe": True, "fnp": True}}),
+    Variant("fnp", "with FNP", {}, trained_as="full", inference={"fnp": True}),  # FNP acts at inference only
 )
 VARIANT_KEYS = tuple(v.key for v in VARIANTS)
 
@@ -109,7 +116,7 @@ def run_ablation(
     variants: Sequence[str] | None = None,
 ) -> AblationResult:
     """Train and evaluate the variants of :data:`VARIANTS` named by ``variants`` (default all) once per seed
-    (default: ``train.seed``) under ``out/<key>`` (``out/<key>/seed<k>`` with several seeds).
+    under ``out/<key>/seed<k>`` (without ``seeds``: once, with ``train.seed``, under ``out/<key>``).
 
     Runs already finished and evaluated with the same config are read back; interrupted ones are resumed.
 
@@ -120,6 +127,7 @@ def run_ablation(
     Raises:
         ConfigError: no seed, an unknown variant, or a run folder that holds a run of another config.
     """
+    explicit_seeds = seeds is not None
     seeds = list(seeds) if seeds is not None else [config.train.seed]
     if not seeds:
         raise ConfigError("give at least one seed")
@@ -132,16 +140,29 @@ def run_ablation(
     stds: dict[str, dict[str, float]] = {}
     runs: dict[str, dict[str, dict[str, float]]] = {}
     trained = 0
+    by_key = {v.key: v for v in VARIANTS}
+
+    def folder_of(variant: Variant, seed: int) -> Path:
+        return out / variant.key / f"seed{seed}" if explicit_seeds else out / variant.key
+
+    def config_of(variant: Variant, seed: int) -> Config:
+        changes = variant.changes
+        return config_from_dict({**changes, "train": {**changes.get("train", {}), "seed": seed}}, config)
+
     for variant in chosen:
         runs[variant.title] = {}
         for seed in seeds:
-            folder = out / variant.key / f"seed{seed}" if len(seeds) > 1 else out / variant.key
-            changed = config_from_dict(
-                {**variant.changes, "train": {**variant.changes.get("train", {}), "seed": seed}}, config
+            base = by_key[variant.trained_as] if variant.trained_as else variant
+            mean, was_trained = _train_and_evaluate(
+                config_of(base, seed), folder_of(base, seed), index, clip_weights, trust_pickle, progress
             )
-            mean, was_trained = _train_and_evaluate(changed, folder, index, clip_weights, trust_pickle, progress)
-            runs[variant.title][str(seed)] = mean
             trained += was_trained
+            if variant is not base:
+                mean = _evaluate_inference_variant(
+                    config_of(base, seed), folder_of(base, seed), folder_of(variant, seed), variant, index, progress,
+                    clip_weights, trust_pickle,
+                )  # fmt: skip
+            runs[variant.title][str(seed)] = mean
         means[variant.title], stds[variant.title] = _over_seeds(list(runs[variant.title].values()))
     spread = stds if len(seeds) > 1 else None
     table = ablation_table(means, spread)
@@ -211,3 +232,45 @@ def _train_and_evaluate(
         progress=progress,
     )
     return dict(done.result.mean), True
+
+
+def _evaluate_inference_variant(
+    config: Config,
+    base_folder: Path,
+    folder: Path,
+    variant: Variant,
+    index: Any,
+    progress: bool,
+    clip_weights: str | None,
+    trust_pickle: bool,
+) -> dict[str, float]:
+    """Evaluate the finished run in ``base_folder`` with ``variant.inference`` into ``folder/eval``; read an
+    evaluation already there back when it is of that run's final checkpoint and newer than it.
+    """
+    from cnc_ad.evaluate import evaluate_checkpoint
+    from cnc_ad.results import is_evaluation_folder, read_evaluation
+    from cnc_ad.runs import RunFolder
+
+    checkpoint = RunFolder(base_folder).final_checkpoint()
+    assert checkpoint is not None  # the base run was just trained or read back
+    eval_dir = RunFolder(folder).eval_dir
+    if is_evaluation_folder(eval_dir):
+        stored = read_evaluation(eval_dir)
+        if Path(str(stored.metrics.get("checkpoint"))).resolve() == checkpoint.resolve() and (
+            stored.metrics_path.stat().st_mtime >= checkpoint.stat().st_mtime
+        ):
+            log.info("%s: evaluated from %s with %s, read back", folder, checkpoint, variant.inference)
+            return dict(stored.metrics["mean"])
+    done = evaluate_checkpoint(
+        checkpoint,
+        config,
+        out_dir=eval_dir,
+        device=config.train.device,
+        index=index,
+        clip_weights=clip_weights,
+        trust_pickle=trust_pickle,
+        progress=progress,
+        inference={**variant.inference},
+        store_thresholds=False,
+    )
+    return dict(done.result.mean)

@@ -11,9 +11,10 @@ Under ``torchrun`` every process scores its shard of each category and the metri
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,13 @@ from cnc_ad.metrics import (
 )
 from cnc_ad.model import CNC
 from cnc_ad.model.anomaly_map import image_score
+from cnc_ad.model.presets import resolve_config
 from cnc_ad.progress import progress_bar
 from cnc_ad.results import ALL, Example, Threshold, Thresholds, thresholds_path, update_thresholds, write_evaluation
 from cnc_ad.runs import RunFolder
+
+# Model keys that act at inference only: an evaluation may change them on a trained checkpoint.
+INFERENCE_KEYS = ("score", "fnp", "fnp_theta", "blur_sigma")
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +341,8 @@ def evaluate_checkpoint(
     trust_pickle: bool = False,
     pretrained: bool = True,
     progress: bool = True,
+    inference: Mapping[str, Any] | None = None,
+    store_thresholds: bool = True,
 ) -> CheckpointEvaluation:
     """Evaluate a checkpoint on a dataset's test split, write the evaluation folder and store the thresholds.
 
@@ -354,6 +361,10 @@ def evaluate_checkpoint(
         trust_pickle: allow a pickle / TorchScript ``clip_weights`` file.
         pretrained: False builds the model's random backbone (tests).
         progress: show progress bars.
+        inference: model keys that act at inference only (:data:`INFERENCE_KEYS`), changed for this evaluation,
+            e.g. ``{"fnp": True}``; the checkpoint is not changed.
+        store_thresholds: store the F1-max thresholds beside the checkpoint (False: in the evaluation folder only;
+            an evaluation with ``inference`` changes should not replace the model's own).
 
     Raises:
         CheckpointError: no usable checkpoint.
@@ -367,6 +378,12 @@ def evaluate_checkpoint(
     dist.init_from_env(device)
     folder = resolve_checkpoint(checkpoint)
     model = load_model(folder, clip_weights=clip_weights, trust_pickle=trust_pickle, pretrained=pretrained).to(device)
+    if inference:
+        other = sorted(set(inference) - set(INFERENCE_KEYS))
+        if other:
+            changeable = ", ".join(f"model.{key}" for key in INFERENCE_KEYS)
+            raise ConfigError(f"model.{', model.'.join(other)} act in training; an evaluation can change {changeable}")
+        model.config = resolve_config(dataclasses.replace(model.config, **inference))
     data = config.data
     if index is None:
         if data.root is None:
@@ -386,6 +403,8 @@ def evaluate_checkpoint(
         return CheckpointEvaluation(result, folder, None, None)
     out = Path(out_dir) if out_dir is not None else RunFolder(run_folder_of(folder)).eval_dir
     write_results(result, out, checkpoint=str(folder))
+    if not store_thresholds:
+        return CheckpointEvaluation(result, folder, out, thresholds_path(out))
     update_thresholds(folder, result.thresholds)  # F1-max values replace false-alarm ones; the others are kept
     thresholds_file = thresholds_path(folder)
     return CheckpointEvaluation(result, folder, out, thresholds_file)

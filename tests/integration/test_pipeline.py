@@ -158,3 +158,4 @@ def test_ablation_grid(synth_root, tmp_path, capsys):
     assert saved["seeds"] == [0, 1] and len(saved["means"]) == 6
     assert all(set(runs) == {"0", "1"} for runs in saved["runs"].values())
     assert (tmp_path / "abl" / "no-cfd" / "seed1" / "eval").is_dir()
+    assert (tmp_path / "abl" / "fnp" / "seed1" / "eval").is_dir()  # FNP: the full model's checkpoint, evaluated

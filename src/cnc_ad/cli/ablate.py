@@ -13,8 +13,10 @@ variants (--variants keys):
   no-cfd    without CFD only (train.lambda_cfd=0: the normality feature stays at its initialisation, NGD still acts)
   no-moe    without the gated MoE (model.use_moe=false)
   plain     without both (plain multi-layer feature reconstruction)
-  fnp       with feature-level normality promotion at inference (model.fnp=true)
-With --seeds each variant is trained once per seed and the table gives mean ± standard deviation.
+  fnp       with feature-level normality promotion (model.fnp=true): FNP acts at inference only, so this row
+            evaluates the full model's checkpoint with it (into fnp/) instead of training the same model again
+With --seeds each variant is trained once per seed (folders <key>/seed<k>) and the table gives mean ± standard
+deviation.
 
 Stopping and running again: a run folder under --out that holds a finished evaluation of the same config is read
 back, an interrupted training is resumed, and a folder that holds another config is refused (exit 2). So a long grid
