@@ -7,8 +7,9 @@ allocates gets an arena of its own (up to 8 per core): the batcher thread's mode
 of MB of activations per call, sized by the batch size, and the decoding threads allocate too. The freed chunks stay
 fragmented inside the arenas, which glibc shrinks only from the top, so they are not returned by themselves.
 ``malloc_trim(0)`` returns the free pages of every arena: 1,434 -> 963 MiB after 1,200 requests. It is not free: it
-walks every arena (10 to 100 ms here), and the next model call faults its memory back in, so the batcher calls it when
-idle and, under load, at most every ``ServeSettings.release_memory_s`` seconds. docs/serve.md has the measurements.
+walks every arena (28 ms on average here, up to 170 ms), and the next model call faults its memory back in, so the
+batcher calls it when idle and, under load, at most every ``ServeSettings.release_memory_s`` seconds. docs/serve.md
+has the measurements.
 
 Where the C library is not glibc (macOS, Windows, musl) this does nothing. Under a preloaded allocator (jemalloc,
 tcmalloc), which returns memory by itself, glibc's heap is barely used and the trim has next to nothing to do.
