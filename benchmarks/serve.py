@@ -13,8 +13,10 @@ scratch), cycled.
    request (multipart, ``POST /v1/predict``) until ``--requests / len(concurrency)`` requests are done: images per
    second over the wall time, p50 and p99 latency, errors (any non-200 answer or transport error), and the server's
    mean batch size (``/v1/stats``). The server process's resident memory (``VmRSS``) is read after a warm-up (a few
-   batches at every concurrency, so the allocator has seen every batch size) and at the end: growth after that is
-   what a long-running server would accumulate. The client threads run on the same machine and share its cores
+   batches at every concurrency, so the allocator has seen every batch size) and at the end, each time once the
+   server has been idle for ``--idle-s`` seconds (it hands freed memory back to the OS when its model worker falls
+   idle; docs/serve.md): growth after that is what a long-running server would accumulate. The readings right after
+   the load and the peak (``VmHWM``) are printed too. The client threads run on the same machine and share its cores
    with the server.
 3. ``--config``'s model's (the offline preset's) CPU images/s through PyTorch, ONNX Runtime and OpenVINO, side
    by side, measured by ``benchmarks/export_speed.py`` (its ``build_backends`` and ``measure``: random weights, the
@@ -103,10 +105,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of process ``pid`` in MiB (``VmRSS``)."""
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of process ``pid`` in MiB (``VmRSS``; ``VmHWM``: its peak so far)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -234,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         help="threads of each runtime in the PyTorch / ONNX Runtime / OpenVINO comparison (default: usable cores)",
     )
     parser.add_argument("--export-repeats", type=int, default=10, help="timed calls per runtime in that comparison")
+    parser.add_argument(
+        "--idle-s", type=float, default=1.0, help="idle seconds before each reading of the server's memory (1)"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 60 requests, 32 in-process images")
     args = parser.parse_args(argv)
     if args.quick:
@@ -256,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         with server_process(checkpoint, args) as (url, process):
             for concurrency in args.concurrency:  # warm-up: every concurrency, so every batch size has been seen
                 load(url, files, min(2 * max(concurrency, args.max_batch_size), per_level), concurrency)
-            rss_before = rss_mb(process.pid)
+            rss_loaded_before = rss_mb(process.pid)
+            time.sleep(args.idle_s)
+            rss_before, hwm_before = rss_mb(process.pid), rss_mb(process.pid, "VmHWM")
             for concurrency in args.concurrency:
                 stats_before = httpx.get(f"{url}/v1/stats").json()
                 row = load(url, files, per_level, concurrency)
@@ -270,10 +277,17 @@ def main(argv: list[str] | None = None) -> int:
                     f"errors {row['errors']}",
                     flush=True,
                 )
-            rss_after = rss_mb(process.pid)
+            rss_loaded_after = rss_mb(process.pid)
+            time.sleep(args.idle_s)
+            rss_after, hwm_after = rss_mb(process.pid), rss_mb(process.pid, "VmHWM")
+            releases = httpx.get(f"{url}/v1/stats").json().get("memory_releases")
     top = rows[-1]
     errors = sum(row["errors"] for row in rows)
-    print(f"server RSS: {rss_before:.1f} MiB after warm-up, {rss_after:.1f} MiB at the end")
+    print(
+        f"server RSS: {rss_before:.1f} MiB after warm-up, {rss_after:.1f} MiB at the end, each after {args.idle_s:g} s "
+        f"idle ({rss_loaded_before:.1f} and {rss_loaded_after:.1f} MiB right after the load; peak {hwm_before:.1f} "
+        f"-> {hwm_after:.1f} MiB; {releases} memory releases)"
+    )
     print(f"requests: {sum(row['requests'] for row in rows)} measured (+ warm-up), {errors} errors", flush=True)
     runtimes = runtime_comparison(args)
     print(f"cores usable: {len(os.sched_getaffinity(0))} of {os.cpu_count()}; the clients share them with the server")

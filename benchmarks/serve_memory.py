@@ -2,8 +2,9 @@
 
 Starts the server like ``benchmarks/serve.py`` (the offline preset's model, random decoder), warms it up at 1, 8 and 32
 concurrent clients, then runs ``--rounds`` rounds of ``--per-level`` requests at each of those concurrencies and prints
-the server's ``VmRSS`` after the warm-up and after each round. Set ``MALLOC_ARENA_MAX`` in the environment to see the
-allocator's share.
+the server's ``VmRSS`` after the warm-up and after each round: right after the load, and after ``--idle-s`` seconds
+idle (the server hands freed memory back to the OS when its model worker falls idle), with ``/v1/stats``'s count of
+those releases. Set ``MALLOC_ARENA_MAX`` in the environment to see the allocator's share.
 
     .venv/bin/python benchmarks/serve_memory.py --rounds 5
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import serve as bench
@@ -24,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="rounds of requests (default 5)")
     parser.add_argument("--per-level", type=int, default=150, help="requests per concurrency per round (default 150)")
     parser.add_argument("--config", default="offline", help="config whose model is served (default offline)")
+    parser.add_argument("--idle-s", type=float, default=1.0, help="idle seconds before the second reading (1)")
     args = parser.parse_args(argv)
     settings = argparse.Namespace(
         checkpoint=None, config=args.config, max_batch_size=16, max_wait_ms=5.0, concurrency=[1, 8, 32]
@@ -34,11 +37,22 @@ def main(argv: list[str] | None = None) -> int:
         with bench.server_process(checkpoint, settings) as (url, process):
             for concurrency in settings.concurrency:
                 bench.load(url, files, 2 * max(concurrency, 16), concurrency)
-            print(f"after warm-up: {bench.rss_mb(process.pid):.1f} MiB", flush=True)
+
+            def report(label: str) -> None:
+                loaded = bench.rss_mb(process.pid)
+                time.sleep(args.idle_s)
+                releases = bench.httpx.get(f"{url}/v1/stats").json().get("memory_releases")
+                print(
+                    f"{label}: {loaded:.1f} MiB right after the load, {bench.rss_mb(process.pid):.1f} MiB after "
+                    f"{args.idle_s:g} s idle ({releases} memory releases so far)",
+                    flush=True,
+                )
+
+            report("after warm-up")
             for round_ in range(args.rounds):
                 for concurrency in settings.concurrency:
                     bench.load(url, files, args.per_level, concurrency)
-                print(f"round {round_}: {bench.rss_mb(process.pid):.1f} MiB", flush=True)
+                report(f"round {round_}")
     return 0
 
 

@@ -36,6 +36,7 @@ from cnc_ad.results import ALL, load_thresholds
 from cnc_ad.serve.batcher import Batcher, BatcherBusy, BatcherClosed, ModelFailure
 from cnc_ad.serve.errors import APIError
 from cnc_ad.serve.images import OUTPUTS, image_result, json_float, output_size, read_upload
+from cnc_ad.serve.memory import release_free_memory
 from cnc_ad.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,14 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Fas
         The FastAPI application; ``app.state.batcher`` holds the batcher (and its ``stats``).
     """
     settings = settings or ServeSettings()
-    batcher = Batcher(detector.score_batch, settings.max_batch_size, settings.max_wait_ms / 1000.0, settings.max_queue)
+    batcher = Batcher(
+        detector.score_batch,
+        settings.max_batch_size,
+        settings.max_wait_ms / 1000.0,
+        settings.max_queue,
+        release_memory=None if settings.release_memory_s is None else release_free_memory,
+        release_every_s=settings.release_memory_s or 0.0,
+    )
     page = resources.files("cnc_ad.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     decode_slots = asyncio.Semaphore(max(2, os.cpu_count() or 1))
 

@@ -4,6 +4,11 @@ A request submits each of its preprocessed images and waits on a future. The wor
 waits up to ``max_wait_s`` for more (up to ``max_batch_size``), runs the model once on the stacked batch, and
 completes every future with its own row. When the model raises, the futures of that batch get a
 :class:`ModelFailure` and the worker goes on with the next batch; it never dies of a model error.
+
+The worker can also hand freed memory back to the operating system (``release_memory``, e.g.
+:func:`cnc_ad.serve.memory.release_free_memory`): whenever it falls idle after model calls, and under continuous load
+at most every ``release_every_s`` seconds, because that call is not free (the next model call faults its memory back
+in).
 """
 
 from __future__ import annotations
@@ -40,12 +45,16 @@ class ModelFailure(Exception):
 
 @dataclass
 class BatchStats:
-    """Counters since the batcher started: model calls, images scored, failed calls, the largest batch."""
+    """Counters since the batcher started: model calls, images scored, failed calls, the largest batch, releases.
+
+    ``memory_releases`` counts the calls of the batcher's ``release_memory`` (freed memory handed back to the OS).
+    """
 
     model_calls: int = 0
     images: int = 0
     failed_calls: int = 0
     largest_batch: int = 0
+    memory_releases: int = 0
 
     def as_dict(self) -> dict[str, float]:
         mean = self.images / self.model_calls if self.model_calls else 0.0
@@ -60,14 +69,27 @@ class Batcher:
         max_batch_size: images per model call, at most.
         max_wait_s: after the first image of a batch arrives, how long to wait for more, in seconds.
         max_queue: images waiting at most; :meth:`submit` raises :class:`BatcherBusy` beyond.
+        release_memory: called in the worker thread when it has had nothing to do for a poll interval (0.1 s) after
+            model calls, and after a model call when ``release_every_s`` have passed since the last call; None: never.
+        release_every_s: under continuous load, the shortest time between two ``release_memory`` calls, in seconds.
     """
 
-    def __init__(self, score: ScoreFn, max_batch_size: int = 16, max_wait_s: float = 0.005, max_queue: int = 256):
-        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
-            raise ValueError("max_batch_size and max_queue must be >= 1 and max_wait_s >= 0")
+    def __init__(
+        self,
+        score: ScoreFn,
+        max_batch_size: int = 16,
+        max_wait_s: float = 0.005,
+        max_queue: int = 256,
+        release_memory: Callable[[], object] | None = None,
+        release_every_s: float = 30.0,
+    ):
+        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0 or release_every_s < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_s and release_every_s >= 0")
         self.score = score
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
+        self.release_memory = release_memory
+        self.release_every_s = release_every_s
         self.stats = BatchStats()
         self._queue: queue.Queue[tuple[torch.Tensor, Future]] = queue.Queue(maxsize=max_queue)
         self._stop = threading.Event()
@@ -140,10 +162,27 @@ class Batcher:
         return [(image, future) for image, future in batch if future.set_running_or_notify_cancel()]
 
     def _loop(self) -> None:
+        used = False  # model calls since memory was last released
+        last_release = time.monotonic()
         while not self._stop.is_set():
             batch = self._next_batch()
             if batch:
                 self._run(batch)
+                batch = []  # the images are not needed any more: free them before releasing memory
+                used = True
+                if time.monotonic() - last_release < self.release_every_s:
+                    continue
+            if used and self.release_memory is not None:  # idle after model calls, or due under load
+                self._release(self.release_memory)
+                used, last_release = False, time.monotonic()
+
+    def _release(self, release: Callable[[], object]) -> None:
+        try:
+            release()
+        except Exception:  # never the worker's end: memory stays where it is
+            log.exception("releasing freed memory failed")
+            return
+        self.stats.memory_releases += 1
 
     def _run(self, batch: list[tuple[torch.Tensor, Future]]) -> None:
         futures = [future for _, future in batch]

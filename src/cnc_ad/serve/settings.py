@@ -25,6 +25,9 @@ class ServeSettings:
         output_max_side: longest side in pixels of returned map / mask / overlay PNGs and of the map the statistics
             are computed on (smaller images keep their own size).
         request_timeout_s: how long a request waits for its model results before a 503, in seconds.
+        release_memory_s: hand the memory that model calls freed back to the operating system (glibc's
+            ``malloc_trim``; a no-op elsewhere) whenever the model worker falls idle, and under continuous load at most
+            this often, in seconds; None: never. See :mod:`cnc_ad.serve.memory`.
         token: the API token (``Authorization: Bearer TOKEN``); None: no token needed.
     """
 
@@ -36,6 +39,7 @@ class ServeSettings:
     max_images: int = 32
     output_max_side: int = 1024
     request_timeout_s: float = 60.0
+    release_memory_s: float | None = 30.0
     token: str | None = None
 
     def __post_init__(self) -> None:
@@ -44,6 +48,8 @@ class ServeSettings:
                 raise ConfigError(f"serve setting {name} must be >= 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.request_timeout_s <= 0:
             raise ConfigError("serve settings max_wait_ms must be >= 0 and request_timeout_s > 0")
+        if self.release_memory_s is not None and self.release_memory_s < 0:
+            raise ConfigError(f"serve setting release_memory_s must be >= 0 or None, got {self.release_memory_s}")
         if self.token is not None and not self.token.strip():
             raise ConfigError("the API token is empty; pass a non-empty token or none")
 
