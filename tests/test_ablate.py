@@ -59,7 +59,7 @@ def test_evaluation_changes_inference_keys_only(config, tmp_path):
 
     run_ablation(config, tmp_path, progress=False, variants=["full"])
     checkpoint = RunFolder(tmp_path / "full").final_checkpoint()
-    with pytest.raises(ConfigError, match="model.width act in training"):
+    with pytest.raises(ConfigError, match=r"model\.width act in training"):
         evaluate_checkpoint(checkpoint, config, out_dir=tmp_path / "e", inference={"width": 8}, progress=False)
 
 

@@ -89,49 +89,54 @@ def tiny_thresholds() -> dict:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint: Path) -> Path:
-    """A tiny random-weight checkpoint with stored thresholds."""
-    return tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def ir(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def ir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The checkpoint exported by `cnc export --format openvino` (read-only: copy it before changing it)."""
     out = tmp_path_factory.mktemp("ir") / "model.xml"
-    assert main(["-q", "export", "--checkpoint", str(checkpoint), "--format", "openvino", "--out", str(out)]) == 0
+    assert main(["-q", "export", "--checkpoint", str(tiny_checkpoint), "--format", "openvino", "--out", str(out)]) == 0
     return out
 
 
 def test_cli_export_checks_parity(
-    checkpoint: Path, synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    tiny_checkpoint: Path, synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "model.xml"
-    args = ["-q", "export", "--checkpoint", str(checkpoint), "--format", "openvino", "--out", str(out)]
+    args = ["-q", "export", "--checkpoint", str(tiny_checkpoint), "--format", "openvino", "--out", str(out)]
     assert main([*args, "--data-root", str(synth_root)]) == 0
     printed = capsys.readouterr().out
     assert "parity on 4 random images" in printed and "parity on 4 dataset images" in printed
     assert f"exported {out} (parity within 0.0001)" in printed
     meta = read_openvino_metadata(ov.Core().read_model(str(out)))
-    assert meta["cnc_ad.checkpoint"] == str(checkpoint) and json.loads(meta["cnc_ad.thresholds"]) == THRESHOLDS
+    assert meta["cnc_ad.checkpoint"] == str(tiny_checkpoint) and json.loads(meta["cnc_ad.thresholds"]) == THRESHOLDS
 
 
 def test_cli_export_fails_beyond_tolerance(
-    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     import cnc_ad.export
 
     monkeypatch.setattr(cnc_ad.export, "check_parity", lambda *a: {"max_abs_map": 0.5, "max_abs_score": 0.0})
-    args = ["-q", "export", "--checkpoint", str(checkpoint), "--format", "openvino", "--out", str(tmp_path / "m.xml")]
+    args = [
+        "-q",
+        "export",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--format",
+        "openvino",
+        "--out",
+        str(tmp_path / "m.xml"),
+    ]
     assert main(args) == 7  # ExportError
     assert "OpenVINO parity 0.5 exceeds the tolerance" in capsys.readouterr().err
-    assert main(["-q", "export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "m.onnx"), "--fp16"]) == 2
+    assert (
+        main(["-q", "export", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "m.onnx"), "--fp16"]) == 2
+    )
 
 
 def test_cli_export_fp16_reports_its_parity(
-    checkpoint: Path, ir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    tiny_checkpoint: Path, ir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "fp16.xml"
-    args = ["-q", "export", "--checkpoint", str(checkpoint), "--format", "openvino", "--out", str(out), "--fp16"]
+    args = ["-q", "export", "--checkpoint", str(tiny_checkpoint), "--format", "openvino", "--out", str(out), "--fp16"]
     assert main(args) == 0  # beyond the tolerance, but float16 weights are not held to it
     printed = capsys.readouterr().out
     parity = float(re.search(r"float16 weights: parity (\S+),", printed).group(1))
@@ -139,14 +144,14 @@ def test_cli_export_fp16_reports_its_parity(
     assert openvino_bin_path(out).stat().st_size < 0.6 * openvino_bin_path(ir).stat().st_size
 
 
-def test_cli_predict_openvino_matches_checkpoint(checkpoint: Path, ir: Path, tmp_path: Path) -> None:
+def test_cli_predict_openvino_matches_checkpoint(tiny_checkpoint: Path, ir: Path, tmp_path: Path) -> None:
     for seed, (name, shape) in enumerate({"a.png": (40, 50), "b/c.png": (33, 21), "d.jpg": (64, 64)}.items()):
         path = tmp_path / "in" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         rgb = np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
         Image.fromarray(rgb).save(path)
     common = [str(tmp_path / "in"), "--num-workers", "0", "--no-progress", "--batch-size", "2"]
-    assert main(["-q", "predict", "--checkpoint", str(checkpoint), *common, "--out", str(tmp_path / "torch")]) == 0
+    assert main(["-q", "predict", "--checkpoint", str(tiny_checkpoint), *common, "--out", str(tmp_path / "torch")]) == 0
     assert main(["-q", "predict", "--openvino", str(ir), *common, "--out", str(tmp_path / "ov")]) == 0
     by_torch = {r["path"]: r for r in read_jsonl(tmp_path / "torch" / "predictions.jsonl")}
     by_ov = {r["path"]: r for r in read_jsonl(tmp_path / "ov" / "predictions.jsonl")}
@@ -160,7 +165,7 @@ def test_cli_predict_openvino_matches_checkpoint(checkpoint: Path, ir: Path, tmp
     detector = Detector.from_openvino(ir, config={"INFERENCE_NUM_THREADS": 1})
     assert detector.thresholds == Thresholds.from_json(THRESHOLDS) and detector.image_size == 32
     images = torch.rand(5, 3, detector.image_size, detector.image_size)
-    reference = Detector.from_checkpoint(checkpoint, device="cpu").predict(images)
+    reference = Detector.from_checkpoint(tiny_checkpoint, device="cpu").predict(images)
     out = detector.predict(images, batch_size=5)
     np.testing.assert_allclose(out.scores, reference.scores, atol=TOLERANCE)
     np.testing.assert_array_equal(out.is_anomalous, reference.is_anomalous)

@@ -27,14 +27,8 @@ def tiny_thresholds() -> dict:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint: Path) -> Path:
-    """A tiny random-weight checkpoint with stored thresholds."""
-    return tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def detector(checkpoint: Path) -> Detector:
-    return Detector.from_checkpoint(checkpoint, device="cpu")
+def detector(tiny_checkpoint: Path) -> Detector:
+    return Detector.from_checkpoint(tiny_checkpoint, device="cpu")
 
 
 def _rgb(height: int, width: int, seed: int) -> np.ndarray:
@@ -133,10 +127,10 @@ def _predict(checkpoint: Path, inputs: list[Path], out: Path, *extra: str) -> in
     return main([*args, "--num-workers", "0", "--no-progress", "--batch-size", "2", *extra])
 
 
-def test_cli_predict_folder_with_corrupt_file(checkpoint: Path, tmp_path: Path) -> None:
+def test_cli_predict_folder_with_corrupt_file(tiny_checkpoint: Path, tmp_path: Path) -> None:
     paths = _images(tmp_path / "in")
     out = tmp_path / "out"
-    assert _predict(checkpoint, [tmp_path / "in"], out) == 0
+    assert _predict(tiny_checkpoint, [tmp_path / "in"], out) == 0
     records = read_jsonl(out / "predictions.jsonl")
     assert sorted(r["path"] for r in records) == sorted(str(p.resolve()) for p in paths.values())
     errors = read_jsonl(out / "errors.jsonl")
@@ -153,27 +147,27 @@ def test_cli_predict_folder_with_corrupt_file(checkpoint: Path, tmp_path: Path) 
         assert record["is_anomalous"] == (record["score"] >= 1.0)
     csv_lines = (out / "predictions.csv").read_text().splitlines()
     assert csv_lines[0] == "path,score,is_anomalous,map,mask,overlay" and len(csv_lines) == 5
-    assert _predict(checkpoint, [tmp_path / "in"], tmp_path / "strict", "--strict") == 3
-    assert _predict(checkpoint, [tmp_path / "in" / "b" / "broken.png"], tmp_path / "none") == 3
+    assert _predict(tiny_checkpoint, [tmp_path / "in"], tmp_path / "strict", "--strict") == 3
+    assert _predict(tiny_checkpoint, [tmp_path / "in" / "b" / "broken.png"], tmp_path / "none") == 3
 
 
-def test_cli_resume_skips_done_files(checkpoint: Path, tmp_path: Path) -> None:
+def test_cli_resume_skips_done_files(tiny_checkpoint: Path, tmp_path: Path) -> None:
     paths = _images(tmp_path / "in")
     (tmp_path / "in" / "b" / "broken.png").unlink()
     out = tmp_path / "out"
-    assert _predict(checkpoint, [paths["a/part.png"], paths["c.bmp"]], out) == 0
+    assert _predict(tiny_checkpoint, [paths["a/part.png"], paths["c.bmp"]], out) == 0
     first = read_jsonl(out / "predictions.jsonl")
-    assert _predict(checkpoint, [tmp_path / "in"], out) == 2  # existing results: neither --resume nor --overwrite
-    assert _predict(checkpoint, [tmp_path / "in"], out, "--resume") == 0
+    assert _predict(tiny_checkpoint, [tmp_path / "in"], out) == 2  # existing results: neither --resume nor --overwrite
+    assert _predict(tiny_checkpoint, [tmp_path / "in"], out, "--resume") == 0
     records = read_jsonl(out / "predictions.jsonl")
     assert records[:2] == first and len(records) == 4  # the done ones were skipped, not predicted again
     assert len({r["path"] for r in records}) == 4
-    assert _predict(checkpoint, [paths["c.bmp"]], out, "--overwrite") == 0
+    assert _predict(tiny_checkpoint, [paths["c.bmp"]], out, "--overwrite") == 0
     assert len(read_jsonl(out / "predictions.jsonl")) == 1
 
 
 def test_cli_interrupted_run_keeps_written_results(
-    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     paths = _images(tmp_path / "in")
     out = tmp_path / "out"
@@ -187,23 +181,23 @@ def test_cli_interrupted_run_keeps_written_results(
         return real(self, images)
 
     monkeypatch.setattr(Detector, "score_batch", crash_on_second_batch)
-    assert _predict(checkpoint, [tmp_path / "in"], out) == 130
+    assert _predict(tiny_checkpoint, [tmp_path / "in"], out) == 130
     kept = read_jsonl(out / "predictions.jsonl")
     assert len(kept) == calls[0] >= 1  # the first batch survives the crash, with its files and the CSV
     assert all((out / r["map"]).is_file() and (out / r["overlay"]).is_file() for r in kept)
     assert len((out / "predictions.csv").read_text().splitlines()) == 1 + len(kept)
     monkeypatch.setattr(Detector, "score_batch", real)
-    assert _predict(checkpoint, [tmp_path / "in"], out, "--resume") == 0
+    assert _predict(tiny_checkpoint, [tmp_path / "in"], out, "--resume") == 0
     records = read_jsonl(out / "predictions.jsonl")
     assert records[: len(kept)] == kept
     assert sorted(r["path"] for r in records) == sorted(str(p.resolve()) for p in paths.values())
 
 
-def test_cli_predict_onnx_matches_checkpoint(checkpoint: Path, tmp_path: Path) -> None:
+def test_cli_predict_onnx_matches_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:
     _images(tmp_path / "in")
     onnx_file = tmp_path / "model.onnx"
-    assert main(["-q", "export", "--checkpoint", str(checkpoint), "--out", str(onnx_file)]) == 0
-    assert _predict(checkpoint, [tmp_path / "in"], tmp_path / "torch") == 0
+    assert main(["-q", "export", "--checkpoint", str(tiny_checkpoint), "--out", str(onnx_file)]) == 0
+    assert _predict(tiny_checkpoint, [tmp_path / "in"], tmp_path / "torch") == 0
     args = ["-q", "predict", "--onnx", str(onnx_file), str(tmp_path / "in"), "--out", str(tmp_path / "onnx")]
     assert main([*args, "--num-workers", "0", "--no-progress"]) == 0
     by_torch = {r["path"]: r for r in read_jsonl(tmp_path / "torch" / "predictions.jsonl")}
@@ -218,18 +212,18 @@ def test_cli_predict_onnx_matches_checkpoint(checkpoint: Path, tmp_path: Path) -
     detector = Detector.from_onnx(onnx_file)
     assert detector.thresholds == Thresholds.from_json(THRESHOLDS)
     images = torch.rand(5, 3, detector.image_size, detector.image_size)
-    reference = Detector.from_checkpoint(checkpoint, device="cpu").predict(images)
+    reference = Detector.from_checkpoint(tiny_checkpoint, device="cpu").predict(images)
     out = detector.predict(images, batch_size=5)
     np.testing.assert_allclose(out.scores, reference.scores, atol=1e-4)
     np.testing.assert_array_equal(out.is_anomalous, reference.is_anomalous)
 
 
-def test_cli_large_image_overlay_is_capped(checkpoint: Path, tmp_path: Path) -> None:
+def test_cli_large_image_overlay_is_capped(tiny_checkpoint: Path, tmp_path: Path) -> None:
     path = tmp_path / "in" / "large.jpg"
     path.parent.mkdir()
     Image.fromarray(_rgb(1200, 1600, 7)).save(path, quality=80)
     out = tmp_path / "out"
-    assert _predict(checkpoint, [path], out, "--overlay-max-side", "200", "--map-dtype", "float32") == 0
+    assert _predict(tiny_checkpoint, [path], out, "--overlay-max-side", "200", "--map-dtype", "float32") == 0
     (record,) = read_jsonl(out / "predictions.jsonl")
     anomaly_map = np.load(out / record["map"])
     assert anomaly_map.shape == (1200, 1600) and anomaly_map.dtype == np.float32  # the image's own size

@@ -46,14 +46,8 @@ def tiny_thresholds() -> dict:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint: Path) -> Path:
-    """A tiny random-weight checkpoint with stored thresholds."""
-    return tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def detector(checkpoint: Path) -> Detector:
-    return Detector.from_checkpoint(checkpoint, device="cpu")
+def detector(tiny_checkpoint: Path) -> Detector:
+    return Detector.from_checkpoint(tiny_checkpoint, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -253,13 +247,15 @@ def test_model_and_health(server, detector: Detector):
     assert httpx.get(f"{url}/docs").status_code == 200
 
 
-def test_an_onnx_graph_serves_the_same_scores(checkpoint: Path, detector: Detector, images: list[Path], tmp_path: Path):
+def test_an_onnx_graph_serves_the_same_scores(
+    tiny_checkpoint: Path, detector: Detector, images: list[Path], tmp_path: Path
+):
     pytest.importorskip("onnxruntime", reason="ONNX serving needs the export extra (in the test extra)")
     from cnc_ad.checkpoint import load_model
     from cnc_ad.export import export_onnx
     from cnc_ad.serve.app import load_detector
 
-    graph = export_onnx(load_model(checkpoint, pretrained=False), tmp_path / "tiny.onnx")
+    graph = export_onnx(load_model(tiny_checkpoint, pretrained=False), tmp_path / "tiny.onnx")
     (tmp_path / "thresholds.json").write_text(json.dumps(THRESHOLDS))
     served = load_detector(onnx=graph, thresholds=tmp_path / "thresholds.json")
     expected = detector.predict([str(p) for p in images[:3]]).scores
@@ -270,7 +266,7 @@ def test_an_onnx_graph_serves_the_same_scores(checkpoint: Path, detector: Detect
     assert response.status_code == 200, response.text
     np.testing.assert_allclose([r["score"] for r in response.json()["images"]], expected, atol=1e-4)
     with pytest.raises(ConfigError, match="exactly one"):
-        load_detector(checkpoint, graph)
+        load_detector(tiny_checkpoint, graph)
 
 
 # ------------------------------------------------------------------------------------------------ batching
@@ -450,7 +446,7 @@ def test_token_rules(detector: Detector, images: list[Path]):
         assert response.status_code == 200 and response.json()["images"][0]["score"] is not None
 
 
-def test_binding_beyond_loopback_needs_a_token_or_insecure(checkpoint: Path, capsys, monkeypatch):
+def test_binding_beyond_loopback_needs_a_token_or_insecure(tiny_checkpoint: Path, capsys, monkeypatch):
     for host in ("127.0.0.1", "127.0.0.5", "localhost", "::1", "[::1]"):
         assert is_loopback(host), host
         check_access(host, None, insecure=False)
@@ -461,7 +457,7 @@ def test_binding_beyond_loopback_needs_a_token_or_insecure(checkpoint: Path, cap
         check_access(host, "s3cret", insecure=False)
         check_access(host, None, insecure=True)
     monkeypatch.delenv("CNC_SERVE_TOKEN", raising=False)
-    assert main(["serve", "--checkpoint", str(checkpoint), "--host", "0.0.0.0"]) == 2
+    assert main(["serve", "--checkpoint", str(tiny_checkpoint), "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--token" in err and "--insecure" in err and "CNC_SERVE_TOKEN" in err
     with pytest.raises(ConfigError, match="empty"):
@@ -469,12 +465,12 @@ def test_binding_beyond_loopback_needs_a_token_or_insecure(checkpoint: Path, cap
 
 
 @pytest.mark.slow
-def test_cli_serves_until_interrupted(checkpoint: Path, images: list[Path], tmp_path: Path):
+def test_cli_serves_until_interrupted(tiny_checkpoint: Path, images: list[Path], tmp_path: Path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CNC_SERVE_TOKEN": "t0ken"}
-    command = [sys.executable, "-m", "cnc_ad", "serve", "--checkpoint", str(checkpoint), "--port", str(port)]
+    command = [sys.executable, "-m", "cnc_ad", "serve", "--checkpoint", str(tiny_checkpoint), "--port", str(port)]
     process = subprocess.Popen([*command, "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
