@@ -93,3 +93,15 @@ def test_help_names_every_variant_key(capsys):
         main(["ablate", "--help"])
     text = capsys.readouterr().out
     assert all(f"  {key} " in text for key in VARIANT_KEYS)
+
+
+def test_collect_trains_nothing_and_lists_what_is_missing(config, tmp_path):
+    empty = run_ablation(config, tmp_path, progress=False, seeds=[0, 1], variants=["full", "fnp"], collect_only=True)
+    assert empty.trained == 0 and empty.means == {} and len(empty.missing) == 4
+    assert not (tmp_path / "full").exists()
+    run_ablation(config, tmp_path, progress=False, seeds=[0], variants=["full"])  # one seed of one row
+    some = run_ablation(config, tmp_path, progress=False, seeds=[0, 1], variants=["full", "fnp"], collect_only=True)
+    assert some.trained == 0 and list(some.means) == ["full (CNC) (1 of 2 seeds)"]
+    assert sorted(some.missing) == sorted(str(tmp_path / k / s) for k, s in [("full", "seed1"), ("fnp", "seed0"),
+                                                                            ("fnp", "seed1")])  # fmt: skip
+    assert "(1 of 2 seeds)" in some.table

@@ -63,6 +63,7 @@ class AblationResult:
     table: str
     stds: dict[str, dict[str, float]] = field(default_factory=dict)  # per variant, the standard deviation over seeds
     trained: int = 0  # runs trained (or resumed) by this call; the others were read from their folders
+    missing: list[str] = field(default_factory=list)  # with ``collect_only``: the runs not finished yet (folders)
 
 
 def ablation_table(means: dict[str, dict[str, float]], stds: dict[str, dict[str, float]] | None = None) -> str:
@@ -114,11 +115,14 @@ def run_ablation(
     progress: bool = True,
     seeds: Sequence[int] | None = None,
     variants: Sequence[str] | None = None,
+    collect_only: bool = False,
 ) -> AblationResult:
     """Train and evaluate the variants of :data:`VARIANTS` named by ``variants`` (default all) once per seed
     under ``out/<key>/seed<k>`` (without ``seeds``: once, with ``train.seed``, under ``out/<key>``).
 
-    Runs already finished and evaluated with the same config are read back; interrupted ones are resumed.
+    Runs already finished and evaluated with the same config are read back; interrupted ones are resumed. With
+    ``collect_only`` nothing is trained or evaluated: the table holds what is finished (a row over fewer seeds says
+    so in its name) and ``missing`` lists the rest.
 
     Returns:
         the mean metrics of every variant over the seeds, their standard deviations (with two seeds or more) and the
@@ -140,6 +144,7 @@ def run_ablation(
     stds: dict[str, dict[str, float]] = {}
     runs: dict[str, dict[str, dict[str, float]]] = {}
     trained = 0
+    missing: list[str] = []
     by_key = {v.key: v for v in VARIANTS}
 
     def folder_of(variant: Variant, seed: int) -> Path:
@@ -154,21 +159,29 @@ def run_ablation(
         for seed in seeds:
             base = by_key[variant.trained_as] if variant.trained_as else variant
             mean, was_trained = _train_and_evaluate(
-                config_of(base, seed), folder_of(base, seed), index, clip_weights, trust_pickle, progress
+                config_of(base, seed), folder_of(base, seed), index, clip_weights, trust_pickle, progress, collect_only
             )
             trained += was_trained
-            if variant is not base:
+            if variant is not base and mean is not None:
                 mean = _evaluate_inference_variant(
                     config_of(base, seed), folder_of(base, seed), folder_of(variant, seed), variant, index, progress,
-                    clip_weights, trust_pickle,
+                    clip_weights, trust_pickle, collect_only,
                 )  # fmt: skip
+            if mean is None:
+                missing.append(str(folder_of(variant, seed)))
+                continue
             runs[variant.title][str(seed)] = mean
-        means[variant.title], stds[variant.title] = _over_seeds(list(runs[variant.title].values()))
+        done = list(runs[variant.title].values())
+        if not done:
+            continue
+        title = variant.title if len(done) == len(seeds) else f"{variant.title} ({len(done)} of {len(seeds)} seeds)"
+        means[title], stds[title] = _over_seeds(done)
     spread = stds if len(seeds) > 1 else None
     table = ablation_table(means, spread)
-    atomic_write_json(out / "ablation.json", {"seeds": list(seeds), "means": means, "stds": stds, "runs": runs})
+    record = {"seeds": list(seeds), "means": means, "stds": stds, "runs": runs, "missing": missing}
+    atomic_write_json(out / "ablation.json", record)
     atomic_write_text(out / "ablation.md", table + "\n")
-    return AblationResult(means, table, stds if spread else {}, trained)
+    return AblationResult(means, table, stds if spread else {}, trained, missing)
 
 
 def config_differences(saved: Config, wanted: Config) -> list[str]:
@@ -189,8 +202,11 @@ def _train_and_evaluate(
     clip_weights: str | None,
     trust_pickle: bool,
     progress: bool,
-) -> tuple[dict[str, float], bool]:
-    """The mean metrics of one run of the grid, and whether this call trained it (False: read back)."""
+    collect_only: bool = False,
+) -> tuple[dict[str, float] | None, bool]:
+    """The mean metrics of one run of the grid (None: not finished, with ``collect_only``), and whether this call
+    trained it (False: read back).
+    """
     from cnc_ad.evaluate import evaluate_checkpoint
     from cnc_ad.results import is_evaluation_folder, read_evaluation
     from cnc_ad.runs import RunFolder
@@ -209,6 +225,8 @@ def _train_and_evaluate(
     if checkpoint is not None and is_evaluation_folder(run.eval_dir):
         log.info("%s: finished and evaluated with the same config, read back", folder)
         return dict(read_evaluation(run.eval_dir).metrics["mean"]), False
+    if collect_only:
+        return None, False
     if checkpoint is None:
         if resume:
             log.info("%s: interrupted, resuming", folder)
@@ -243,9 +261,11 @@ def _evaluate_inference_variant(
     progress: bool,
     clip_weights: str | None,
     trust_pickle: bool,
-) -> dict[str, float]:
+    collect_only: bool = False,
+) -> dict[str, float] | None:
     """Evaluate the finished run in ``base_folder`` with ``variant.inference`` into ``folder/eval``; read an
-    evaluation already there back when it is of that run's final checkpoint and newer than it.
+    evaluation already there back when it is of that run's final checkpoint and newer than it (``collect_only``:
+    None when there is none).
     """
     from cnc_ad.evaluate import evaluate_checkpoint
     from cnc_ad.results import is_evaluation_folder, read_evaluation
@@ -261,6 +281,8 @@ def _evaluate_inference_variant(
         ):
             log.info("%s: evaluated from %s with %s, read back", folder, checkpoint, variant.inference)
             return dict(stored.metrics["mean"])
+    if collect_only:
+        return None
     done = evaluate_checkpoint(
         checkpoint,
         config,

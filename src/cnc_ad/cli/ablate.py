@@ -20,7 +20,8 @@ deviation.
 
 Stopping and running again: a run folder under --out that holds a finished evaluation of the same config is read
 back, an interrupted training is resumed, and a folder that holds another config is refused (exit 2). So a long grid
-can be split over processes or machines sharing --out (--variants), then gathered by one call over all variants.
+can be split over processes or machines sharing --out (--variants), then gathered by one call over all variants;
+--collect prints what is finished so far and trains nothing.
 
 examples:
   cnc ablate --config demo --data-root demo_out/data --out runs/ablation
@@ -54,6 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY",
         help="train only these rows of the grid (default all: full no-text no-cfd no-moe plain fnp)",
     )
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="train nothing: print the table of the runs already finished under --out and list the missing ones",
+    )
     add_overrides(parser)
     add_device(parser, note="overrides train.device")
     add_format(parser)
@@ -78,7 +84,10 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         seeds=args.seeds,
         variants=args.variants,
+        collect_only=args.collect,
     )
     print(result.table)
+    if result.missing:
+        print(f"\nnot finished yet ({len(result.missing)}): " + ", ".join(result.missing))
     print(f"\nresults: {args.out}/ablation.md ({result.trained} runs trained by this call, the others read back)")
     return 0
