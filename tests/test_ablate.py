@@ -104,4 +104,4 @@ def test_collect_trains_nothing_and_lists_what_is_missing(config, tmp_path):
     assert some.trained == 0 and list(some.means) == ["full (CNC) (1 of 2 seeds)"]
     assert sorted(some.missing) == sorted(str(tmp_path / k / s) for k, s in [("full", "seed1"), ("fnp", "seed0"),
                                                                             ("fnp", "seed1")])  # fmt: skip
-    assert "(1 of 2 seeds)" in some.table
+    assert "(1 of 2 seeds)" in some.table and "nan" not in some.table

@@ -77,7 +77,8 @@ def ablation_table(means: dict[str, dict[str, float]], stds: dict[str, dict[str,
             if math.isnan(value):
                 cells.append("n/a")
             else:
-                cells.append(f"{100 * value:.1f}" + (f" ± {100 * spread:.1f}" if spread is not None else ""))
+                shown = spread is not None and not math.isnan(spread)  # one seed of a row: no spread
+                cells.append(f"{100 * value:.1f}" + (f" ± {100 * spread:.1f}" if shown else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
