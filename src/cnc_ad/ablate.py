@@ -78,7 +78,7 @@ def ablation_table(means: dict[str, dict[str, float]], stds: dict[str, dict[str,
                 cells.append("n/a")
             else:
                 shown = spread is not None and not math.isnan(spread)  # one seed of a row: no spread
-                cells.append(f"{100 * value:.1f}" + (f" ± {100 * spread:.1f}" if shown else ""))
+                cells.append(f"{100 * value:.1f}" + (f" ± {100 * spread:.1f}" if spread is not None and shown else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
