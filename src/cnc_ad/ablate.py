@@ -76,9 +76,10 @@ def ablation_table(means: dict[str, dict[str, float]], stds: dict[str, dict[str,
             value, spread = mean.get(key, math.nan), (stds or {}).get(name, {}).get(key)
             if math.isnan(value):
                 cells.append("n/a")
+            elif spread is None or math.isnan(spread):  # one seed, or a row with one seed so far
+                cells.append(f"{100 * value:.1f}")
             else:
-                shown = spread is not None and not math.isnan(spread)  # one seed of a row: no spread
-                cells.append(f"{100 * value:.1f}" + (f" ± {100 * spread:.1f}" if spread is not None and shown else ""))
+                cells.append(f"{100 * value:.1f} ± {100 * spread:.1f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
