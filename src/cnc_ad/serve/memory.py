@@ -14,12 +14,12 @@ Two measures, both no-ops where the C library is not glibc (macOS, Windows, musl
   faults its memory back in, so the batcher calls it when idle and, under load, at most every
   ``ServeSettings.release_memory_s`` seconds.
 * :func:`limit_arenas`, ``mallopt(M_ARENA_MAX, n)``, which ``cnc serve`` calls with ``ServeSettings.malloc_arenas``
-  (1) before it loads the model and its threads start. With the release alone the growth was still 69 MB over the
-  full benchmark (one core), most of it in the arenas of the thread pool's threads, each with its own free memory,
-  and in the new threads' fresh arenas under load. With all threads in one arena, one thread's freed memory serves
-  the next thread's allocation, and every idle release trims all of it. The threads take malloc's one lock in turn;
-  they hold Python's GIL for most of their allocations anyway, and the throughput did not drop (docs/serve.md has
-  the measurements). A ``MALLOC_ARENA_MAX`` in the environment wins over the setting.
+  (1) before it loads the model and its threads start (a thread that has allocated keeps its arena). With the release
+  alone the server still grew by 60 to 69 MB over the full benchmark (2,100 requests, one core): the thread pool grows
+  under load, and each thread's arena kept its own free fragments. With all threads in one arena, one thread's freed
+  memory serves the next thread's allocation and every idle release trims all of it: 8 MB. The threads take malloc's
+  one lock in turn; its cost in throughput was within the noise of the one-core measurements (docs/serve.md has
+  them). A ``MALLOC_ARENA_MAX`` in the environment wins over the setting.
 
 Under a preloaded allocator (jemalloc, tcmalloc), which returns memory by itself, glibc's heap is barely used and
 both have next to nothing to do.
