@@ -4,7 +4,8 @@ Starts the server like ``benchmarks/serve.py`` (the offline preset's model, rand
 concurrent clients, then runs ``--rounds`` rounds of ``--per-level`` requests at each of those concurrencies and prints
 the server's ``VmRSS`` after the warm-up and after each round: right after the load, and after ``--idle-s`` seconds
 idle (the server hands freed memory back to the OS when its model worker falls idle), with ``/v1/stats``'s count of
-those releases. Set ``MALLOC_ARENA_MAX`` in the environment to see the allocator's share.
+those releases, and each round's images/s per concurrency. Set ``MALLOC_ARENA_MAX`` in the environment to see the
+allocator's share.
 
     .venv/bin/python benchmarks/serve_memory.py --rounds 5
 """
@@ -38,21 +39,28 @@ def main(argv: list[str] | None = None) -> int:
             for concurrency in settings.concurrency:
                 bench.load(url, files, 2 * max(concurrency, 16), concurrency)
 
-            def report(label: str) -> None:
+            def report(label: str, speeds: str = "") -> None:
                 loaded = bench.rss_mb(process.pid)
                 time.sleep(args.idle_s)
                 releases = bench.httpx.get(f"{url}/v1/stats").json().get("memory_releases")
                 print(
                     f"{label}: {loaded:.1f} MiB right after the load, {bench.rss_mb(process.pid):.1f} MiB after "
-                    f"{args.idle_s:g} s idle ({releases} memory releases so far)",
+                    f"{args.idle_s:g} s idle ({releases} memory releases so far){speeds}",
                     flush=True,
                 )
 
             report("after warm-up")
             for round_ in range(args.rounds):
+                speeds = []
                 for concurrency in settings.concurrency:
-                    bench.load(url, files, args.per_level, concurrency)
-                report(f"round {round_}")
+                    result = bench.load(url, files, args.per_level, concurrency)
+                    speeds.append(
+                        f"{result['ips']:.1f}" + (f" ({result['errors']:g} errors)" if result["errors"] else "")
+                    )
+                report(
+                    f"round {round_}",
+                    f"; images/s at {', '.join(map(str, settings.concurrency))}: {' / '.join(speeds)}",
+                )
     return 0
 
 

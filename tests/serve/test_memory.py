@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import platform
 import threading
 import time
@@ -123,3 +124,55 @@ def test_the_server_releases_memory_unless_told_not_to(tiny_checkpoint):
     assert create_app(detector, ServeSettings(release_memory_s=None)).state.batcher.release_memory is None
     with pytest.raises(ConfigError, match="release_memory_s"):
         ServeSettings(release_memory_s=-1)
+
+
+class Mallopt:
+    """A stand-in for glibc's ``mallopt`` that records its calls and succeeds."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, parameter: int, value: int) -> int:
+        self.calls.append((parameter, value))
+        return 1
+
+
+def test_limit_arenas_calls_mallopt_m_arena_max_unless_the_environment_or_none_says_otherwise(monkeypatch):
+    mallopt = Mallopt()
+    monkeypatch.setattr(memory, "_MALLOPT", mallopt)
+    assert memory.limit_arenas(2, environ={}) is True
+    assert mallopt.calls == [(-8, 2)]  # M_ARENA_MAX in glibc's malloc.h
+    assert memory.limit_arenas(None, environ={}) is False  # glibc's default kept
+    assert memory.limit_arenas(1, environ={"MALLOC_ARENA_MAX": "4"}) is False  # glibc read the variable: it wins
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert memory.limit_arenas(1) is False  # os.environ by default
+    assert mallopt.calls == [(-8, 2)]
+    with pytest.raises(ValueError, match=">= 1"):
+        memory.limit_arenas(0, environ={})
+
+
+def test_limit_arenas_is_harmless_off_glibc(monkeypatch):
+    monkeypatch.setattr(memory, "_MALLOPT", None)
+    assert memory.limit_arenas(1, environ={}) is False
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert memory._glibc_function("mallopt", [], ctypes.c_int) is not None
+    elif platform.system() != "Linux":
+        assert memory._glibc_function("mallopt", [], ctypes.c_int) is None
+    assert memory._glibc_function("no_such_function_in_any_libc", [], ctypes.c_int) is None
+
+
+def test_the_server_shares_one_arena_unless_told_otherwise(monkeypatch, tiny_checkpoint):
+    assert ServeSettings().malloc_arenas == 1 and ServeSettings(malloc_arenas=None).malloc_arenas is None
+    with pytest.raises(ConfigError, match="malloc_arenas"):
+        ServeSettings(malloc_arenas=0)
+    pytest.importorskip("uvicorn")
+    import uvicorn
+
+    from cnc_ad.cli import main
+
+    arenas: list[int | None] = []
+    monkeypatch.setattr(memory, "limit_arenas", arenas.append)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)  # the CLI up to the point where it would serve
+    for extra, expected in (([], 1), (["--malloc-arenas", "3"], 3), (["--malloc-arenas", "0"], None)):
+        assert main(["serve", "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--port", "0", *extra]) == 0
+        assert arenas.pop() == expected

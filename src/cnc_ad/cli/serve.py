@@ -56,6 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--request-timeout", type=float, default=60.0, help="503 when no result within (60 s)")
     parser.add_argument("--clip-weights", metavar="PATH", help="local CLIP weights file (offline use)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow a pickle/TorchScript CLIP weights file")
+    parser.add_argument(
+        "--malloc-arenas",
+        type=int,
+        default=1,
+        help="glibc malloc arenas the server's threads share (default 1: its memory stays level; 0: glibc's default)",
+    )
     parser.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
     parser.set_defaults(func=run)
 
@@ -73,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
 
         from cnc_ad.serve.app import create_app, load_detector
+        from cnc_ad.serve.memory import limit_arenas
     except ImportError as err:
         raise ConfigError(f"cnc serve needs FastAPI and uvicorn ({err}); pip install 'cnc-ad[serve]'") from err
     settings = ServeSettings(
@@ -85,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
         output_max_side=args.output_max_side,
         request_timeout_s=args.request_timeout,
         token=token,
+        malloc_arenas=args.malloc_arenas or None,
     )
+    limit_arenas(settings.malloc_arenas)  # before the model is loaded and the server's threads start
     detector = load_detector(
         args.checkpoint,
         args.onnx,

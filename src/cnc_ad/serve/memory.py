@@ -1,4 +1,4 @@
-"""Handing memory that the model freed back to the operating system: glibc's ``malloc_trim``, where it exists.
+"""Keeping the memory that the model freed from piling up in glibc's malloc: one arena, and ``malloc_trim``.
 
 Why: under glibc, ``cnc serve``'s resident memory grew by 120 to 240 MB over 1,200 to 2,100 requests while the
 memory in use stayed flat (``mallinfo2``: about 190 MB in use throughout; the objects that Python's garbage
@@ -6,36 +6,78 @@ collector tracks did not change in number either). What grew was free memory tha
 allocates gets an arena of its own (up to 8 per core): the batcher thread's model calls allocate and free hundreds
 of MB of activations per call, sized by the batch size, and the decoding threads allocate too. The freed chunks stay
 fragmented inside the arenas, which glibc shrinks only from the top, so they are not returned by themselves.
-``malloc_trim(0)`` returns the free pages of every arena: 1,434 -> 963 MiB after 1,200 requests. It is not free: it
-walks every arena (28 ms on average here, up to 170 ms), and the next model call faults its memory back in, so the
-batcher calls it when idle and, under load, at most every ``ServeSettings.release_memory_s`` seconds. docs/serve.md
-has the measurements.
 
-Where the C library is not glibc (macOS, Windows, musl) this does nothing. Under a preloaded allocator (jemalloc,
-tcmalloc), which returns memory by itself, glibc's heap is barely used and the trim has next to nothing to do.
+Two measures, both no-ops where the C library is not glibc (macOS, Windows, musl):
+
+* :func:`release_free_memory`, ``malloc_trim(0)``, returns the free pages of every arena: 1,434 -> 963 MiB after
+  1,200 requests. It is not free: it walks every arena (28 ms on average here, up to 170 ms), and the next model call
+  faults its memory back in, so the batcher calls it when idle and, under load, at most every
+  ``ServeSettings.release_memory_s`` seconds.
+* :func:`limit_arenas`, ``mallopt(M_ARENA_MAX, n)``, which ``cnc serve`` calls with ``ServeSettings.malloc_arenas``
+  (1) before it loads the model and its threads start (a thread that has allocated keeps its arena). With the release
+  alone the server still grew by 60 to 69 MB over the full benchmark (2,100 requests, one core): the thread pool grows
+  under load, and each thread's arena kept its own free fragments. With all threads in one arena, one thread's freed
+  memory serves the next thread's allocation and every idle release trims all of it: 8 MB. The threads take malloc's
+  one lock in turn; its cost in throughput was within the noise of the one-core measurements (docs/serve.md has
+  them). A ``MALLOC_ARENA_MAX`` in the environment wins over the setting.
+
+Under a preloaded allocator (jemalloc, tcmalloc), which returns memory by itself, glibc's heap is barely used and
+both have next to nothing to do.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+
+# glibc's malloc.h: the mallopt parameter that caps the number of arenas (what MALLOC_ARENA_MAX sets at startup).
+M_ARENA_MAX = -8
+ARENA_MAX_ENV = "MALLOC_ARENA_MAX"
 
 
-def _glibc_malloc_trim() -> Callable[[int], int] | None:
-    """The C function ``malloc_trim`` of glibc, or None where the C library is not glibc."""
+def _glibc_function(name: str, argtypes: list[type], restype: type) -> Callable[..., int] | None:
+    """The C function ``name`` of glibc, or None where the C library is not glibc (or lacks it)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        function = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # musl and other C libraries: no libc.so.6, or no malloc_trim in it
+        function = getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):  # musl and other C libraries: no libc.so.6, or no such function in it
         return None
-    function.argtypes = [ctypes.c_size_t]
-    function.restype = ctypes.c_int
+    function.argtypes = argtypes
+    function.restype = restype
     return function
 
 
-_MALLOC_TRIM = _glibc_malloc_trim()
+_MALLOC_TRIM = _glibc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
+_MALLOPT = _glibc_function("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+
+
+def limit_arenas(arenas: int | None, environ: Mapping[str, str] | None = None) -> bool:
+    """Cap the number of glibc malloc arenas at ``arenas`` (``mallopt(M_ARENA_MAX, arenas)``), for threads to come.
+
+    Call it before the threads that allocate start (``cnc serve`` does, before it loads the model): a thread that
+    already has an arena keeps it. Threads started later share the existing arenas once there are ``arenas`` of them.
+
+    Args:
+        arenas: the most arenas; None: leave glibc's default (8 per core).
+        environ: the environment (default ``os.environ``). Where ``MALLOC_ARENA_MAX`` is set there, glibc has read it
+            at startup and it wins: nothing is changed.
+
+    Returns:
+        Whether the cap was set (False: ``arenas`` is None, ``MALLOC_ARENA_MAX`` is set, or the C library is not glibc).
+
+    Raises:
+        ValueError: ``arenas`` is below 1.
+    """
+    if arenas is None:
+        return False
+    if arenas < 1:
+        raise ValueError(f"arenas must be >= 1 or None, got {arenas}")
+    if ARENA_MAX_ENV in (os.environ if environ is None else environ) or _MALLOPT is None:
+        return False
+    return bool(_MALLOPT(M_ARENA_MAX, arenas))
 
 
 def release_free_memory() -> bool:

@@ -28,6 +28,10 @@ class ServeSettings:
         release_memory_s: hand the memory that model calls freed back to the operating system (glibc's
             ``malloc_trim``; a no-op elsewhere) whenever the model worker falls idle, and under continuous load at most
             this often, in seconds; None: never. See :mod:`cnc_ad.serve.memory`.
+        malloc_arenas: the most glibc malloc arenas the server's threads share (``mallopt(M_ARENA_MAX)``; a no-op
+            off glibc, and where ``MALLOC_ARENA_MAX`` is set); None: glibc's default, 8 per core. ``cnc serve`` sets it
+            before it loads the model (:func:`cnc_ad.serve.memory.limit_arenas`); :func:`~cnc_ad.serve.app.create_app`
+            does not, since it only takes effect for threads that have not yet allocated.
         token: the API token (``Authorization: Bearer TOKEN``); None: no token needed.
     """
 
@@ -40,6 +44,7 @@ class ServeSettings:
     output_max_side: int = 1024
     request_timeout_s: float = 60.0
     release_memory_s: float | None = 30.0
+    malloc_arenas: int | None = 1
     token: str | None = None
 
     def __post_init__(self) -> None:
@@ -50,6 +55,8 @@ class ServeSettings:
             raise ConfigError("serve settings max_wait_ms must be >= 0 and request_timeout_s > 0")
         if self.release_memory_s is not None and self.release_memory_s < 0:
             raise ConfigError(f"serve setting release_memory_s must be >= 0 or None, got {self.release_memory_s}")
+        if self.malloc_arenas is not None and self.malloc_arenas < 1:
+            raise ConfigError(f"serve setting malloc_arenas must be >= 1 or None, got {self.malloc_arenas}")
         if self.token is not None and not self.token.strip():
             raise ConfigError("the API token is empty; pass a non-empty token or none")
 
