@@ -13,10 +13,11 @@ import hashlib
 import io
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -242,10 +243,11 @@ def predict_stream(
     yielded, its line is durable: an interruption at any moment loses at most the images in flight.
     """
     jsonl, errors_file = out / PREDICTIONS_FILE, out / ERRORS_FILE
-    if detector.tiling is not None:
-        yield from _predict_tiled(
-            detector, paths, out, image_threshold, pixel_threshold, batch_size, map_dtype, overlay_max_side
-        )
+    outputs = _Outputs(out, image_threshold, pixel_threshold, map_dtype, overlay_max_side)
+    if detector.tiling is not None:  # one image at a time, decoded at its own resolution
+        for path in paths:
+            write = partial(_tiled_prediction, detector, Path(path), batch_size, outputs)
+            yield _recorded(Path(path), write, jsonl, errors_file)  # DataError: undecodable, changed or vanished
         return
     loader = DataLoader(
         ImageFileDataset(paths, detector.image_size),
@@ -263,61 +265,39 @@ def predict_stream(
             continue
         scores, maps = detector.score_batch(batch["image"])
         for path, size, score, small_map in zip(batch["path"], batch["size"].tolist(), scores, maps, strict=True):
-            try:
-                record = _write_prediction(
-                    Path(path),
-                    tuple(size),
-                    float(score),
-                    small_map,
-                    out,
-                    image_threshold,
-                    pixel_threshold,
-                    map_dtype,
-                    overlay_max_side,
-                )
-            except DataError as err:  # the file changed or vanished since it was decoded
-                log.warning("skipped: %s", err)
-                append_jsonl(errors_file, {"path": path, "error": str(err)})
-                yield Outcome(Path(path), None, str(err))
-                continue
-            append_jsonl(jsonl, record)
-            yield Outcome(Path(path), record)
+            write = partial(_write_prediction, Path(path), tuple(size), float(score), small_map, *outputs)
+            yield _recorded(Path(path), write, jsonl, errors_file)  # DataError: changed or vanished since decoded
 
 
-def _predict_tiled(
-    detector: Detector,
-    paths: Sequence[Path],
-    out: Path,
-    image_threshold: float | None,
-    pixel_threshold: float | None,
-    batch_size: int,
-    map_dtype: str,
-    overlay_max_side: int,
-) -> Iterator[Outcome]:
-    """:func:`predict_stream` for a detector with tiling: one image at a time, decoded at its own resolution."""
-    jsonl, errors_file = out / PREDICTIONS_FILE, out / ERRORS_FILE
-    for path in paths:
-        try:
-            full = detector.load_full(path)
-            score, small_map = detector.score_tiled(full, batch_size)
-            record = _write_prediction(
-                Path(path),
-                (int(full.shape[1]), int(full.shape[2])),
-                score,
-                small_map,
-                out,
-                image_threshold,
-                pixel_threshold,
-                map_dtype,
-                overlay_max_side,
-            )
-        except DataError as err:  # undecodable, or changed / vanished since it was listed
-            log.warning("skipped: %s", err)
-            append_jsonl(errors_file, {"path": str(path), "error": str(err)})
-            yield Outcome(Path(path), None, str(err))
-            continue
-        append_jsonl(jsonl, record)
-        yield Outcome(Path(path), record)
+class _Outputs(NamedTuple):
+    """Where and how :func:`_write_prediction` writes: the arguments after an image's own."""
+
+    out: Path
+    image_threshold: float | None
+    pixel_threshold: float | None
+    map_dtype: str
+    overlay_max_side: int
+
+
+def _recorded(path: Path, write: Callable[[], dict[str, Any]], jsonl: Path, errors_file: Path) -> Outcome:
+    """Run ``write`` (an image's files -> its record) and append the record, or an ``errors.jsonl`` line when the
+    image cannot be read (:class:`DataError`).
+    """
+    try:
+        record = write()
+    except DataError as err:
+        log.warning("skipped: %s", err)
+        append_jsonl(errors_file, {"path": str(path), "error": str(err)})
+        return Outcome(path, None, str(err))
+    append_jsonl(jsonl, record)
+    return Outcome(path, record)
+
+
+def _tiled_prediction(detector: Detector, path: Path, batch_size: int, outputs: _Outputs) -> dict[str, Any]:
+    """One image scored by tiles at its own resolution, written like any other."""
+    full = detector.load_full(path)
+    score, small_map = detector.score_tiled(full, batch_size)
+    return _write_prediction(path, (int(full.shape[1]), int(full.shape[2])), score, small_map, *outputs)
 
 
 def _write_prediction(
