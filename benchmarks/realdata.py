@@ -39,7 +39,7 @@ from cnc_ad.checkpoint import load_model, resolve_checkpoint
 from cnc_ad.config import Config, config_from_dict, load_config, parse_overrides
 from cnc_ad.data import DatasetIndex, TrainDataset, make_loader, scan_dataset
 from cnc_ad.device import resolve_device
-from cnc_ad.evaluate import EvalResult, evaluate, evaluate_checkpoint, markdown_table
+from cnc_ad.evaluate import INFERENCE_KEYS, EvalResult, evaluate, evaluate_checkpoint, markdown_table
 from cnc_ad.feature_cache import ENCODER_FIELDS
 from cnc_ad.model import CNC, build_model
 from cnc_ad.model.anomaly_map import GaussianBlur, image_score, tokens_to_grid
@@ -197,12 +197,12 @@ def main(argv: list[str] | None = None) -> int:
             changes = config_from_dict(parse_overrides(variant.split(",")), config).model
             if any(getattr(changes, k) != getattr(config.model, k) for k in ("preset", "width", "layers", "backbone")):
                 raise SystemExit(f"--eval-variants {variant}: only inference keys (model.score, model.fnp) can change")
-            inference = {k: getattr(changes, k) for k in ("score", "fnp", "fnp_theta")}
+            inference = {k: getattr(changes, k) for k in INFERENCE_KEYS}
             model.config = dataclasses.replace(model.config, **inference)
             varied = evaluate(model, index, config.eval, device=device, num_workers=config.data.num_workers)
             print(f"\nvariant {variant}:\n{markdown_table(varied)}")
             print(f"realdata-variant {variant}: " + " ".join(f"{k}={v:.4f}" for k, v in summary(varied).items()))
-        model.config = dataclasses.replace(model.config, **{k: getattr(config.model, k) for k in ("score", "fnp")})
+        model.config = dataclasses.replace(model.config, **{k: getattr(config.model, k) for k in INFERENCE_KEYS})
 
     knn = {f"knn_{k}": math.nan for k in KEYS}
     knn_s = 0.0

@@ -169,6 +169,23 @@ class Tiling:
         return f"{TILES_RULE}={self.tile}/{self.overlap:g}"
 
 
+def _in_memory_to_rgb(image: ImageInput) -> Image.Image:
+    """A tensor, Pillow image or array input as an RGB Pillow image (16-bit and float images scaled like arrays).
+
+    Raises:
+        DataError: an unsupported input type or array.
+    """
+    if isinstance(image, torch.Tensor):
+        return _tensor_to_image(image)
+    if isinstance(image, Image.Image):
+        if image.mode in _ARRAY_MODES:  # 16-bit and float images: scaled like arrays of the same dtype
+            return _array_to_image(np.asarray(image))
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        return _array_to_image(image)
+    raise DataError(f"cannot predict on a {type(image).__name__}; pass a path, PIL image, array or tensor")
+
+
 def _score_rule(meta: Mapping[str, str]) -> str:
     """The image score rule an exported graph records in its config metadata (``"max"`` when absent)."""
     try:
@@ -379,24 +396,11 @@ class Detector:
                 raise DataError(item["error"])
             height, width = item["size"]
             return item["image"], (int(height), int(width))
-        if isinstance(image, torch.Tensor):
-            if (
-                image.ndim == 3
-                and image.shape[0] == 3
-                and image.shape[1:] == (side, side)
-                and image.is_floating_point()
-            ):
-                return image.detach().float().cpu(), (side, side)
-            pil = _tensor_to_image(image)
-        elif isinstance(image, Image.Image):
-            if image.mode in _ARRAY_MODES:  # 16-bit and float images: scaled like arrays of the same dtype
-                pil = _array_to_image(np.asarray(image))
-            else:
-                pil = image if image.mode == "RGB" else image.convert("RGB")
-        elif isinstance(image, np.ndarray):
-            pil = _array_to_image(image)
-        else:
-            raise DataError(f"cannot predict on a {type(image).__name__}; pass a path, PIL image, array or tensor")
+        if isinstance(image, torch.Tensor) and (
+            image.ndim == 3 and image.shape[0] == 3 and image.shape[1:] == (side, side) and image.is_floating_point()
+        ):
+            return image.detach().float().cpu(), (side, side)
+        pil = _in_memory_to_rgb(image)
         return to_tensor(prepare_image(pil, side)), (pil.height, pil.width)
 
     def load_full(self, image: ImageInput) -> torch.Tensor:
@@ -408,16 +412,10 @@ class Detector:
         """
         if isinstance(image, (str, os.PathLike)):
             pil, _ = decode_image(image)
-        elif isinstance(image, torch.Tensor):
-            if image.ndim == 3 and image.shape[0] == 3 and image.is_floating_point():
-                return image.detach().float().cpu()
-            pil = _tensor_to_image(image)
-        elif isinstance(image, Image.Image):
-            pil = _array_to_image(np.asarray(image)) if image.mode in _ARRAY_MODES else image.convert("RGB")
-        elif isinstance(image, np.ndarray):
-            pil = _array_to_image(image)
+        elif isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3 and image.is_floating_point():
+            return image.detach().float().cpu()
         else:
-            raise DataError(f"cannot predict on a {type(image).__name__}; pass a path, PIL image, array or tensor")
+            pil = _in_memory_to_rgb(image)
         return torch.from_numpy(np.ascontiguousarray(np.asarray(pil, dtype=np.uint8).transpose(2, 0, 1)))
 
     @torch.no_grad()
