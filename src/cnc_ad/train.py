@@ -211,15 +211,30 @@ def total_steps(usable: int, config: TrainConfig) -> int:
     return min(total, config.max_steps) if config.max_steps is not None else total
 
 
-def epoch_order(count: int, epoch: int, config: TrainConfig, valid: np.ndarray | None = None) -> np.ndarray:
+def epoch_order(categories: np.ndarray, epoch: int, config: TrainConfig, valid: np.ndarray | None = None) -> np.ndarray:
     """The global order of training rows for ``epoch`` (same on every process), whole batches only.
 
-    ``valid`` (bool ``(count,)``) drops rows without features (unreadable images found while filling the cache).
+    With ``train.category_balance`` 0 every row comes once, in a random order; with a balance ``b > 0`` as many rows
+    are drawn with replacement, a row of category ``c`` with probability proportional to ``n_c ** -b`` (so category c
+    gets a share proportional to ``n_c ** (1 - b)``).
+
+    Args:
+        categories: (N,) integer category of each training row.
+        epoch: the epoch (with ``train.seed``, it seeds the draw).
+        config: the training config.
+        valid: (N,) bool, rows with features (unreadable images found while filling the cache are left out).
     """
+    count = len(categories)
     generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-    order = torch.randperm(count, generator=generator).numpy()
-    if valid is not None:
-        order = order[valid[order]]
+    usable = np.ones(count, bool) if valid is None else valid
+    if config.category_balance > 0:
+        sizes = np.bincount(categories[usable], minlength=int(categories.max()) + 1).astype(np.float64)
+        weights = np.where(usable, np.maximum(sizes[categories], 1.0) ** -config.category_balance, 0.0)
+        draws = int(usable.sum())
+        order = torch.multinomial(torch.from_numpy(weights), draws, replacement=True, generator=generator).numpy()
+    else:
+        order = torch.randperm(count, generator=generator).numpy()
+        order = order[usable[order]]
     return order[: len(order) // config.batch_size * config.batch_size]
 
 
@@ -233,7 +248,9 @@ def feature_batches(
 ) -> Iterator[list[torch.Tensor]]:
     """This process's part of every global batch of ``epoch``, as encoder features on ``device``."""
     tcfg = config.train
-    order = epoch_order(len(dataset), epoch, tcfg, cache.valid if cache is not None else None)
+    codes = {name: k for k, name in enumerate(sorted({s.category for s in dataset.samples}))}
+    categories = np.array([codes[s.category] for s in dataset.samples], np.int64)
+    order = epoch_order(categories, epoch, tcfg, cache.valid if cache is not None else None)
     per_rank = tcfg.batch_size // dist.world_size()
     start = dist.rank() * per_rank
     mine = np.concatenate([order[k + start : k + start + per_rank] for k in range(0, len(order), tcfg.batch_size)])

@@ -50,6 +50,7 @@ def _check_preset(name: str, batch: int = 2, **overrides) -> None:
         ("tiny", {}),
         ("cnc-effnet-lite0", {}),
         ("tiny", {"attention": "linear"}),
+        ("tiny", {"position_embedding": True}),
         ("cnc-effnet-lite0", {"backbone": "tf_efficientnet_lite0", "normalize": "inception", "token_stride": 8}),
     ],
 )
@@ -195,6 +196,38 @@ def test_fnp_changes_the_map():
     fnp.load_state_dict(plain.state_dict())
     images = torch.rand(2, 3, 32, 32)
     assert not torch.allclose(plain.predict(images).anomaly_map, fnp.predict(images).anomaly_map)
+
+
+def test_position_embedding_tells_the_decoder_where_a_token_is():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny", position_embedding=True), pretrained=False).eval()
+    assert model.position is not None and model.position.shape == (1, model.grid_size**2, model.config.width)
+    features = model.encode(torch.rand(1, 3, 32, 32))
+    flipped = [f.flip(1) for f in features]  # the same tokens in reverse order
+    decoded = model(features).decoder[0]
+    decoded_flipped = model(flipped).decoder[0]
+    assert not torch.allclose(decoded.flip(1), decoded_flipped, atol=1e-5)  # positions matter
+    model.position.data.zero_()  # without it the decoder is blind to the order (permutation-equivariant)
+    assert torch.allclose(model(features).decoder[0].flip(1), model(flipped).decoder[0], atol=1e-5)
+    assert "position" not in build_model(ModelConfig(preset="tiny"), pretrained=False).state_dict()
+
+
+def test_map_levels_choose_the_levels_of_the_map():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny"), pretrained=False).eval()
+    model.store_text_features()
+    images = torch.rand(2, 3, 32, 32)
+    output = model(model.encode(images))
+    everything = model.maps_from_output(output)
+    model.config = dataclasses.replace(model.config, map_levels=(0,))
+    first = model.maps_from_output(output)
+    assert not torch.allclose(everything, first)
+    one_level = output._replace(decoder=output.decoder[:1], encoder=output.encoder[:1])
+    assert torch.allclose(first, model.maps_from_output(one_level))
+    with pytest.raises(ConfigError, match=r"model\.map_levels"):
+        build_model(ModelConfig(preset="tiny", map_levels=(2, 1)), pretrained=False)
+    with pytest.raises(ConfigError, match=r"model\.map_levels"):
+        build_model(ModelConfig(preset="tiny", map_levels=(4,)), pretrained=False)
 
 
 def test_scores_and_blur():

@@ -74,6 +74,10 @@ class CNC(nn.Module):
         decoder_layers = config.decoder_layers
         assert width is not None and depth is not None and heads is not None and decoder_layers is not None  # resolved
         self.bottleneck = Bottleneck(encoder.level_dims, width, config.bottleneck_dropout)
+        self.position = None
+        if config.position_embedding:
+            self.position = nn.Parameter(torch.zeros(1, self.grid_size**2, width))  # (1, L, D)
+            nn.init.trunc_normal_(self.position, std=0.02)
         self.moe = GatedMoE(width, config.num_experts, config.top_k, config.expert_ratio) if config.use_moe else None
         self.decoder = Decoder(
             width,
@@ -153,6 +157,8 @@ class CNC(nn.Module):
         dtype = self.bottleneck.proj.weight.dtype
         features = [f.to(dtype) for f in features]
         x = self.bottleneck(features)  # (B, L, D)
+        if self.position is not None:
+            x = x + self.position.to(x.dtype)
         if self.moe is not None:
             moe = self.moe(x)
             x, gates, importance, balance = moe.output, moe.gates, moe.importance, moe.balance_loss
@@ -291,7 +297,10 @@ class CNC(nn.Module):
     def _maps_from_output(self, output: CNCOutput, map_size: int | None) -> Tensor:
         levels = []
         text = self._text_buffers() if self.config.fnp else None
+        used = self.config.map_levels
         for level, (e, d) in enumerate(zip(output.encoder, output.decoder, strict=True)):
+            if used is not None and level not in used:
+                continue
             a = discrepancy(e, d)  # (B, L)
             if text is not None:
                 a = a * fnp_weight(self.encoder.to_joint(level, e), text.normal[level], self.config.fnp_theta)
