@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "--eval-variants",
         nargs="+",
         default=[],
-        metavar="KEY=VALUE[,KEY=VALUE]",
+        metavar="KEY=VALUE[;KEY=VALUE]",
         help="also evaluate the trained model with these inference keys changed (model.score, model.fnp), e.g. "
         "model.score=top1 model.fnp=true",
     )
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         log_tail = RunFolder(out).read_log()[-1:]
         print(f"\nlast training log line: {json.dumps(log_tail[-1]) if log_tail else '-'}")
         for variant in args.eval_variants:
-            changes = config_from_dict(parse_overrides(variant.split(",")), config).model
+            changes = config_from_dict(parse_overrides(variant.split(";")), config).model
             if any(getattr(changes, k) != getattr(config.model, k) for k in ("preset", "width", "layers", "backbone")):
                 raise SystemExit(f"--eval-variants {variant}: only inference keys (model.score, model.fnp) can change")
             inference = {k: getattr(changes, k) for k in INFERENCE_KEYS}
