@@ -1,10 +1,11 @@
 """CPU inference speed of one preset through PyTorch, ONNX Runtime and OpenVINO, side by side in one run.
 
 Prints; never asserts. Random weights (``build_model(cfg, pretrained=False)``; speed does not depend on the values),
-random images in [0, 1]. The model is exported with :func:`cnc_ad.export.export_onnx` and
-:func:`cnc_ad.export.export_openvino` (float32) into a temporary folder, and each runtime is timed through the
-backend :class:`cnc_ad.predict.Detector` uses (``TorchBackend``, ``OnnxBackend``, ``OpenVinoBackend``): preprocessed
-images (B, 3, S, S) in -> scores (B,) and maps (B, M, M) as NumPy out, the whole graph (normalisation to score).
+random images in [0, 1]. The model is exported with :func:`cnc_ad.deploy.export.export_onnx` and
+:func:`cnc_ad.deploy.export.export_openvino` (float32) into a temporary folder, and each runtime is timed through the
+backend :class:`cnc_ad.deploy.Detector` uses (:mod:`cnc_ad.deploy.backends`: ``TorchBackend``, ``OnnxBackend``,
+``OpenVinoBackend``): preprocessed images (B, 3, S, S) in -> scores (B,) and maps (B, M, M) as NumPy out, the whole
+graph (normalisation to score).
 
 Threads: ``--threads`` for all three (``torch.set_num_threads``; ONNX Runtime ``intra_op_num_threads`` with one
 inter-op thread; OpenVINO ``INFERENCE_NUM_THREADS``), float32 inference everywhere. Per batch size the three runtimes
@@ -31,8 +32,8 @@ import numpy as np
 import torch
 
 from cnc_ad.config import ModelConfig
-from cnc_ad.export import OPENVINO_CONFIG, export_onnx, export_openvino, random_images
-from cnc_ad.inference import OnnxBackend, OpenVinoBackend, TorchBackend
+from cnc_ad.deploy.detector import OnnxBackend, OpenVinoBackend, TorchBackend
+from cnc_ad.deploy.export import OPENVINO_CONFIG, export_onnx, export_openvino, random_images
 from cnc_ad.model import build_model
 
 Backend = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]

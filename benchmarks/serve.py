@@ -59,7 +59,7 @@ from PIL import Image
 from cnc_ad import Detector
 from cnc_ad.checkpoint import save_checkpoint
 from cnc_ad.config import load_config
-from cnc_ad.export import random_images
+from cnc_ad.deploy.export import random_images
 from cnc_ad.model import build_model
 
 
@@ -91,7 +91,7 @@ def prepare_checkpoint(args: argparse.Namespace, workdir: Path) -> Path:
 # ------------------------------------------------------------------------------------------------- in-process
 def inprocess_throughput(checkpoint: Path, paths: list[Path], batch_size: int) -> float:
     """Images per second of ``Detector.predict`` on image files, ``batch_size`` per model call."""
-    detector = Detector.from_checkpoint(checkpoint, device="cpu")
+    detector = Detector.load(checkpoint, device="cpu")
     detector.predict([str(p) for p in paths[:batch_size]], batch_size=batch_size)  # warm-up
     start = time.perf_counter()
     detector.predict([str(p) for p in paths], batch_size=batch_size)

@@ -21,7 +21,7 @@ from cnc_ad.checkpoint import (
 from cnc_ad.config import ModelConfig
 from cnc_ad.errors import CheckpointError, ConfigError, WeightsError
 from cnc_ad.model import build_model
-from cnc_ad.results import Thresholds, load_thresholds, save_thresholds
+from cnc_ad.thresholds import Thresholds, load_thresholds, save_thresholds
 
 
 def _trained(preset: str = "tiny", steps: int = 2, **overrides):

@@ -37,8 +37,9 @@ from cnc_ad.model import CNC
 from cnc_ad.model.anomaly_map import image_score
 from cnc_ad.model.presets import resolve_config
 from cnc_ad.progress import progress_bar
-from cnc_ad.results import ALL, Example, Threshold, Thresholds, thresholds_path, update_thresholds, write_evaluation
+from cnc_ad.results import Example, write_evaluation
 from cnc_ad.runs import RunFolder
+from cnc_ad.thresholds import ALL, Threshold, Thresholds, thresholds_path, update_thresholds
 
 # Model keys that act at inference only: an evaluation may change them on a trained checkpoint.
 INFERENCE_KEYS = ("score", "fnp", "fnp_theta", "blur_sigma")

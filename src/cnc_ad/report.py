@@ -26,7 +26,8 @@ from PIL import Image, UnidentifiedImageError
 from cnc_ad import __version__
 from cnc_ad.files import atomic_write_text
 from cnc_ad.metrics import MAX_FPR, METRIC_KEYS
-from cnc_ad.results import CURVES_FILE, EXAMPLES_FILE, REPORT_FILE, StoredEvaluation, Thresholds, read_evaluation
+from cnc_ad.results import CURVES_FILE, EXAMPLES_FILE, REPORT_FILE, StoredEvaluation, read_evaluation
+from cnc_ad.thresholds import Thresholds
 from cnc_ad.visualize import colorize, mask_to_rgb, outline, overlay, resize_map, to_jpeg_bytes, to_png_bytes
 
 logger = logging.getLogger(__name__)

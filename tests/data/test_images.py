@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from cnc_ad.data.dataset import to_tensor
 from cnc_ad.data.images import decode_image, image_size, load_image, load_mask
-from cnc_ad.data.transforms import prepare_image, prepare_mask, resize_side, to_tensor
+from cnc_ad.data.transforms import prepare_image, prepare_mask, resize_side
 from cnc_ad.errors import DataError
 
 

@@ -2,8 +2,8 @@
 
 Each new image file in the folder (and its subfolders) is scored as soon as its size and modification time have not
 changed for ``settle`` seconds, through the same crash-safe writer as batch prediction
-(:func:`cnc_ad.predict.predict_stream`): its map, mask and overlay are written, then its ``predictions.jsonl`` line
-is appended and fsynced. Only then is the file moved (``after="move:DIR"``) or left where it is.
+(:func:`cnc_ad.deploy.predict.predict_stream`): its map, mask and overlay are written, then its ``predictions.jsonl``
+line is appended and fsynced. Only then is the file moved (``after="move:DIR"``) or left where it is.
 
 Exactly once across restarts: ``predictions.jsonl`` is the one record of what is done. On start the watcher reads it,
 then takes every image already in the folder that it does not record; a recorded file still in the folder in move
@@ -31,10 +31,8 @@ from types import FrameType
 from typing import Any
 
 from cnc_ad.data.images import is_image_file
-from cnc_ad.errors import ConfigError, DataError
-from cnc_ad.files import fsync_path
-from cnc_ad.inference import Detector
-from cnc_ad.predict import (
+from cnc_ad.deploy.detector import Detector
+from cnc_ad.deploy.predict import (
     MAP_DTYPES,
     PREDICTIONS_FILE,
     SUMMARY_FILE,
@@ -42,6 +40,8 @@ from cnc_ad.predict import (
     predict_stream,
     write_summary_csv,
 )
+from cnc_ad.errors import ConfigError, DataError
+from cnc_ad.files import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -250,15 +250,15 @@ def watch_folder(
         detector: the model.
         folder: the folder to watch (with its subfolders; hidden files and folders, and ``out`` and the move folder
             when inside it, are ignored).
-        out: output folder, as for :func:`cnc_ad.predict.predict_files`; predictions already there are kept and their
-            files never scored again.
+        out: output folder, as for :func:`cnc_ad.deploy.predict.predict_files`; predictions already there are kept and
+            their files never scored again.
         after: leave files (default), or move each scored file into a folder, at the same relative path, once its
             line is on disk (an undecodable file stays, and is tried again when it changes).
         poll: list the folder every ``poll`` seconds instead of waiting for change notifications (network shares);
             also used when ``watchfiles`` is not installed (with 1 s).
         settle: seconds a file's size and mtime must stay unchanged before it is read.
         batch_size: the most images per model call.
-        threshold: image threshold, as for :func:`cnc_ad.predict.predict_files`.
+        threshold: image threshold, as for :func:`cnc_ad.deploy.predict.predict_files`.
         pixel_threshold: mask threshold, as there.
         category: use this category's stored thresholds.
         map_dtype: ``"float16"`` or ``"float32"`` for the ``.npy`` maps.
