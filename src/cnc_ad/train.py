@@ -327,7 +327,7 @@ def train(
     total = total_steps(len(samples), tcfg)
     if not resume and run.has_checkpoint():
         raise ConfigError(
-            f"{run.path} already holds a training run; pass --resume {run.path} to continue it, or choose another --out"
+            f"{run.path} already holds a training run; continue it (resume=True), or choose another run folder"
         )
 
     seed_everything(tcfg.seed)

@@ -92,7 +92,9 @@ def test_cli_export_fails_beyond_tolerance(
 ) -> None:
     import cnc_ad.deploy.export
 
-    monkeypatch.setattr(cnc_ad.deploy.export, "check_parity", lambda *a: {"max_abs_map": 0.5, "max_abs_score": np.float32(0)})
+    monkeypatch.setattr(
+        cnc_ad.deploy.export, "check_parity", lambda *a: {"max_abs_map": 0.5, "max_abs_score": np.float32(0)}
+    )
     args = ["-q", "export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "model.onnx")]
     assert main(args) == 7  # ExportError
     assert "exceeds the tolerance" in capsys.readouterr().err

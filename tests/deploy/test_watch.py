@@ -23,8 +23,8 @@ import pytest
 from PIL import Image
 
 from cnc_ad import Detector
-from cnc_ad.deploy import watch as watch_module
 from cnc_ad.cli import main
+from cnc_ad.deploy import watch as watch_module
 from cnc_ad.deploy.watch import After, WatchSummary, watch_folder
 from cnc_ad.files import read_jsonl
 from tests.helpers import save_tiny_checkpoint

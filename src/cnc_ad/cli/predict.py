@@ -131,16 +131,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from cnc_ad import distributed as dist
     from cnc_ad.deploy.predict import ERRORS_FILE, collect_inputs, predict_files
-    from cnc_ad.deploy.watch import After, check_not_both
+    from cnc_ad.deploy.watch import After
     from cnc_ad.errors import ConfigError, DataError
 
-    check_not_both(args.watch, args.inputs)
+    if args.watch and args.inputs:
+        raise ConfigError("--watch DIR takes no INPUT arguments: watch one folder, or predict the inputs")
+    if not args.watch and not args.inputs:
+        raise DataError("no inputs: pass image files, folders or glob patterns (or --watch DIR)")
     if args.watch:
         if dist.launched_by_torchrun():
             raise ConfigError("--watch runs in one process; start it without torchrun")
         if args.overwrite:
             raise ConfigError("--watch always resumes --out's predictions.jsonl; pass another --out to start afresh")
-        after = After.parse(args.after)
+        if args.settle < 0 or (args.poll is not None and not args.poll > 0):
+            raise ConfigError("--settle must be >= 0 and --poll > 0 seconds")
+        try:
+            after = After.parse(args.after)
+        except ConfigError as err:
+            raise ConfigError(
+                f"--after {args.after!r}: use leave, or move:DIR (a folder to move scored files into)"
+            ) from err
         return _watch(args, _detector(args), after)
     if args.after != "leave" or args.poll is not None:
         raise ConfigError("--after and --poll apply to --watch DIR only")

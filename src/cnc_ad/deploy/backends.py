@@ -136,6 +136,7 @@ def open_backend(
     pretrained: bool = True,
     providers: Sequence[str] | None = None,
     openvino_config: Mapping[str, Any] | None = None,
+    threads: int | None = None,
 ) -> Opened:
     """Open a model for inference: a run folder or checkpoint (PyTorch), an ``.onnx`` graph (ONNX Runtime) or an
     OpenVINO ``.xml`` IR (its ``.bin`` beside it).
@@ -148,8 +149,11 @@ def open_backend(
         trust_pickle: checkpoints: allow a pickle / TorchScript ``clip_weights`` file.
         pretrained: checkpoints: False builds the model's random (seeded) backbone instead of loading weights (tests).
         providers: ONNX Runtime execution providers (default: CPU).
-        openvino_config: OpenVINO properties for ``compile_model``, e.g. ``{"INFERENCE_NUM_THREADS": 4}``; inference
-            runs in float32 unless ``INFERENCE_PRECISION_HINT`` is given here.
+        openvino_config: OpenVINO properties for ``compile_model``, e.g. ``{"PERFORMANCE_HINT": "THROUGHPUT"}``;
+            inference runs in float32 unless ``INFERENCE_PRECISION_HINT`` is given here.
+        threads: exported models: the CPU threads one inference may use (ONNX Runtime's intra-op threads, OpenVINO's
+            ``INFERENCE_NUM_THREADS``); default: the engine's (all cores). PyTorch's is process-wide:
+            ``torch.set_num_threads``.
 
     Raises:
         MissingExtra: the engine for this source is not installed.
@@ -158,9 +162,10 @@ def open_backend(
     """
     suffix = Path(source).suffix.lower()
     if suffix == ".onnx":
-        return _open_onnx(Path(source), providers)
+        return _open_onnx(Path(source), providers, threads)
     if suffix == ".xml":
-        return _open_openvino(Path(source), "CPU" if device == "auto" else device, openvino_config)
+        config = {**({"INFERENCE_NUM_THREADS": threads} if threads else {}), **(openvino_config or {})}
+        return _open_openvino(Path(source), "CPU" if device == "auto" else device, config)
     return _open_checkpoint(source, device, clip_weights, trust_pickle, pretrained)
 
 
@@ -184,7 +189,7 @@ def _stored_thresholds(graph: Path, info: GraphInfo) -> Thresholds | None:
     return load_thresholds(beside) if beside.is_file() else info.thresholds
 
 
-def _open_onnx(path: Path, providers: Sequence[str] | None) -> Opened:
+def _open_onnx(path: Path, providers: Sequence[str] | None, threads: int | None) -> Opened:
     try:
         import onnxruntime as ort
     except ImportError as err:
@@ -192,7 +197,11 @@ def _open_onnx(path: Path, providers: Sequence[str] | None) -> Opened:
     if not path.is_file():
         raise ExportError(f"ONNX file {path} not found; export the model first (`cnc export --format onnx`)")
     try:
-        session = ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as err:  # onnxruntime raises its own exception types
         reason = " ".join(str(err).split())[:300]
         raise ExportError(f"ONNX Runtime cannot load {path} ({reason}); export the model again") from err

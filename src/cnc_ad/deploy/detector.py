@@ -146,6 +146,7 @@ class Detector:
         pretrained: bool = True,
         providers: Sequence[str] | None = None,
         openvino_config: Mapping[str, Any] | None = None,
+        threads: int | None = None,
     ) -> Detector:
         """Open a model with the thresholds stored for it.
 
@@ -161,8 +162,9 @@ class Detector:
             trust_pickle: checkpoints: allow a pickle / TorchScript ``clip_weights`` file.
             pretrained: checkpoints: False builds the random (seeded) backbone instead of loading weights (tests).
             providers: ONNX Runtime execution providers (default: CPU).
-            openvino_config: OpenVINO properties, e.g. ``{"INFERENCE_NUM_THREADS": 4}`` (float32 unless
+            openvino_config: OpenVINO properties, e.g. ``{"PERFORMANCE_HINT": "THROUGHPUT"}`` (float32 unless
                 ``INFERENCE_PRECISION_HINT`` is given).
+            threads: exported models: CPU threads per inference (default: the engine's choice, all cores).
 
         Raises:
             MissingExtra: the engine for this source is not installed (the message names the extra).
@@ -176,6 +178,7 @@ class Detector:
             pretrained=pretrained,
             providers=providers,
             openvino_config=openvino_config,
+            threads=threads,
         )
         if isinstance(thresholds, (str, os.PathLike)):
             thresholds = load_thresholds(thresholds)
@@ -379,12 +382,16 @@ class Detector:
             if outcome.result is None:
                 raise DataError(outcome.error or f"cannot read {outcome.name}")
             found.append(outcome.result)
-        image_t, pixel_t = self.resolve_thresholds(threshold, pixel_threshold, category)
         scores = np.array([r.score for r in found], np.float32)
         maps = [r.anomaly_map() for r in found]
-        masks = [m >= pixel_t for m in maps] if pixel_t is not None else None
-        decisions = scores >= image_t if image_t is not None else None
-        return DetectionResult(scores, maps, masks, decisions)
+        masks = [r.mask(anomaly_map=m) for r, m in zip(found, maps, strict=True)]
+        decisions = [r.is_anomalous for r in found]
+        return DetectionResult(
+            scores,
+            maps,
+            None if any(m is None for m in masks) else masks,  # type: ignore[arg-type]  # checked: no None
+            None if any(d is None for d in decisions) else np.array(decisions, bool),
+        )
 
 
 def _ahead(

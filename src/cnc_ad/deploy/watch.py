@@ -40,7 +40,7 @@ from cnc_ad.deploy.predict import (
     predict_stream,
     write_summary_csv,
 )
-from cnc_ad.errors import ConfigError, DataError
+from cnc_ad.errors import ConfigError
 from cnc_ad.files import fsync_path
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class After:
             return cls()
         if text.startswith("move:") and text[5:].strip():
             return cls(Path(text[5:]).expanduser().resolve())
-        raise ConfigError(f"--after {text!r}: use leave, or move:DIR (a folder to move scored files into)")
+        raise ConfigError(f"after={text!r}: use leave, or move:DIR (a folder to move scored files into)")
 
 
 @dataclass
@@ -272,14 +272,14 @@ def watch_folder(
     if map_dtype not in MAP_DTYPES:
         raise ConfigError(f"map dtype {map_dtype!r}; use one of {', '.join(MAP_DTYPES)}")
     if settle < 0 or (poll is not None and not poll > 0):
-        raise ConfigError("--settle must be >= 0 and --poll > 0 seconds")
+        raise ConfigError("settle must be >= 0 and poll > 0 seconds")
     folder = Path(folder).expanduser().resolve()
     if not folder.is_dir():
-        raise ConfigError(f"--watch {folder}: not a folder; create it, or name the folder images arrive in")
+        raise ConfigError(f"watched folder {folder} is not a folder; create it, or name the folder images arrive in")
     out = Path(out).expanduser().resolve()
     after = after or After()
     if after.move_to is not None and (after.move_to == folder or _is_within(folder, after.move_to)):
-        raise ConfigError(f"--after move:{after.move_to}: the move folder must not be the watched folder or above it")
+        raise ConfigError(f"after=move:{after.move_to}: the move folder must not be the watched folder or above it")
     if poll is None and not watchfiles_available():
         log.warning("watchfiles is not installed: polling the folder every 1 s (pip install watchfiles)")
         poll = 1.0
@@ -470,15 +470,3 @@ def _watchfiles_loop(
         process()
         if stop.is_set():
             break
-
-
-def check_not_both(watch: str | None, inputs: list[str]) -> None:
-    """``--watch`` takes its folder instead of INPUT arguments.
-
-    Raises:
-        ConfigError: both or neither were given.
-    """
-    if watch and inputs:
-        raise ConfigError("--watch DIR takes no INPUT arguments: watch one folder, or predict the inputs")
-    if not watch and not inputs:
-        raise DataError("no inputs: pass image files, folders or glob patterns (or --watch DIR)")

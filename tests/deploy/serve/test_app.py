@@ -296,7 +296,12 @@ class _Backend:
     """A stand-in engine: ``score`` in place of the real backend's call, everything else the real one's."""
 
     def __init__(self, real, score):
-        self.name, self.image_size, self.config, self.score_rule = real.name, real.image_size, real.config, real.score_rule
+        self.name, self.image_size, self.config, self.score_rule = (
+            real.name,
+            real.image_size,
+            real.config,
+            real.score_rule,
+        )
         self.score = score
 
     def __call__(self, batch):
