@@ -20,7 +20,7 @@ from cnc_ad.config import load_config
 from cnc_ad.data import ImageFileDataset, scan_dataset
 from cnc_ad.deploy.export import check_parity, export_openvino, random_images
 from cnc_ad.deploy.metadata import openvino_bin_path, openvino_metadata
-from cnc_ad.errors import ExportError
+from cnc_ad.errors import ConfigError, ExportError
 from cnc_ad.files import read_jsonl
 from cnc_ad.model import build_model
 from cnc_ad.thresholds import Thresholds
@@ -172,6 +172,9 @@ def test_cli_predict_openvino_matches_checkpoint(tiny_checkpoint: Path, ir: Path
     np.testing.assert_allclose(out.scores, reference.scores, atol=TOLERANCE)
     np.testing.assert_array_equal(out.is_anomalous, reference.is_anomalous)
     assert Detector.load(ir, thresholds={"image": {}, "pixel": {}}).threshold() is None
+    assert Detector.load(ir, device="cpu").predict(images[:1]).scores == pytest.approx(out.scores[:1], abs=1e-6)
+    with pytest.raises(ConfigError, match="not CUDA"):
+        Detector.load(ir, device="cuda")
 
 
 @pytest.mark.parametrize(

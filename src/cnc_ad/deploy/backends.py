@@ -24,7 +24,7 @@ from cnc_ad.deploy.metadata import (
     openvino_metadata,
     thresholds_beside,
 )
-from cnc_ad.errors import ExportError, missing_extra
+from cnc_ad.errors import ConfigError, ExportError, missing_extra
 from cnc_ad.thresholds import Thresholds, load_thresholds, thresholds_path
 
 if TYPE_CHECKING:
@@ -165,8 +165,22 @@ def open_backend(
         return _open_onnx(Path(source), providers, threads)
     if suffix == ".xml":
         config = {**({"INFERENCE_NUM_THREADS": threads} if threads else {}), **(openvino_config or {})}
-        return _open_openvino(Path(source), "CPU" if device == "auto" else device, config)
+        return _open_openvino(Path(source), _openvino_device(device), config)
     return _open_checkpoint(source, device, clip_weights, trust_pickle, pretrained)
+
+
+def _openvino_device(device: str) -> str:
+    """OpenVINO's name for ``device``: ``auto`` and ``cpu`` are its ``CPU``; its own names (``GPU``, ``NPU``,
+    ``AUTO:GPU,CPU``...) pass through upper-cased.
+
+    Raises:
+        ConfigError: a CUDA device (OpenVINO does not run on CUDA).
+    """
+    if device.lower() in ("auto", "cpu"):
+        return "CPU"
+    if device.lower().startswith("cuda"):
+        raise ConfigError(f"device {device!r}: OpenVINO runs on its own devices (CPU, GPU, NPU), not CUDA")
+    return device.upper()
 
 
 def _open_checkpoint(

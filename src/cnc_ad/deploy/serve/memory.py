@@ -1,10 +1,10 @@
 """Keeping the memory that the model freed from piling up in glibc's malloc: one arena, and ``malloc_trim``.
 
-Why: under glibc, a long-running server's resident memory grows while the memory in use stays flat. What grows is
-free memory that malloc keeps: each thread that allocates gets an arena of its own (up to 8 per core), the batcher's
-model calls allocate and free large activations sized by the batch, and the freed chunks stay fragmented inside the
-arenas, which glibc shrinks only from the top. docs/serve.md ("Memory") has the measurements behind this and the effect of
-each measure.
+Why: under glibc, a long-running server's resident memory grows while the memory in use stays flat. What grows is free
+memory that malloc keeps: each thread that allocates gets an arena of its own (up to 8 per core), the batcher's model
+calls allocate and free large activations sized by the batch, and the freed chunks stay fragmented inside the arenas,
+which glibc shrinks only from the top. docs/serve.md ("Memory") has the measurements behind this and the effect of each
+measure.
 
 Two measures, both no-ops where the C library is not glibc (macOS, Windows, musl):
 
