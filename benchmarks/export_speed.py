@@ -1,10 +1,11 @@
 """CPU inference speed of one preset through PyTorch, ONNX Runtime and OpenVINO, side by side in one run.
 
 Prints; never asserts. Random weights (``build_model(cfg, pretrained=False)``; speed does not depend on the values),
-random images in [0, 1]. The model is exported with :func:`cnc_ad.export.export_onnx` and
-:func:`cnc_ad.export.export_openvino` (float32) into a temporary folder, and each runtime is timed through the
-backend :class:`cnc_ad.predict.Detector` uses (``TorchBackend``, ``OnnxBackend``, ``OpenVinoBackend``): preprocessed
-images (B, 3, S, S) in -> scores (B,) and maps (B, M, M) as NumPy out, the whole graph (normalisation to score).
+random images in [0, 1]. The model is exported with :func:`cnc_ad.deploy.export.export_onnx` and
+:func:`cnc_ad.deploy.export.export_openvino` (float32) into a temporary folder, and each runtime is timed through the
+backend :class:`cnc_ad.deploy.Detector` uses (:mod:`cnc_ad.deploy.backends`: ``TorchBackend``, ``OnnxBackend``,
+``OpenVinoBackend``): preprocessed images (B, 3, S, S) in -> scores (B,) and maps (B, M, M) as NumPy out, the whole
+graph (normalisation to score).
 
 Threads: ``--threads`` for all three (``torch.set_num_threads``; ONNX Runtime ``intra_op_num_threads`` with one
 inter-op thread; OpenVINO ``INFERENCE_NUM_THREADS``), float32 inference everywhere. Per batch size the three runtimes
@@ -24,48 +25,37 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cnc_ad.config import ModelConfig
-from cnc_ad.export import OPENVINO_CONFIG, export_onnx, export_openvino, random_images
-from cnc_ad.inference import OnnxBackend, OpenVinoBackend, TorchBackend
+from cnc_ad.deploy.backends import Backend, TorchBackend, open_backend
+from cnc_ad.deploy.export import export_onnx, export_openvino, random_images
 from cnc_ad.model import build_model
-
-Backend = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
 
 
 def build_backends(preset: str | ModelConfig, threads: int, folder: Path) -> tuple[dict[str, Backend], int]:
     """PyTorch, ONNX Runtime and OpenVINO backends of one randomly initialised preset (or model config), and its
-    image size.
+    image size: the engines :meth:`cnc_ad.deploy.Detector.load` opens, on files :mod:`cnc_ad.deploy.export` writes.
     """
-    import onnxruntime as ort
-    import openvino as ov
-
     config = preset if isinstance(preset, ModelConfig) else ModelConfig(preset=preset)
     model = build_model(config, pretrained=False)
     model.store_text_features()
     model.eval()
     onnx_path = export_onnx(model, folder / "model.onnx")
     xml_path = export_openvino(model, folder / "model.xml")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    compiled = ov.Core().compile_model(str(xml_path), "CPU", {**OPENVINO_CONFIG, "INFERENCE_NUM_THREADS": threads})
     backends = {
         "torch": TorchBackend(model, torch.device("cpu")),
-        "ort": OnnxBackend(session),
-        "ov": OpenVinoBackend(compiled),
+        "ort": open_backend(onnx_path, threads=threads).backend,
+        "ov": open_backend(xml_path, threads=threads).backend,
     }
     return backends, model.image_size
 
 
 def measure(
-    backends: dict[str, Backend], images: torch.Tensor, repeats: int, warmup: int
+    backends: dict[str, Backend], images: np.ndarray, repeats: int, warmup: int
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Median seconds per call of each backend (timed in turn within each repeat) and max |diff| to PyTorch."""
     reference = backends["torch"](images)
@@ -106,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'batch':>5} | {'runtime':>7} | {'ms/call':>8} | {'img/s':>7} | {'vs torch':>8} | {'max |diff|':>10}")
         headline = None
         for batch in args.batch_sizes:
-            seconds, difference = measure(backends, random_images(batch, size), args.repeats, max(1, args.warmup))
+            images = random_images(batch, size).numpy()
+            seconds, difference = measure(backends, images, args.repeats, max(1, args.warmup))
             ips = {name: batch / value for name, value in seconds.items()}
             for name in backends:
                 print(

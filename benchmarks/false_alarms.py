@@ -9,16 +9,16 @@ import sys
 
 import numpy as np
 
-from cnc_ad.calibrate import calibrate_detector, held_out_by_category, score_images, split_calibration
 from cnc_ad.data import scan_dataset
-from cnc_ad.inference import Detector
+from cnc_ad.deploy.calibrate import calibrate_detector, held_out_by_category, score_images, split_calibration
+from cnc_ad.deploy.detector import Detector
 from cnc_ad.runs import RunFolder
 
 run = sys.argv[1]
 config = RunFolder(run).read_config()
 index = scan_dataset(config.data.root)
 _, held = split_calibration(index.train_samples(), config.data.calibration_share, config.data.calibration_min)
-detector = Detector.from_checkpoint(run, device="cpu")
+detector = Detector.load(run, device="cpu")
 found = calibrate_detector(detector, held_out_by_category(held), 0.01, num_workers=2)
 rows = {}
 for cat in index.categories:

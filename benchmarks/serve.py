@@ -2,9 +2,10 @@
 never asserts.
 
 The model is a checkpoint given with ``--checkpoint``, or else ``--config``'s model (default ``offline``: the
-``cnc-effnet-lite0`` preset with its shipped ImageNet weights and linear attention, untrained decoder) saved to a
-temporary folder. The images are ``--distinct`` synthetic PNGs of ``--image-size`` pixels (textured noise with a dark
-scratch), cycled.
+``cnc-effnet-lite0`` preset with its shipped ImageNet weights, untrained decoder) saved to a temporary folder;
+``--backend onnx|openvino`` exports it (``cnc export``) and serves and measures the exported file instead (ONNX Runtime,
+OpenVINO). The images are ``--distinct`` synthetic PNGs of ``--image-size`` pixels (textured noise with a dark scratch),
+cycled.
 
 1. In-process: ``Detector.predict`` on the PNG files, ``--max-batch-size`` per call (decoding included, as in the
    server), images per second after one untimed warm-up batch.
@@ -24,8 +25,8 @@ scratch), cycled.
 
 The last line is
 
-    serve: rps_c32=<x> inprocess_ips=<x> ratio=<rps_c32 / inprocess_ips> p99_ms_c32=<x> errors=<n> rss_growth_mb=<x>
-    ort_vs_torch=<x> ov_vs_torch=<x>
+    serve: backend=<torch|onnx|openvino> rps_c32=<x> inprocess_ips=<x> ratio=<rps_c32 / inprocess_ips>
+    p99_ms_c32=<x> errors=<n> rss_growth_mb=<x> ort_vs_torch=<x> ov_vs_torch=<x>
 
 (one line; ``c32`` is the highest concurrency run). A full run sends at least ``--requests`` (default 2100) measured
 requests, split evenly over the concurrencies (rounded up), plus a warm-up. Full run and a smoke run:
@@ -59,7 +60,7 @@ from PIL import Image
 from cnc_ad import Detector
 from cnc_ad.checkpoint import save_checkpoint
 from cnc_ad.config import load_config
-from cnc_ad.export import random_images
+from cnc_ad.deploy.export import random_images
 from cnc_ad.model import build_model
 
 
@@ -88,10 +89,23 @@ def prepare_checkpoint(args: argparse.Namespace, workdir: Path) -> Path:
     return save_checkpoint(workdir / "checkpoint", model)
 
 
+def prepare_model(checkpoint: Path, backend: str, workdir: Path) -> Path:
+    """What ``--model`` is for ``backend``: the checkpoint (torch), or its export (``cnc export``) to ONNX or
+    OpenVINO."""
+    if backend == "torch":
+        return checkpoint
+    out = workdir / ("model.onnx" if backend == "onnx" else "model.xml")
+    argv = ["-q", "export", "--checkpoint", str(checkpoint), "--format", backend, "--out", str(out)]
+    done = subprocess.run([sys.executable, "-m", "cnc_ad", *argv], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"cnc export failed: {done.stderr[-2000:]}")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- in-process
-def inprocess_throughput(checkpoint: Path, paths: list[Path], batch_size: int) -> float:
+def inprocess_throughput(model: Path, paths: list[Path], batch_size: int) -> float:
     """Images per second of ``Detector.predict`` on image files, ``batch_size`` per model call."""
-    detector = Detector.from_checkpoint(checkpoint, device="cpu")
+    detector = Detector.load(model, device="cpu")
     detector.predict([str(p) for p in paths[:batch_size]], batch_size=batch_size)  # warm-up
     start = time.perf_counter()
     detector.predict([str(p) for p in paths], batch_size=batch_size)
@@ -114,14 +128,20 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
 
 
 @contextlib.contextmanager
-def server_process(checkpoint: Path, args: argparse.Namespace) -> Iterator[tuple[str, subprocess.Popen]]:
+def server_process(
+    model: Path, args: argparse.Namespace, python: str = sys.executable, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``cnc serve --model MODEL`` run by ``python`` (another environment's interpreter: a station's, with its own
+    ``env``) on a free port."""
     port = free_port()
     command = [
-        sys.executable, "-m", "cnc_ad", "-q", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
-        "--device", "cpu", "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
+        python, "-m", "cnc_ad", "-q", "serve", "--model", str(model), "--port", str(port),
+        "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
         "--max-queue", str(max(256, 4 * max(args.concurrency))), "--log-level", "warning",
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if model.suffix not in (".onnx", ".xml"):
+        command += ["--device", "cpu"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -202,7 +222,8 @@ def runtime_comparison(args: argparse.Namespace) -> dict[str, float]:
         with tempfile.TemporaryDirectory(prefix="cnc-serve-bench-export-") as folder:
             backends, size = build_backends(model_config, args.export_threads, Path(folder))
             batch = args.max_batch_size
-            seconds, difference = measure(backends, random_images(batch, size), args.export_repeats, warmup=2)
+            images = random_images(batch, size).numpy()
+            seconds, difference = measure(backends, images, args.export_repeats, warmup=2)
     finally:
         torch.set_num_threads(threads)
     ips = {name: batch / value for name, value in seconds.items()}
@@ -221,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="run or checkpoint folder (default: --config's model, saved to a tmp dir)")
     parser.add_argument(
         "--config", default="offline", help="config whose model is built when no checkpoint is given (default offline)"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=["torch", "onnx", "openvino"],
+        default="torch",
+        help="serve the checkpoint (torch), or its export run by ONNX Runtime / OpenVINO (default torch)",
     )
     parser.add_argument("--requests", type=int, default=2100, help="requests in total, split over the concurrencies")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="client threads per phase")
@@ -247,18 +274,21 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="cnc-serve-bench-") as tmp:
         workdir = Path(tmp)
-        checkpoint = prepare_checkpoint(args, workdir)
+        model = prepare_model(prepare_checkpoint(args, workdir), args.backend, workdir)
         files = synthetic_pngs(args.distinct, args.image_size)
         paths = []
         for index in range(args.inprocess_images):
             path = workdir / f"image-{index:04d}.png"
             path.write_bytes(files[index % len(files)])
             paths.append(path)
-        inprocess_ips = inprocess_throughput(checkpoint, paths, args.max_batch_size)
-        print(f"in-process Detector.predict: {inprocess_ips:.1f} images/s (batch {args.max_batch_size})", flush=True)
+        inprocess_ips = inprocess_throughput(model, paths, args.max_batch_size)
+        print(
+            f"in-process Detector.predict ({args.backend}): {inprocess_ips:.1f} images/s (batch {args.max_batch_size})",
+            flush=True,
+        )
 
         rows = []
-        with server_process(checkpoint, args) as (url, process):
+        with server_process(model, args) as (url, process):
             for concurrency in args.concurrency:  # warm-up: every concurrency, so every batch size has been seen
                 load(url, files, min(2 * max(concurrency, args.max_batch_size), per_level), concurrency)
             rss_loaded_before = rss_mb(process.pid)
@@ -292,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     runtimes = runtime_comparison(args)
     print(f"cores usable: {len(os.sched_getaffinity(0))} of {os.cpu_count()}; the clients share them with the server")
     print(
-        f"serve: rps_c{top['concurrency']}={top['ips']:.2f} inprocess_ips={inprocess_ips:.2f} "
+        f"serve: backend={args.backend} rps_c{top['concurrency']}={top['ips']:.2f} inprocess_ips={inprocess_ips:.2f} "
         f"ratio={top['ips'] / inprocess_ips:.3f} p99_ms_c{top['concurrency']}={top['p99_ms']:.1f} errors={errors} "
         f"rss_growth_mb={rss_after - rss_before:.1f} ort_vs_torch={runtimes['ort'] / runtimes['torch']:.3f} "
         f"ov_vs_torch={runtimes['ov'] / runtimes['torch']:.3f}"

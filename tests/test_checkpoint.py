@@ -21,7 +21,7 @@ from cnc_ad.checkpoint import (
 from cnc_ad.config import ModelConfig
 from cnc_ad.errors import CheckpointError, ConfigError, WeightsError
 from cnc_ad.model import build_model
-from cnc_ad.results import Thresholds, load_thresholds, save_thresholds
+from cnc_ad.thresholds import Thresholds, load_thresholds, save_thresholds
 
 
 def _trained(preset: str = "tiny", steps: int = 2, **overrides):
@@ -154,9 +154,9 @@ def test_pickle_checkpoint_refused(tmp_path):
 def test_pickle_clip_weights_need_trust(tmp_path):
     path = tmp_path / "ViT-B-16.pt"
     path.write_bytes(pickle.dumps({"a": 1}))
-    with pytest.raises(WeightsError, match="trust-pickle"):
+    with pytest.raises(WeightsError, match="trust_pickle=True"):
         build_model(ModelConfig(preset="cnc-vitb16-224"), clip_weights=str(path))
-    with pytest.raises(WeightsError, match=r"not found.*--clip-weights"):
+    with pytest.raises(WeightsError, match=r"not found.*clip_weights=PATH"):
         build_model(ModelConfig(preset="cnc-vitb16-224"), clip_weights=str(tmp_path / "missing.safetensors"))
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from cnc_ad.evaluate import CategoryResult, _finish_category, pool_thresholds, summarize
 from cnc_ad.metrics import METRIC_KEYS, MetricAccumulator, f1_max_threshold
-from cnc_ad.results import ALL
+from cnc_ad.thresholds import ALL
 
 
 def _category(scores, labels, image_t, pixel_t, pixel_images, **metrics) -> CategoryResult:

@@ -11,16 +11,8 @@ import pytest
 
 from cnc_ad.errors import ConfigError, DataError
 from cnc_ad.metrics import METRIC_KEYS
-from cnc_ad.results import (
-    ALL,
-    Example,
-    Threshold,
-    Thresholds,
-    load_thresholds,
-    read_evaluation,
-    save_thresholds,
-    write_evaluation,
-)
+from cnc_ad.results import Example, read_evaluation, write_evaluation
+from cnc_ad.thresholds import ALL, Threshold, Thresholds, load_thresholds, save_thresholds
 
 # What cnc-ad 0.1 wrote (values only), and is still read.
 OLD_LAYOUT = {"image": {ALL: 1.0, "brick": 0.0, "washer": 99.0}, "pixel": {ALL: 0.9, "brick": 0.0}}

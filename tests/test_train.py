@@ -157,7 +157,7 @@ def test_skip_bad_reaches_the_scanner(synth_root, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(synth_root, root)
     next((root / "brick" / "ground_truth").rglob("*_mask.png")).unlink()  # a test image without its mask
-    with pytest.raises(DataError, match="skip-bad"):
+    with pytest.raises(DataError, match="skip_bad=True"):
         train(tiny_config(root), tmp_path / "a", progress=False, pretrained=False)
     samples = training_samples(tiny_config(root, "data.skip_bad=true"))
     assert len(samples) == 18
@@ -198,7 +198,7 @@ def test_an_existing_run_is_not_overwritten(synth_root, tmp_path):
 
     config = tiny_config(synth_root, "train.max_steps=1")
     train(config, tmp_path / "run", progress=False, pretrained=False)
-    with pytest.raises(ConfigError, match="--resume"):
+    with pytest.raises(ConfigError, match="resume=True"):
         train(config, tmp_path / "run", progress=False, pretrained=False)
     assert json.loads((tmp_path / "run" / "result.json").read_text())["steps"] == 1
 

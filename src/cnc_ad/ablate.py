@@ -25,7 +25,7 @@ import numpy as np
 from cnc_ad.config import Config, config_from_dict
 from cnc_ad.errors import ConfigError
 from cnc_ad.files import atomic_write_json, atomic_write_text
-from cnc_ad.metrics import METRIC_KEYS
+from cnc_ad.metrics import METRIC_KEYS, METRIC_LABELS
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class AblationResult:
 
 def ablation_table(means: dict[str, dict[str, float]], stds: dict[str, dict[str, float]] | None = None) -> str:
     """A Markdown table in percent; ``mean ± std`` where ``stds`` (over seeds) are given."""
-    short = ["I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO"]
+    short = [METRIC_LABELS[key] for key in METRIC_KEYS]
     lines = ["| variant | " + " | ".join(short) + " |", "|---" * (len(short) + 1) + "|"]
     for name, mean in means.items():
         cells = []
@@ -221,7 +221,7 @@ def _train_and_evaluate(
         if differences:
             raise ConfigError(
                 f"{folder} holds a run of another config (differs in {', '.join(differences)}); "
-                "choose another --out, or remove that folder to train it again"
+                "choose another output folder, or remove that folder to train it again"
             )
     checkpoint = run.final_checkpoint()
     if checkpoint is not None and is_evaluation_folder(run.eval_dir):

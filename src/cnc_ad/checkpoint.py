@@ -237,8 +237,8 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
         if path.stat().st_size and is_pickle_file(path):
             raise CheckpointError(
                 f"{path} is a pickle file, which can run code when loaded; cnc-ad checkpoints are folders with "
-                f"{MODEL_FILE} + {META_FILE} (no pickle). --trust-pickle only applies to OpenAI CLIP backbone files "
-                "(--clip-weights)"
+                f"{MODEL_FILE} + {META_FILE} (no pickle). trust_pickle=True only applies to OpenAI CLIP backbone files "
+                "(clip_weights=PATH)"
             )
         raise CheckpointError(f"{path} is not a checkpoint; pass a checkpoint folder or a run folder")
     if (path / META_FILE).is_file():

@@ -81,8 +81,8 @@ class DataConfig:
     categories: tuple[str, ...] | None = None  # None = every category found
     skip_bad: bool = False  # log and skip undecodable files instead of stopping
     num_workers: int = 2
-    # Good training images kept aside to set thresholds on after training (cnc_ad.calibrate.split_calibration): this
-    # share of each category, at least calibration_min, none for categories under 2 x calibration_min. 0 = none.
+    # Good training images kept aside to set thresholds on after training (cnc_ad.data.samples.split_calibration):
+    # this share of each category, at least calibration_min, none for categories under 2 x calibration_min. 0 = none.
     calibration_share: float = 0.1
     calibration_min: int = 5
 

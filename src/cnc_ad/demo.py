@@ -61,6 +61,7 @@ def run_demo(
 ) -> DemoResult:
     """Run the whole job into ``out`` (``data/``, ``run/``, ``eval/`` with ``report.html``)."""
     from cnc_ad.data.synth import synthesize
+    from cnc_ad.deploy.calibrate import calibrate_after_training
     from cnc_ad.evaluate import evaluate_checkpoint, markdown_table
     from cnc_ad.report import write_report
     from cnc_ad.train import train
@@ -81,7 +82,9 @@ def run_demo(
     else:
         if RunFolder(run_dir).is_run():  # an earlier demo run with other settings, or cut short
             shutil.rmtree(run_dir)
-        checkpoint = train(config, run_dir, progress=progress).checkpoint
+        trained = train(config, run_dir, progress=progress)
+        calibrate_after_training(trained.checkpoint, trained.held_out, config, model=trained.model)
+        checkpoint = trained.checkpoint
     seconds["train"] = time.perf_counter() - tick
 
     tick = time.perf_counter()

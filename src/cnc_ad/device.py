@@ -25,11 +25,11 @@ def resolve_device(name: str) -> torch.device:
     if device.type != "cuda":
         return device
     if not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu or auto")
+        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here; use device=cpu or device=auto")
     if device.index is None:
         device = torch.device("cuda", dist.local_rank() if dist.launched_by_torchrun() else torch.cuda.current_device())
     elif dist.launched_by_torchrun() and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
-        raise ConfigError(f"device {name!r} under torchrun would put every process on one GPU; use --device cuda")
+        raise ConfigError(f"device {name!r} under torchrun would put every process on one GPU; use device=cuda")
     if device.index >= torch.cuda.device_count():
         raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device

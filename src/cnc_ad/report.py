@@ -25,22 +25,13 @@ from PIL import Image, UnidentifiedImageError
 
 from cnc_ad import __version__
 from cnc_ad.files import atomic_write_text
-from cnc_ad.metrics import MAX_FPR, METRIC_KEYS
-from cnc_ad.results import CURVES_FILE, EXAMPLES_FILE, REPORT_FILE, StoredEvaluation, Thresholds, read_evaluation
+from cnc_ad.metrics import MAX_FPR, METRIC_KEYS, METRIC_LABELS
+from cnc_ad.results import CURVES_FILE, EXAMPLES_FILE, REPORT_FILE, StoredEvaluation, read_evaluation
+from cnc_ad.thresholds import Thresholds
 from cnc_ad.visualize import colorize, mask_to_rgb, outline, overlay, resize_map, to_jpeg_bytes, to_png_bytes
 
 logger = logging.getLogger(__name__)
 
-# Column labels of the metrics, as in the paper's tables (docs/method.md, Evaluation); columns follow METRIC_KEYS.
-METRIC_LABELS: dict[str, str] = {
-    "image_auroc": "I-AUROC",
-    "image_ap": "I-AP",
-    "image_f1_max": "I-F1max",
-    "pixel_auroc": "P-AUROC",
-    "pixel_ap": "P-AP",
-    "pixel_f1_max": "P-F1max",
-    "pixel_aupro": "AUPRO",
-}
 REPORT_SIZE_WARNING_MB = 20.0
 
 

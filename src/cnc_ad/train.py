@@ -20,7 +20,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from cnc_ad import distributed as dist
-from cnc_ad.calibrate import calibrate_after_training, split_calibration
 from cnc_ad.checkpoint import (
     latest_checkpoint,
     load_trainable_state,
@@ -40,6 +39,7 @@ from cnc_ad.checkpoint import (
 )
 from cnc_ad.config import Config, TrainConfig
 from cnc_ad.data import DatasetIndex, Sample, TrainDataset, make_loader, scan_dataset
+from cnc_ad.data.samples import split_calibration
 from cnc_ad.device import autocast, resolve_device
 from cnc_ad.errors import CheckpointError, ConfigError, TrainingError
 from cnc_ad.feature_cache import (
@@ -60,13 +60,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What :func:`train` did: the run folder, its final checkpoint, epochs and steps taken, the last loss terms."""
+    """What :func:`train` did: the run folder, its final checkpoint, epochs and steps taken, the last loss terms, the
+    trained model (eval mode), and the good training images it held out to set decision thresholds on
+    (:func:`cnc_ad.deploy.calibrate.calibrate_after_training`).
+    """
 
     run_dir: Path
     checkpoint: Path
     epochs: int
     steps: int
     last_loss: dict[str, float]
+    model: CNC = field(repr=False)
+    held_out: list[Sample] = field(default_factory=list, repr=False)
 
 
 class NonFiniteLoss(TrainingError):
@@ -332,14 +337,14 @@ def train(
             f"train.batch_size={tcfg.batch_size} (the global batch) must be divisible by the number of "
             f"processes ({dist.world_size()})"
         )
-    # Good images kept aside to set decision thresholds on after training (cnc_ad.calibrate).
+    # Good images kept aside to set decision thresholds on after training (by the callers: cnc_ad.deploy.calibrate).
     samples, held_out = split_calibration(
         training_samples(config, index), config.data.calibration_share, config.data.calibration_min
     )
     total = total_steps(len(samples), tcfg)
     if not resume and run.has_checkpoint():
         raise ConfigError(
-            f"{run.path} already holds a training run; pass --resume {run.path} to continue it, or choose another --out"
+            f"{run.path} already holds a training run; continue it (resume=True), or choose another run folder"
         )
 
     seed_everything(tcfg.seed)
@@ -442,11 +447,10 @@ def train(
     checkpoint = save_training_checkpoint(run, model, optimizer, device, config, epoch, step)
     if cache is not None:
         cache.close()
-    if dist.is_main_process():  # thresholds from the held-out good images, beside the final checkpoint
-        calibrate_after_training(checkpoint, held_out, config, model=model, device=device)
+    if dist.is_main_process():
         run.write_result(checkpoint, epoch, step, last)
     dist.barrier()
-    return TrainResult(run.path, checkpoint, epoch, step, last)
+    return TrainResult(run.path, checkpoint, epoch, step, last, model.eval(), held_out)
 
 
 def _last_good(run: RunFolder) -> str:

@@ -2,7 +2,8 @@
 
 Used by the HTML report (:mod:`cnc_ad.report`) and by batch prediction to write overlay images. Every function takes
 and returns NumPy arrays: RGB images are ``(H, W, 3)`` uint8, anomaly maps ``(H, W)`` float (any scale), masks
-``(H, W)`` bool or 0/1. Colour maps come from matplotlib's colormap registry (imported lazily, no pyplot state).
+``(H, W)`` bool or 0/1. The default colour map (turbo) is built in, so overlays need NumPy and Pillow only (a station
+draws them without matplotlib); any other name comes from matplotlib's colormap registry (imported lazily).
 """
 
 from __future__ import annotations
@@ -13,6 +14,27 @@ import numpy as np
 from PIL import Image
 
 DEFAULT_CMAP = "turbo"
+# matplotlib's "turbo" (Google's Turbo colormap, Apache-2.0) as 256 RGB triples: colouring through it equals
+# matplotlib.colormaps["turbo"](values, bytes=True)[..., :3] exactly (tests/test_visualize.py checks it).
+_TURBO_HEX = (
+    "30123b31154232184a341b51351e5836215f37236538266c3929723a2c793b2f7f3c32853c358b3d37913e3a963f3d9c"
+    "4040a14043a64145ab4148b0424bb5434eba4350be4353c24456c74458cb455bce455ed24560d64563d94666dd4668e0"
+    "466be3466de64670e84673eb4675ed4678f0467af2467df4467ff64682f84584f94587fb4589fc448cfd438efd4291fe"
+    "4193fe4096fe3f98fe3e9bfe3c9dfd3ba0fc39a2fc38a5fb36a8f934aaf833acf631aff52fb1f32db4f12bb6ef2ab9ed"
+    "28bbeb26bde925c0e623c2e421c4e120c6df1ec9dc1dcbda1ccdd71bcfd41ad1d219d3cf18d5cc18d7ca17d9c717dac4"
+    "17dcc217debf18e0bd18e1ba19e3b81ae4b61be5b41de7b11ee8af20e9ac22eba924eca627eda329eea02cef9d2ff09a"
+    "32f19735f39438f4913bf48d3ff58a42f68746f7834af8804df97c51f97955fa7659fb725dfb6f61fc6c65fc6869fd65"
+    "6dfd6271fd5f74fe5c78fe597cfe5680fe5384fe5087fe4d8bfe4b8efe4892fe4695fe4498fe429bfd409efd3ea1fc3d"
+    "a4fc3ba6fb3aa9fb39acfa37aef937b1f836b3f835b6f735b9f534bbf434bef334c0f233c3f133c5ef33c8ee33caed33"
+    "cdeb34cfea34d1e834d4e735d6e535d8e335dae236dde036dfde36e1dc37e3da37e5d838e7d738e8d538ead339ecd139"
+    "edcf39efcd39f0cb3af2c83af3c63af4c43af6c23af7c039f8be39f9bc39f9ba38fab737fbb537fbb336fcb035fcae34"
+    "fdab33fda932fda631fda330fea12ffe9e2efe9b2dfe982cfd952bfd9229fd8f28fd8c27fc8926fc8624fb8323fb8022"
+    "fa7d20fa7a1ff9771ef8741cf7711bf76e1af66b18f56817f46516f36315f26014f15d13ef5a11ee5810ed550fec520e"
+    "ea500de94d0de84b0ce6490be5460ae3440ae24209e04008de3e08dd3c07db3a07d93806d73606d63405d43205d23005"
+    "d02f04ce2d04cb2b03c92903c72803c52602c32402c02302be2102bb1f01b91e01b61c01b41b01b11901ae1801ac1601"
+    "a91501a61401a31201a011019d10019a0e01970d01940c01910b018e0a018b09018708018407018106027d05027a0402"
+)
+_TURBO = np.frombuffer(bytes.fromhex("".join(_TURBO_HEX)), np.uint8).reshape(256, 3)
 
 
 def colorize(
@@ -31,8 +53,6 @@ def colorize(
     Returns:
         ``(H, W, 3)`` uint8 RGB heatmap.
     """
-    import matplotlib
-
     values = np.asarray(anomaly_map, dtype=np.float32)
     if values.ndim != 2:
         raise ValueError(f"anomaly_map must be 2-D (H, W), got shape {values.shape}")
@@ -48,6 +68,12 @@ def colorize(
     values = np.nan_to_num(values, nan=lo)
     # With hi == lo (a constant map) scores at or below lo take the lowest colour, scores above it the highest.
     normed = np.clip((values - lo) / (hi - lo), 0.0, 1.0) if hi > lo else (values > lo).astype(np.float32)
+    if cmap == "turbo":  # matplotlib's lookup: index floor(x * 256), clipped to 255
+        return _TURBO[np.minimum((normed * 256).astype(np.intp), 255)]
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ValueError(f"colour map {cmap!r} needs matplotlib (only turbo is built in)") from err
     rgba = matplotlib.colormaps[cmap](normed, bytes=True)  # (H, W, 4) uint8
     return np.ascontiguousarray(rgba[..., :3])
 

@@ -138,7 +138,7 @@ def test_json_in_a_real_process_keeps_native_output_off_stdout(tmp_path: Path) -
     (images / "empty.png").write_bytes(b"")
     code = (
         "import os, sys\n"
-        "from cnc_ad import predict\n"
+        "from cnc_ad.deploy import predict\n"
         "real = predict.predict_files\n"
         "def noisy(*a, **k):\n"
         "    os.write(1, b'native noise\\n'); print('python noise')\n"

@@ -46,7 +46,7 @@ def test_loader_batches_and_skip_bad(synth_root, tmp_path, caplog):
     bad.write_bytes(b"garbage")
     samples = scan_dataset(root).train_samples()
     dataset = TrainDataset(samples, 16)
-    with pytest.raises(DataError, match="--skip-bad") as err:
+    with pytest.raises(DataError, match="skip_bad=True") as err:
         list(make_loader(dataset, 4))
     assert str(bad) in str(err.value) and "\n" not in str(err.value)
     loader = make_loader(dataset, 4, skip_bad=True)

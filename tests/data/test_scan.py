@@ -93,7 +93,7 @@ def test_defect_without_ground_truth_folder_is_allowed(tmp_path, caplog):
 def test_image_without_mask(tmp_path, caplog):
     root = make_mvtec(tmp_path / "d", categories=("c",))
     (root / "c" / "ground_truth" / "crack" / "001_mask.png").unlink()
-    with pytest.raises(DataError, match=r"001\.png has no mask.*--skip-bad") as err:
+    with pytest.raises(DataError, match=r"001\.png has no mask.*skip_bad=True") as err:
         scan_dataset(root)
     assert "\n" not in str(err.value)
     with caplog.at_level(logging.WARNING):
@@ -298,7 +298,7 @@ def test_folder_layout_explicit_dirs(tmp_path):
     _mask(tmp_path / "gt" / "y.png")
     with pytest.raises(DataError, match="has no image"):
         scan_dataset(None, normal=tmp_path / "ok", abnormal=tmp_path / "ng", masks=tmp_path / "gt")
-    with pytest.raises(DataError, match="need --normal"):
+    with pytest.raises(DataError, match="need normal=DIR"):
         scan_dataset(tmp_path, abnormal=tmp_path / "ng")
 
 

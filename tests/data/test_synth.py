@@ -57,7 +57,7 @@ def test_arguments_are_checked(tmp_path):
     with pytest.raises(DataError, match="unknown synthetic"):
         synthesize(tmp_path / "x", categories=["nope"])
     (tmp_path / "z" / "brick").mkdir(parents=True)  # a folder this function did not write
-    with pytest.raises(DataError, match="--overwrite"):
+    with pytest.raises(DataError, match="overwrite=True"):
         synthesize(tmp_path / "z", categories=1, per_category=1, size=32)
     synthesize(tmp_path / "z", categories=1, per_category=1, size=32, overwrite=True)
 

@@ -408,7 +408,7 @@ def test_pickle_files_are_refused_before_any_code_runs(tmp_path: Path) -> None:
         with pytest.raises(CheckpointError, match="pickle"):
             load_model(tmp_path / name)
         # CLIP weights: refused without --trust-pickle (checked before open_clip is asked to load anything).
-        with pytest.raises(WeightsError, match="--trust-pickle"):
+        with pytest.raises(WeightsError, match="trust_pickle=True"):
             create_clip("ViT-B-16", 224, str(tmp_path / name))
     # Backbone weights: only safetensors by default; the shipped EfficientNet .pth goes through weights_only loading.
     with pytest.raises(WeightsError, match="pickle files are refused"):

@@ -113,8 +113,8 @@ def test_clip_weights_from_local_files(tmp_path, small_clip_name):
     assert torch.equal(trusted.encoder.clip.token_embedding.weight, reference.token_embedding.weight)
     # A TorchScript archive (what the original OpenAI .pt files are) needs --trust-pickle.
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "scripted.pt"))
-    with pytest.raises(WeightsError, match="trust-pickle"):
+    with pytest.raises(WeightsError, match="trust_pickle=True"):
         build_model(config, clip_weights=str(tmp_path / "scripted.pt"))
     (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
-    with pytest.raises(WeightsError, match=r"could not load CLIP weights.*--clip-weights"):
+    with pytest.raises(WeightsError, match=r"could not load CLIP weights.*clip_weights=PATH"):
         build_model(config, clip_weights=str(tmp_path / "bad.safetensors"))

@@ -19,8 +19,21 @@ from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
 from cnc_ad import __version__
-from cnc_ad.errors import CNCError
+from cnc_ad.errors import EXTRAS, CNCError, missing_extra
 
+# Library messages name library terms (CONTRIBUTING.md, "Errors and messages"); the command line shows its flags.
+FLAGS = {
+    "skip_bad=True": "--skip-bad",
+    "resume=True": "--resume",
+    "overwrite=True": "--overwrite",
+    "clip_weights=PATH": "--clip-weights PATH",
+    "trust_pickle=True": "--trust-pickle",
+    "format=NAME": "--format NAME",
+    "normal=DIR": "--normal DIR",
+    "device=cpu": "--device cpu",
+    "device=auto": "--device auto",
+    "device=cuda": "--device cuda",
+}
 # Subcommand modules, in the order `cnc --help` lists them.
 COMMANDS = ("data", "models", "train", "eval", "calibrate", "report", "predict", "export", "serve", "demo", "ablate")
 
@@ -116,9 +129,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        return int(args.func(args) or 0)
+        try:
+            return int(args.func(args) or 0)
+        except ModuleNotFoundError as err:  # an optional dependency this install lacks: name the extra
+            if (err.name or "").split(".")[0] not in EXTRAS:
+                raise
+            raise missing_extra(f"cnc {args.command}", err) from err
     except CNCError as err:  # one line, even when the message quotes a multi-line report (e.g. torch's)
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        for term, flag in FLAGS.items():
+            message = message.replace(term, flag)
         print(f"cnc {args.command}: error: {message}", file=sys.stderr)
         args.json_error = {"type": type(err).__name__, "message": message}
         return err.exit_code

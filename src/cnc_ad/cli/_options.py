@@ -62,3 +62,74 @@ def emit_json(args: argparse.Namespace, summary: dict[str, Any]) -> None:
     a script reads one object in either case.
     """
     args.json_summary = summary
+
+
+def add_model(parser: argparse.ArgumentParser) -> None:
+    """``--model SOURCE`` (also spelt ``--checkpoint``, ``--onnx``, ``--openvino``): the model a command runs."""
+    parser.add_argument(
+        "--model",
+        "--checkpoint",
+        "--onnx",
+        "--openvino",
+        dest="model",
+        required=True,
+        metavar="SOURCE",
+        help="the model: a run folder or checkpoint (PyTorch), a .onnx graph (ONNX Runtime) or an OpenVINO .xml (its "
+        ".bin beside it); exported models need no torch. --checkpoint, --onnx and --openvino are other names for it",
+    )
+
+
+def add_tiling(parser: argparse.ArgumentParser) -> None:
+    """``--tile PX`` and ``--tile-overlap SHARE``: score each image by overlapping tiles at its own resolution."""
+    parser.add_argument("--tile", type=int, metavar="PX", help="score each image by PX x PX tiles (see below)")
+    parser.add_argument(
+        "--tile-overlap", type=float, metavar="SHARE", help="--tile: share of a tile shared with the next (0.25)"
+    )
+
+
+def tiling_from(args: argparse.Namespace) -> Any:
+    """The :class:`cnc_ad.deploy.Tiling` of ``--tile`` / ``--tile-overlap``, or None.
+
+    Raises:
+        ConfigError: ``--tile-overlap`` without ``--tile``, or values out of range.
+    """
+    from cnc_ad.deploy.tiling import Tiling
+    from cnc_ad.errors import ConfigError
+
+    if args.tile is None:
+        if args.tile_overlap is not None:
+            raise ConfigError("--tile-overlap applies to --tile PX only")
+        return None
+    try:
+        return Tiling(args.tile, 0.25 if args.tile_overlap is None else args.tile_overlap)
+    except ConfigError as err:
+        raise ConfigError(f"--tile {args.tile} --tile-overlap {args.tile_overlap}: {err}") from None
+
+
+def load_detector(args: argparse.Namespace, *, check_tiling: bool = True) -> Any:
+    """The :class:`cnc_ad.deploy.Detector` of ``--model`` (with ``--thresholds``, ``--tile``, ``--device`` and the
+    weights options where the command has them); with ``check_tiling``, warns when the thresholds in use were not set
+    with the same tiles.
+    """
+    import logging
+
+    from cnc_ad.deploy import Detector
+
+    tiling = tiling_from(args) if hasattr(args, "tile") else None
+    detector = Detector.load(
+        args.model,
+        thresholds=getattr(args, "thresholds", None),
+        tiling=tiling,
+        device=getattr(args, "device", None) or "auto",
+        clip_weights=getattr(args, "clip_weights", None),
+        trust_pickle=getattr(args, "trust_pickle", False),
+    )
+    decided_here = getattr(args, "threshold", None) is not None
+    if check_tiling and not decided_here and not detector.thresholds_fit_tiling(getattr(args, "category", None)):
+        logging.getLogger("cnc_ad.deploy").warning(
+            "the thresholds in use were not set %s: decisions may be off (set them with `cnc calibrate%s --save "
+            "FILE` and pass --thresholds FILE, or give --threshold)",
+            f"with {tiling.describe()}" if tiling is not None else "on whole images",
+            f" --tile {tiling.tile}" if tiling is not None else "",
+        )
+    return detector

@@ -15,8 +15,9 @@ examples:
   cnc export --checkpoint runs/demo --format openvino --out model.xml      # writes model.xml and model.bin
 
 The graph takes images (B, 3, S, S) float32 RGB in [0, 1] (S = the model's image size; the graph normalises) and
-returns score (B,) and anomaly_map (B, 1, M, M); the batch size is dynamic. The thresholds stored by `cnc eval` are
-embedded as metadata, so `cnc predict --onnx` / `--openvino` decides like `cnc predict --checkpoint`. The OpenVINO
+returns score (B,) and anomaly_map (B, 1, M, M); the batch size is dynamic. The thresholds stored beside the
+checkpoint are embedded as metadata, so `cnc predict --model model.onnx` (or model.xml) decides like
+`cnc predict --model RUN`, on a station without torch (pip install 'cnc-ad[station]'). The OpenVINO
 IR is converted from the same ONNX graph (float32 weights; --fp16 stores float16 weights).
 
 After exporting, the command runs PyTorch and the exported graph (onnxruntime or OpenVINO, float32, on the CPU) on
@@ -57,21 +58,21 @@ def run(args: argparse.Namespace) -> int:
 
     from cnc_ad.checkpoint import load_model, resolve_checkpoint
     from cnc_ad.data import ImageFileDataset, scan_dataset
+    from cnc_ad.deploy.export import DEFAULT_OPSET, check_parity, export_onnx, export_openvino, random_images
     from cnc_ad.errors import ConfigError, DataError, ExportError
-    from cnc_ad.export import DEFAULT_OPSET, check_parity, export_onnx, export_openvino, random_images
-    from cnc_ad.inference import THRESHOLDS_METADATA
-    from cnc_ad.results import load_thresholds
+    from cnc_ad.thresholds import load_thresholds
 
     if args.fp16 and args.format != "openvino":
         raise ConfigError("--fp16 applies to --format openvino only")
     checkpoint = resolve_checkpoint(args.checkpoint)
     model = load_model(checkpoint, clip_weights=args.clip_weights, trust_pickle=args.trust_pickle)
-    thresholds = load_thresholds(checkpoint)
-    metadata: dict[str, Any] = {"cnc_ad.checkpoint": str(checkpoint)}
-    if thresholds is not None:
-        metadata[THRESHOLDS_METADATA] = thresholds.to_json()
     traced = 2
-    options: dict[str, Any] = {"opset": args.opset or DEFAULT_OPSET, "batch_size": traced, "metadata": metadata}
+    options: dict[str, Any] = {
+        "opset": args.opset or DEFAULT_OPSET,
+        "batch_size": traced,
+        "thresholds": load_thresholds(checkpoint),
+        "checkpoint": checkpoint,
+    }
     if args.format == "openvino":
         path = export_openvino(model, args.out, fp16=args.fp16, **options)
     else:

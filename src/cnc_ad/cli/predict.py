@@ -1,4 +1,8 @@
-"""``cnc predict``: score new images with a trained model (checkpoint, ONNX graph or OpenVINO IR) into a folder."""
+"""``cnc predict``: score new images with a trained model (checkpoint, ONNX graph or OpenVINO IR) into a folder.
+
+A thin consumer of :class:`cnc_ad.deploy.Detector`: the folder and the records are :mod:`cnc_ad.deploy.predict`'s,
+the watched folder :mod:`cnc_ad.deploy.watch`'s.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +10,30 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from cnc_ad.cli._options import add_device, add_json, add_progress, add_weights, emit_json
+from cnc_ad.cli._options import (
+    add_device,
+    add_json,
+    add_model,
+    add_progress,
+    add_tiling,
+    add_weights,
+    emit_json,
+    load_detector,
+)
 
 if TYPE_CHECKING:
-    from cnc_ad.inference import Detector
-    from cnc_ad.watch import After
+    from cnc_ad.deploy import Detector
+    from cnc_ad.deploy.watch import After
 
 EPILOG = """\
 examples:
-  cnc predict --checkpoint runs/demo images/ --out predictions
-  cnc predict --checkpoint runs/demo 'line3/**/*.jpg' part_0042.png --threshold 0.35
-  cnc predict --onnx model.onnx images/ --out predictions --resume
-  cnc predict --openvino model.xml images/ --out predictions             # model.bin beside model.xml
-  cnc predict --checkpoint runs/line3 --watch incoming/ --out predictions --after move:done/
-  cnc predict --checkpoint runs/line3 --watch /mnt/share/cam1 --poll 2   # network share: list every 2 s
-  cnc predict --checkpoint runs/pcb scans/ --tile 512 --thresholds tiled.json  # 6000 px scans, small defects
+  cnc predict --model runs/demo images/ --out predictions
+  cnc predict --model runs/demo 'line3/**/*.jpg' part_0042.png --threshold 0.35
+  cnc predict --model model.onnx images/ --out predictions --resume       # ONNX Runtime, no torch needed
+  cnc predict --model model.xml images/ --out predictions                 # OpenVINO (model.bin beside model.xml)
+  cnc predict --model runs/line3 --watch incoming/ --out predictions --after move:done/
+  cnc predict --model model.xml --watch /mnt/share/cam1 --poll 2          # network share: list every 2 s
+  cnc predict --model runs/pcb scans/ --tile 512 --thresholds tiled.json  # 6000 px scans, small defects
 
 INPUT: image files, folders (searched recursively) or glob patterns (quote them); any size or mode Pillow reads.
 
@@ -34,11 +47,12 @@ written under --out:
   overlays/<name>.png heatmap over the image (scale 0 to 2 x pixel threshold)
   <name> is the file stem plus a hash of its absolute path, so equal names in different folders never clash.
 
-thresholds: an image is anomalous when score >= threshold. The default is the threshold stored beside the
-checkpoint (all categories, or --category's): set by training on held-out good images, by `cnc calibrate`, or the
-F1-max one of `cnc eval` (docs/thresholds.md); --threshold overrides it. Masks use the stored pixel
-threshold (or --pixel-threshold), else the image threshold. Without any threshold, is_anomalous is null and no
-masks are written.
+thresholds: an image is anomalous when score >= threshold. The default is the threshold stored for the model (all
+categories, or --category's): beside a checkpoint; for an exported model, beside the file (set by `cnc calibrate
+--model FILE`), else the ones embedded at export. They were set by training on held-out good images, by `cnc calibrate`,
+or are the F1-max ones of `cnc eval` (docs/thresholds.md); --threshold overrides them. Masks use the stored pixel
+threshold (or --pixel-threshold), else the image threshold. Without any threshold, is_anomalous is null and no masks are
+written.
 
 --watch DIR: keep running and score each image written into DIR (and its subfolders) once its size and
 modification time have not changed for --settle seconds (default 1), until Ctrl-C or SIGTERM. Each file gets exactly
@@ -69,16 +83,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "predict",
         help="score new images: anomaly score, decision, map, mask and heatmap overlay per image",
-        description="Score image files with a trained model and write maps, masks, overlays and a table.",
+        description="Score image files with a trained model (checkpoint, ONNX or OpenVINO) and write maps, masks, "
+        "overlays and a table.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="run folder or checkpoint folder")
-    source.add_argument("--onnx", metavar="FILE", help="an ONNX graph written by `cnc export` (runs on onnxruntime)")
-    source.add_argument(
-        "--openvino", metavar="FILE.xml", help="an OpenVINO IR written by `cnc export --format openvino` (CPU)"
-    )
+    add_model(parser)
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders or glob patterns")
     parser.add_argument("--watch", metavar="DIR", help="keep running: score each image written into DIR, once")
     parser.add_argument(
@@ -103,12 +113,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--category", help="use this category's stored thresholds instead of the overall ones")
     parser.add_argument("--thresholds", metavar="FILE", help="a thresholds.json to use (default: the stored one)")
     parser.add_argument("--batch-size", type=int, default=16, help="images (with --tile: tiles) per batch (default 16)")
-    parser.add_argument("--tile", type=int, metavar="PX", help="score each image by PX x PX tiles (see below)")
-    parser.add_argument(
-        "--tile-overlap", type=float, metavar="SHARE", help="--tile: share of a tile shared with the next (0.25)"
-    )
-    add_device(parser, default="auto", note="checkpoints only")
-    parser.add_argument("--num-workers", type=int, default=2, help="image decoding processes (default 2)")
+    add_tiling(parser)
+    add_device(parser, default="auto", note="checkpoints; OpenVINO: its device name")
+    parser.add_argument("--num-workers", type=int, default=2, help="image decoding threads (default 2)")
     parser.add_argument("--map-dtype", choices=["float16", "float32"], default="float16", help="dtype of the .npy maps")
     parser.add_argument("--overlay-max-side", type=int, default=2048, help="longest overlay side in pixels")
     what = parser.add_mutually_exclusive_group()
@@ -123,17 +130,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cnc_ad import distributed as dist
+    from cnc_ad.deploy.predict import ERRORS_FILE, collect_inputs, predict_files
+    from cnc_ad.deploy.watch import After
     from cnc_ad.errors import ConfigError, DataError
-    from cnc_ad.predict import ERRORS_FILE, collect_inputs, predict_files
-    from cnc_ad.watch import After, check_not_both
 
-    check_not_both(args.watch, args.inputs)
+    if args.watch and args.inputs:
+        raise ConfigError("--watch DIR takes no INPUT arguments: watch one folder, or predict the inputs")
+    if not args.watch and not args.inputs:
+        raise DataError("no inputs: pass image files, folders or glob patterns (or --watch DIR)")
     if args.watch:
         if dist.launched_by_torchrun():
             raise ConfigError("--watch runs in one process; start it without torchrun")
         if args.overwrite:
             raise ConfigError("--watch always resumes --out's predictions.jsonl; pass another --out to start afresh")
-        after = After.parse(args.after)
+        if args.settle < 0 or (args.poll is not None and not args.poll > 0):
+            raise ConfigError("--settle must be >= 0 and --poll > 0 seconds")
+        try:
+            after = After.parse(args.after)
+        except ConfigError as err:
+            raise ConfigError(
+                f"--after {args.after!r}: use leave, or move:DIR (a folder to move scored files into)"
+            ) from err
         return _watch(args, _detector(args), after)
     if args.after != "leave" or args.poll is not None:
         raise ConfigError("--after and --poll apply to --watch DIR only")
@@ -148,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         category=args.category,
         resume=args.resume,
         overwrite=args.overwrite,
-        num_workers=args.num_workers,
+        workers=args.num_workers,
         map_dtype=args.map_dtype,
         overlay_max_side=args.overlay_max_side,
         progress=not args.no_progress,
@@ -183,52 +200,22 @@ def run(args: argparse.Namespace) -> int:
 
 def _detector(args: argparse.Namespace) -> Detector:
     from cnc_ad import distributed as dist
-    from cnc_ad.device import resolve_device
+    from cnc_ad.deploy.backends import is_exported
     from cnc_ad.errors import ConfigError
-    from cnc_ad.inference import Detector
-    from cnc_ad.results import load_thresholds
 
-    exported = "--onnx" if args.onnx else "--openvino" if args.openvino else None
-    if exported and dist.launched_by_torchrun():
-        raise ConfigError(f"{exported} runs in one process; start it without torchrun")
-    if not exported and not args.watch:
-        dist.init_from_env(resolve_device(args.device))  # under torchrun: join the group, shard the inputs
-    if args.onnx:
-        return _with_tiling(args, Detector.from_onnx(args.onnx, thresholds=args.thresholds))
-    if args.openvino:
-        return _with_tiling(args, Detector.from_openvino(args.openvino, thresholds=args.thresholds))
-    detector = Detector.from_checkpoint(
-        args.checkpoint, device=args.device, clip_weights=args.clip_weights, trust_pickle=args.trust_pickle
-    )
-    if args.thresholds:
-        detector.thresholds = load_thresholds(args.thresholds)
-    return _with_tiling(args, detector)
+    if dist.launched_by_torchrun():
+        if is_exported(args.model):
+            raise ConfigError("an exported model (--model FILE.onnx / FILE.xml) runs in one process; start it without "
+                              "torchrun")  # fmt: skip
+        if not args.watch:  # under torchrun: join the group, shard the inputs
+            from cnc_ad.device import resolve_device
 
-
-def _with_tiling(args: argparse.Namespace, detector: Detector) -> Detector:
-    """Set ``--tile`` on the detector; warn when the thresholds in use were not set with the same tiles."""
-    import logging
-
-    from cnc_ad.errors import ConfigError
-    from cnc_ad.inference import Tiling
-
-    if args.tile is None:
-        if args.tile_overlap is not None:
-            raise ConfigError("--tile-overlap applies to --tile PX only")
-        return detector
-    detector.tiling = Tiling(args.tile, 0.25 if args.tile_overlap is None else args.tile_overlap)
-    if args.threshold is None and not detector.thresholds_fit_tiling(args.category):
-        logging.getLogger("cnc_ad.predict").warning(
-            "the stored thresholds were not set with %s: decisions may be off (set them with `cnc calibrate --tile "
-            "%d --save FILE` and pass --thresholds FILE, or give --threshold)",
-            detector.tiling.describe(),
-            detector.tiling.tile,
-        )
-    return detector
+            dist.init_from_env(resolve_device(args.device))
+    return load_detector(args)
 
 
 def _watch(args: argparse.Namespace, detector: Detector, after: After) -> int:
-    from cnc_ad.watch import watch_folder
+    from cnc_ad.deploy.watch import watch_folder
 
     summary = watch_folder(
         detector,

@@ -96,8 +96,8 @@ def _relaunch_with_torchrun(args: argparse.Namespace, run_dir: Path) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from cnc_ad.config import load_config
-    from cnc_ad.results import load_thresholds
     from cnc_ad.runs import RunFolder
+    from cnc_ad.thresholds import load_thresholds
     from cnc_ad.train import train
 
     under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -131,9 +131,12 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     from cnc_ad import distributed as dist
+    from cnc_ad.deploy.calibrate import calibrate_after_training
 
     if not dist.is_main_process():
         return 0
+    # Thresholds from the good images training held out, beside the final checkpoint.
+    calibrate_after_training(result.checkpoint, result.held_out, config, model=result.model)
     if args.json:
         thresholds = load_thresholds(result.checkpoint)
         emit_json(

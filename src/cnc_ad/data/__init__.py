@@ -24,8 +24,8 @@ from cnc_ad.data.scan import FORMATS, detect_format, scan_dataset, verify_index
 from cnc_ad.data.synth import synthesize
 
 if TYPE_CHECKING:
-    from cnc_ad.data.dataset import CheckedLoader, ImageFileDataset, TestDataset, TrainDataset, make_loader
-    from cnc_ad.data.transforms import PROTOCOLS, prepare_image, prepare_mask, to_tensor
+    from cnc_ad.data.dataset import CheckedLoader, ImageFileDataset, TestDataset, TrainDataset, make_loader, to_tensor
+    from cnc_ad.data.transforms import PROTOCOLS, prepare_image, prepare_mask
 
 _LAZY = {
     "TrainDataset": "cnc_ad.data.dataset",
@@ -36,7 +36,7 @@ _LAZY = {
     "PROTOCOLS": "cnc_ad.data.transforms",
     "prepare_image": "cnc_ad.data.transforms",
     "prepare_mask": "cnc_ad.data.transforms",
-    "to_tensor": "cnc_ad.data.transforms",
+    "to_tensor": "cnc_ad.data.dataset",
 }
 
 __all__ = [

@@ -21,14 +21,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
-from cnc_ad.data.images import decode_image, decode_mask, mask_size_message
+from cnc_ad.data.images import SKIP_BAD, decode_image, decode_mask, mask_size_message
 from cnc_ad.data.samples import Sample
-from cnc_ad.data.transforms import check_protocol, prepare_image, prepare_mask, resize_side, to_tensor
+from cnc_ad.data.transforms import check_protocol, prepare_image, prepare_mask, resize_side, to_chw
 from cnc_ad.errors import DataError
 
 log = logging.getLogger(__name__)
 
 ERROR_KEY = "error"
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 -> ``(3, H, W)`` float32 tensor in [0, 1] (:func:`cnc_ad.data.transforms.to_chw`)."""
+    return torch.from_numpy(to_chw(image))
 
 
 def _bad(index: int, path: Path, err: DataError) -> dict[str, Any]:
@@ -167,7 +172,7 @@ class CheckedLoader(DataLoader):
             errors = batch.pop("errors")
             for index, message in errors:
                 if not self.skip_bad:
-                    raise DataError(message if "--skip-bad" in message else f"{message}; or pass --skip-bad")
+                    raise DataError(message if SKIP_BAD in message else f"{message}; or pass {SKIP_BAD}")
                 if index not in self.skipped:
                     self.skipped.add(index)
                     log.warning("skipped: %s", message)

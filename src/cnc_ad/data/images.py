@@ -22,6 +22,8 @@ IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm", ".jp2", ".tga"}
 )
 MAX_PIXELS_ENV = "CNC_MAX_IMAGE_PIXELS"
+SKIP_BAD = "skip_bad=True"
+"""How messages name the option that skips unreadable files (``data.skip_bad``; the CLI shows ``--skip-bad``)."""
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
@@ -61,12 +63,12 @@ def _describe_failure(path: Path, kind: str, err: Exception) -> DataError:
     if isinstance(err, FileNotFoundError) or not path.exists():
         return DataError(f"{kind} {path} does not exist; rescan the dataset or restore the file")
     if empty:
-        return DataError(f"{kind} {path} is empty (0 bytes); re-copy or remove the file, or pass --skip-bad")
+        return DataError(f"{kind} {path} is empty (0 bytes); re-copy or remove the file")
     if isinstance(err, UnidentifiedImageError):
         reason = "not an image format Pillow can read"
     else:
         reason = str(err).splitlines()[0].replace(str(path), "file") if str(err) else type(err).__name__
-    return DataError(f"cannot decode {kind} {path} ({reason}); re-copy, convert or remove the file, or pass --skip-bad")
+    return DataError(f"cannot decode {kind} {path} ({reason}); re-copy, convert or remove the file")
 
 
 def _open(path: Path | BinaryIO, target: int | None, mode: str) -> tuple[Image.Image, tuple[int, int]]:
@@ -246,5 +248,5 @@ def mask_size_message(image: Path, mask: Path, size: tuple[int, ...], mask_size:
     """The one-line problem for a mask whose ``(H, W)`` differs from its image's."""
     return (
         f"mask {mask} is {mask_size[1]}x{mask_size[0]} but its image {image} is {size[1]}x{size[0]}; "
-        "regenerate the mask at the image's size, or pass --skip-bad"
+        f"regenerate the mask at the image's size, or pass {SKIP_BAD}"
     )

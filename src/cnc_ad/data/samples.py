@@ -7,9 +7,16 @@ all categories together (the CNC setting), while evaluation runs per category on
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from cnc_ad.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 NORMAL_DEFECT = "good"
@@ -90,3 +97,55 @@ class DatasetIndex:
             wanted = set(categories)
             kept = [s for s in kept if s.category in wanted]
         return replace(self, samples=kept)
+
+
+# ------------------------------------------------------------------------------------- calibration hold-out
+def split_calibration(samples: Sequence[Sample], share: float, minimum: int) -> tuple[list[Sample], list[Sample]]:
+    """Keep a deterministic share of each category's good training images aside for calibration.
+
+    Per category, ``h = max(minimum, floor(share * n))`` images are held out, evenly spread over the images sorted
+    by path (positions ``floor((i + 0.5) * n / h)``, i = 0..h-1: about every ``n / h``-th image); none when
+    ``share == 0`` or the category has fewer than ``2 * minimum`` images (logged), so training keeps most of a
+    small category. The same samples always give the same split, whatever their order.
+
+    Args:
+        samples: training samples with ``category`` and ``image`` (:class:`cnc_ad.data.Sample`).
+        share: the share held out, in [0, 0.5].
+        minimum: the fewest images held out per category (and half the fewest a category needs to hold any out).
+
+    Returns:
+        ``(train, held_out)``: the samples to train on (in their given order) and the held-out ones (by category,
+        then path).
+    """
+    if not 0.0 <= share <= 0.5:
+        raise ConfigError(f"calibration share {share!r}: use a value in [0, 0.5] (0 holds none out)")
+    if share == 0.0:
+        return list(samples), []
+    by_category: dict[str, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        by_category[sample.category].append(sample)
+    held: list[Sample] = []
+    for category in sorted(by_category):
+        ordered = sorted(by_category[category], key=lambda s: str(s.image))
+        n = len(ordered)
+        if n < 2 * max(minimum, 1):
+            log.info(
+                "category %s: %d training images, fewer than 2 x data.calibration_min=%d: none held out for "
+                "calibration (set thresholds later with `cnc calibrate`)",
+                category,
+                n,
+                minimum,
+            )
+            continue
+        count = max(minimum, math.floor(share * n))
+        held += [ordered[math.floor((i + 0.5) * n / count)] for i in range(count)]
+    kept = {id(s) for s in held}
+    return [s for s in samples if id(s) not in kept], held
+
+
+def held_out_by_category(samples: Sequence[Sample]) -> dict[str | None, list[Path]]:
+    """``{category: [image path]}`` of samples (e.g. the held-out part of :func:`split_calibration`)."""
+    grouped: dict[str | None, list[Path]] = defaultdict(list)
+    for sample in samples:
+        grouped[sample.category].append(Path(sample.image))
+    return dict(grouped)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cnc_ad.data.images import decode_image, decode_mask, is_image_file, mask_size_message
+from cnc_ad.data.images import SKIP_BAD, decode_image, decode_mask, is_image_file, mask_size_message
 from cnc_ad.data.samples import NORMAL_DEFECT, DatasetIndex, Sample
 from cnc_ad.errors import DataError
 from cnc_ad.progress import progress_bar
@@ -61,7 +61,7 @@ class _Problems:
 
     def __call__(self, message: str) -> None:
         if not self.skip_bad:
-            raise DataError(message)
+            raise DataError(message if SKIP_BAD in message else f"{message}; or pass {SKIP_BAD}")
         self.skipped += 1
         log.warning("skipped: %s", message)
 
@@ -168,7 +168,7 @@ def _match_masks(images: Sequence[Path], masks: Sequence[Path], where: str, prob
         if image not in pairs:
             problems(
                 f"image {image} has no mask in {where} (expected {image.stem}_mask.png or {image.stem}.png); "
-                "add the mask, remove the image, or pass --skip-bad"
+                f"add the mask, remove the image, or pass {SKIP_BAD}"
             )
     return pairs
 
@@ -210,7 +210,7 @@ def detect_format(root: str | os.PathLike) -> str:
         return "folder"
     raise DataError(
         f"no dataset found under {root}: expected category folders in the MVTec AD, VisA, MVTec AD 2, Real-IAD or "
-        "plain-folder layout (see `cnc data scan --help`); check the path or pass --format"
+        "plain-folder layout (see `cnc data scan --help`); check the path or pass format=NAME"
     )
 
 
@@ -316,7 +316,7 @@ def _scan_visa_raw(root: Path, problems: _Problems) -> list[Sample]:
         if mask is not None and not mask.is_file():
             problems(
                 f"image {image} has no mask: {mask} (listed in {VISA_SPLIT_CSV} line {line}) does not exist; "
-                "restore it or pass --skip-bad"
+                f"restore it or pass {SKIP_BAD}"
             )
             continue
         samples.append(Sample(image, category, split, 1, VISA_DEFECT, mask))
@@ -461,9 +461,9 @@ def _scan_explicit_folders(
     """One category from ``--normal/--abnormal/--masks``; named ``categories[0]``, else after ``root`` or the folder
     that holds ``normal``.
     """
-    normal_dir = _root_path(normal, "--normal folder")
-    abnormal_dir = _root_path(abnormal, "--abnormal folder") if abnormal is not None else None
-    masks_dir = _root_path(masks, "--masks folder") if masks is not None else None
+    normal_dir = _root_path(normal, "normal folder")
+    abnormal_dir = _root_path(abnormal, "abnormal folder") if abnormal is not None else None
+    masks_dir = _root_path(masks, "masks folder") if masks is not None else None
     given = [Path(p).expanduser().absolute() for p in (normal_dir, abnormal_dir, masks_dir) if p is not None]
     root_path = Path(root).expanduser() if root is not None else Path(os.path.commonpath(given))
     name = categories[0] if categories else (root_path.name if root is not None else normal_dir.absolute().parent.name)
@@ -503,9 +503,9 @@ def scan_dataset(
     if normal is not None:
         return _scan_explicit_folders(root, categories, normal, abnormal, masks, problems)
     if root is None:
-        raise DataError("no dataset given; pass the dataset root folder (or --normal DIR for a plain folder)")
+        raise DataError("no dataset given; pass the dataset root folder (or normal=DIR for a plain folder)")
     if abnormal is not None or masks is not None:
-        raise DataError("--abnormal and --masks need --normal DIR as well")
+        raise DataError("abnormal and masks folders need normal=DIR as well")
     root_path = _root_path(root)
     fmt = detect_format(root_path) if format is None else format
     if fmt not in FORMATS:
@@ -543,7 +543,7 @@ def scan_dataset(
         index = index.subset(categories)
     if not index.samples:
         raise DataError(
-            f"no images found in {root_path} (format {fmt}); check the path and the layout, or pass --format"
+            f"no images found in {root_path} (format {fmt}); check the path and the layout, or pass format=NAME"
         )
     if problems.skipped:
         log.warning("skipped %d problem(s) while scanning %s", problems.skipped, root_path)

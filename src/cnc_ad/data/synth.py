@@ -411,7 +411,7 @@ def render(category: str, rng: np.random.Generator, size: int, defect: str | Non
 def _resolve_categories(categories: int | Sequence[str]) -> list[str]:
     if isinstance(categories, int):
         if not 1 <= categories <= len(CATEGORIES):
-            raise DataError(f"--categories must be 1..{len(CATEGORIES)} (or names from {', '.join(CATEGORIES)})")
+            raise DataError(f"categories must be 1..{len(CATEGORIES)} (or names from {', '.join(CATEGORIES)})")
         return list(CATEGORIES[:categories])
     names = list(categories)
     unknown = [n for n in names if n not in CATEGORIES]
@@ -453,7 +453,7 @@ def synthesize(
     """
     names = _resolve_categories(categories)
     if per_category < 1 or size < 32:
-        raise DataError(f"need --per-category >= 1 and --size >= 32, got {per_category} and {size}")
+        raise DataError(f"need per_category >= 1 and size >= 32, got {per_category} and {size}")
     out = Path(out)
     stamp = out / STAMP_FILE
     wanted = {"version": SYNTH_VERSION, "categories": names, "per_category": per_category, "size": size, "seed": seed}
@@ -463,7 +463,7 @@ def synthesize(
         return out
     existing = [n for n in names if (out / n).exists()]
     if existing and previous is None and not overwrite:
-        raise DataError(f"{out} already holds {', '.join(existing)}; choose an empty folder or pass --overwrite")
+        raise DataError(f"{out} already holds {', '.join(existing)}; choose an empty folder or pass overwrite=True")
     stamp.unlink(missing_ok=True)  # written again only once every file is complete
     earlier = previous.get("categories", []) if isinstance(previous, dict) else []
     for name in sorted(set(existing) | {n for n in earlier if n in CATEGORIES and (out / n).is_dir()}):

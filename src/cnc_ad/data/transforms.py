@@ -5,13 +5,13 @@
 - ``"dinomaly"`` (Dinomaly): the image is resized to ``round(S * 448 / 392)`` and centre-cropped to ``S``; the mask is
   resized likewise to ``round(M * 448 / 392)``, centre-cropped to ``M`` and binarised at > 0.
 
-Images stay in ``[0, 1]`` without mean/std normalisation: the model owns normalisation.
+Images stay in ``[0, 1]`` without mean/std normalisation: the model owns normalisation. NumPy and Pillow only (no
+torch): a station that runs an exported model prepares its inputs with these functions too.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from PIL import Image
 
 from cnc_ad.data.images import resize_mask
@@ -64,6 +64,6 @@ def prepare_mask(mask: np.ndarray, size: int, protocol: str = "ader") -> np.ndar
     return (resized > 0.5).astype(np.float32)
 
 
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """``(H, W, 3)`` uint8 -> ``(3, H, W)`` float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+def to_chw(image: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` uint8 -> ``(3, H, W)`` float32 in [0, 1] (what the model and an exported graph take)."""
+    return np.ascontiguousarray(image.transpose(2, 0, 1)).astype(np.float32) / np.float32(255.0)

@@ -27,6 +27,16 @@ METRIC_KEYS = (
 )
 IMAGE_KEYS = METRIC_KEYS[:3]
 PIXEL_KEYS = METRIC_KEYS[3:]
+# Column labels of the metrics, as in the paper's tables (docs/method.md, Evaluation), in the order of METRIC_KEYS.
+METRIC_LABELS: dict[str, str] = {
+    "image_auroc": "I-AUROC",
+    "image_ap": "I-AP",
+    "image_f1_max": "I-F1max",
+    "pixel_auroc": "P-AUROC",
+    "pixel_ap": "P-AP",
+    "pixel_f1_max": "P-F1max",
+    "pixel_aupro": "AUPRO",
+}
 
 DEFAULT_BINS = 1 << 16
 DEFAULT_SCORE_RANGE = (0.0, 2.0)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from cnc_ad.config import ModelConfig
 from cnc_ad.errors import DataError, TextFeaturesError
-from cnc_ad.losses import cfd_loss, moe_balance_loss, ngd_loss, reconstruction_loss, total_loss
+from cnc_ad.losses import cfd_loss, ngd_loss, reconstruction_loss, total_loss
 from cnc_ad.model.anomaly_map import GaussianBlur, discrepancy, fnp_weight, image_score, tokens_to_grid
 from cnc_ad.model.decoder import Bottleneck, Decoder
 from cnc_ad.model.encoders import Encoder
@@ -221,7 +221,7 @@ class CNC(nn.Module):
                     t = F.normalize(t.detach().float(), dim=-1)
                     diagnostics[f"diag_cos_enc_{level}"] = (F.normalize(e.float(), dim=-1) @ t).mean()
                     diagnostics[f"diag_cos_dec_{level}"] = (F.normalize(d.detach().float(), dim=-1) @ t).mean()
-        moe = moe_balance_loss(out.importance) if self.moe is not None else None
+        moe = out.balance_loss if self.moe is not None else None
         if self.moe is not None:
             load = (out.gates.detach() > 0).float().flatten(0, 1).mean(dim=0) / self.config.top_k  # (E,)
             diagnostics.update({f"diag_load_{e}": share for e, share in enumerate(load)})

@@ -253,8 +253,7 @@ def create_clip(
             )
     how = (
         "either let open_clip download them (needs internet: model.pretrained=openai), or pass a local file "
-        "with --clip-weights PATH (build_model(..., clip_weights=PATH); safetensors or open_clip files, or the "
-        "original OpenAI .pt with --trust-pickle)"
+        "with clip_weights=PATH (safetensors or open_clip files, or the original OpenAI .pt with trust_pickle=True)"
     )
     path = Path(weights).expanduser()
     is_path = path.suffix != "" or "/" in weights or path.exists()
@@ -274,8 +273,8 @@ def create_clip(
         if is_path and not trust_pickle and is_pickle_file(path):
             raise WeightsError(
                 f"CLIP weights file {path} could not be read as plain tensors (torch.load weights_only=True): it is "
-                "a TorchScript or arbitrary pickle file, which can run code when loaded. Pass --trust-pickle "
-                "(trust_pickle=True) only for a file you trust, such as the original OpenAI CLIP .pt files, or "
+                "a TorchScript or arbitrary pickle file, which can run code when loaded. Pass trust_pickle=True only "
+                "for a file you trust, such as the original OpenAI CLIP .pt files, or "
                 "use a .safetensors file"
             ) from err
         raise WeightsError(f"could not load CLIP weights {weights!r} for {backbone}: {err}; {how}") from err

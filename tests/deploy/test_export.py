@@ -12,8 +12,8 @@ import torch
 
 from cnc_ad.cli import main
 from cnc_ad.config import load_config
+from cnc_ad.deploy.export import check_parity, export_onnx, random_images
 from cnc_ad.errors import TextFeaturesError
-from cnc_ad.export import check_parity, export_onnx, random_images
 from cnc_ad.model import build_model
 
 TOLERANCE = 1e-4
@@ -90,9 +90,11 @@ def test_cli_export_checks_parity(
 def test_cli_export_fails_beyond_tolerance(
     checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    import cnc_ad.export
+    import cnc_ad.deploy.export
 
-    monkeypatch.setattr(cnc_ad.export, "check_parity", lambda *a: {"max_abs_map": 0.5, "max_abs_score": np.float32(0)})
+    monkeypatch.setattr(
+        cnc_ad.deploy.export, "check_parity", lambda *a: {"max_abs_map": 0.5, "max_abs_score": np.float32(0)}
+    )
     args = ["-q", "export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "model.onnx")]
     assert main(args) == 7  # ExportError
     assert "exceeds the tolerance" in capsys.readouterr().err

@@ -19,28 +19,31 @@ from the torch module: OpenVINO's PyTorch frontend has no conversion rule for ``
 ``1 - cos`` maps), while its ONNX frontend converts the exported graph with the dynamic batch kept and parity within
 1e-6 of PyTorch (tiny and cnc-effnet-lite0). One traced graph for both formats also means one set of tracing rules.
 Weights stay float32 unless asked (``save_model`` compresses to float16 by default, which breaks the 1e-4 parity).
-The metadata (``cnc_ad.*`` keys, thresholds among them) is stored as the IR's ``rt_info`` under the same names.
+The metadata (:mod:`cnc_ad.deploy.metadata`: config, thresholds, version) is the graph's ``metadata_props`` in ONNX and
+its ``rt_info`` under the same names in OpenVINO; :class:`cnc_ad.deploy.Detector` reads it back.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cnc_ad import __version__
+from cnc_ad.deploy.backends import open_backend
+from cnc_ad.deploy.metadata import INPUT_NAME, OUTPUT_NAMES, graph_metadata, openvino_bin_path
 from cnc_ad.errors import ExportError
 from cnc_ad.files import default_mode, fsync_path
+from cnc_ad.thresholds import Thresholds
 
 if TYPE_CHECKING:
     from cnc_ad.model import CNC
@@ -48,10 +51,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("score", "anomaly_map")
-# OpenVINO's CPU plugin runs in bfloat16 by default where the CPU supports it (AMX, AVX512-BF16): force float32.
-OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 
 
 class InferenceGraph(nn.Module):
@@ -125,7 +124,8 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
     batch_size: int = 2,
-    metadata: Mapping[str, Any] | None = None,
+    thresholds: Thresholds | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> Path:
     """Export a CNC model's inference graph to ONNX (written atomically) and check it with ``onnx.checker``.
 
@@ -135,8 +135,8 @@ def export_onnx(
         opset: ONNX opset version (>= 14 for the attention ops).
         dynamic_batch: make the batch axis dynamic (else the graph takes exactly ``batch_size`` images).
         batch_size: batch of the random example images the graph is traced with.
-        metadata: extra ``metadata_props`` (JSON-encoded unless strings), e.g. ``{"cnc_ad.thresholds": {...}}``.
-            ``cnc_ad.version``, ``cnc_ad.config`` and ``cnc_ad.input`` are always written.
+        thresholds: thresholds to embed (a loaded graph decides by them unless thresholds are stored beside it).
+        checkpoint: the checkpoint exported, recorded in the metadata.
 
     Returns:
         The written file.
@@ -175,7 +175,7 @@ def export_onnx(
             except Exception as err:  # the exporter raises many types; one clear message
                 raise ExportError(f"ONNX export (opset {opset}) failed: {err}") from err
         proto = onnx.load(str(tmp))
-        onnx.helper.set_model_props(proto, _metadata_props(model, metadata))
+        onnx.helper.set_model_props(proto, _metadata(model, thresholds, checkpoint))
         onnx.save(proto, str(tmp))
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
@@ -191,21 +191,9 @@ def export_onnx(
     return path
 
 
-def _metadata_props(model: CNC, metadata: Mapping[str, Any] | None) -> dict[str, str]:
-    """The ``cnc_ad.*`` metadata both formats carry: version, config, input description and ``metadata``."""
-    size = model.image_size
-    props = {
-        "cnc_ad.version": __version__,
-        "cnc_ad.config": json.dumps(_jsonable(model.config.__dict__)),
-        "cnc_ad.input": f"{INPUT_NAME}: (B, 3, {size}, {size}) float32 RGB in [0, 1], not normalised",
-    }
-    props.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    return props
-
-
-def openvino_bin_path(xml_path: str | os.PathLike) -> Path:
-    """The weights file (``.bin``) OpenVINO reads beside an IR's ``.xml``."""
-    return Path(xml_path).with_suffix(".bin")
+def _metadata(model: CNC, thresholds: Thresholds | None, checkpoint: str | os.PathLike | None) -> dict[str, str]:
+    config = dataclasses.asdict(model.config)
+    return graph_metadata(config, model.image_size, thresholds=thresholds, checkpoint=checkpoint)
 
 
 def export_openvino(
@@ -216,7 +204,8 @@ def export_openvino(
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
     batch_size: int = 2,
-    metadata: Mapping[str, Any] | None = None,
+    thresholds: Thresholds | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> Path:
     """Export a CNC model's inference graph to OpenVINO IR: ``path`` (``.xml``) and the ``.bin`` beside it.
 
@@ -231,7 +220,8 @@ def export_openvino(
         opset: ONNX opset of the intermediate graph.
         dynamic_batch: make the batch axis dynamic (else the graph takes exactly ``batch_size`` images).
         batch_size: batch of the random example images the graph is traced with.
-        metadata: extra metadata, as for :func:`export_onnx`.
+        thresholds: thresholds to embed, as for :func:`export_onnx`.
+        checkpoint: the checkpoint exported, recorded in the metadata.
 
     Returns:
         The written ``.xml`` file.
@@ -256,13 +246,14 @@ def export_openvino(
             opset=opset,
             dynamic_batch=dynamic_batch,
             batch_size=batch_size,
-            metadata=metadata,
+            thresholds=thresholds,
+            checkpoint=checkpoint,
         )
         try:
             graph = ov.convert_model(str(onnx_path))
         except Exception as err:  # OpenVINO raises its own exception types; one clear message
             raise ExportError(f"OpenVINO cannot convert the exported ONNX graph: {err}") from err
-        for key, value in _metadata_props(model, metadata).items():
+        for key, value in _metadata(model, thresholds, checkpoint).items():
             graph.set_rt_info(value, key)
         xml = scratch / "model.xml"
         ov.save_model(graph, str(xml), compress_to_fp16=fp16)
@@ -275,35 +266,9 @@ def export_openvino(
     return path
 
 
-def read_openvino_metadata(model: Any) -> dict[str, str]:
-    """The ``cnc_ad.*`` metadata of an IR read with ``openvino.Core().read_model`` (key -> string value)."""
-    keys = [key for key in model.get_rt_info().keys() if key.startswith("cnc_ad.")]  # noqa: SIM118 (an RTMap)
-    return {key: model.get_rt_info(key).astype(str) for key in keys}
-
-
-def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
-
-
 def random_images(batch_size: int, image_size: int, seed: int = 0) -> Tensor:
     """Uniform random images (B, 3, S, S) in [0, 1] from a seeded generator."""
     return torch.rand(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
-
-
-def _run_exported(path: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (B,) and maps (B, 1, M, M) of an exported graph on the CPU: ``.xml`` with OpenVINO, else onnxruntime."""
-    if path.suffix == ".xml":
-        _require_openvino()
-        import openvino as ov
-
-        result = ov.Core().compile_model(str(path), "CPU", OPENVINO_CONFIG)(images)
-        scores, maps = (np.asarray(result[name]) for name in OUTPUT_NAMES)
-        return scores, maps
-    _require_onnx()
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return tuple(session.run(list(OUTPUT_NAMES), {INPUT_NAME: images}))
 
 
 @torch.no_grad()
@@ -319,7 +284,8 @@ def check_parity(model: CNC, path: str | os.PathLike, images: Tensor) -> dict[st
     Returns:
         ``{"max_abs_map", "max_abs_score"}``: largest absolute differences of the maps (B, 1, M, M) and scores (B,).
     """
-    scores, maps = _run_exported(Path(path), images.detach().float().cpu().numpy())
+    backend = open_backend(path, device="CPU" if Path(path).suffix == ".xml" else "auto").backend
+    scores, maps = backend(images.detach().float().cpu().numpy())  # maps (B, M, M)
     was_training = model.training
     model.eval()
     try:
@@ -328,6 +294,6 @@ def check_parity(model: CNC, path: str | os.PathLike, images: Tensor) -> dict[st
     finally:
         model.train(was_training)
     return {
-        "max_abs_map": float(np.abs(maps - reference.anomaly_map.float().cpu().numpy()).max()),
+        "max_abs_map": float(np.abs(maps - reference.anomaly_map[:, 0].float().cpu().numpy()).max()),
         "max_abs_score": float(np.abs(scores - reference.score.float().cpu().numpy()).max()),
     }

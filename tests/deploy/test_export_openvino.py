@@ -1,6 +1,6 @@
 """OpenVINO IR export: parity with PyTorch (tiny and the offline preset, random and synthetic images), a dynamic
 batch, float32 weights by default, `cnc export --format openvino`'s parity check and exit status, and
-`Detector.from_openvino` / `cnc predict --openvino` (same scores as the checkpoint, damaged files refused)."""
+`Detector.load(model.xml)` / `cnc predict --model model.xml` (same scores as the checkpoint, damaged files refused)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ from cnc_ad import Detector
 from cnc_ad.cli import main
 from cnc_ad.config import load_config
 from cnc_ad.data import ImageFileDataset, scan_dataset
-from cnc_ad.errors import ExportError
-from cnc_ad.export import check_parity, export_openvino, openvino_bin_path, random_images, read_openvino_metadata
+from cnc_ad.deploy.export import check_parity, export_openvino, random_images
+from cnc_ad.deploy.metadata import openvino_bin_path, openvino_metadata
+from cnc_ad.errors import ConfigError, ExportError
 from cnc_ad.files import read_jsonl
 from cnc_ad.model import build_model
-from cnc_ad.results import Thresholds
+from cnc_ad.thresholds import Thresholds
 
 ov = pytest.importorskip("openvino", reason="openvino is not installed (pip install 'cnc-ad[openvino]')")
 
@@ -61,7 +62,8 @@ def test_parity_with_dynamic_batch(
     preset: str, overrides: tuple[str, ...], pretrained: bool, synth_root: Path, tmp_path: Path
 ) -> None:
     model = _model(f"model.preset={preset}", *overrides, pretrained=pretrained)
-    path = export_openvino(model, tmp_path / "model.xml", batch_size=2, metadata={"cnc_ad.thresholds": THRESHOLDS})
+    thresholds = Thresholds.from_json(THRESHOLDS)
+    path = export_openvino(model, tmp_path / "model.xml", batch_size=2, thresholds=thresholds)
     assert path == tmp_path / "model.xml" and openvino_bin_path(path).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin", "model.xml"]  # no temporary files left
     graph = ov.Core().read_model(str(path))
@@ -69,9 +71,9 @@ def test_parity_with_dynamic_batch(
     assert [i.get_any_name() for i in graph.inputs] == ["images"]
     assert str(graph.inputs[0].get_partial_shape()) == f"[?,3,{size},{size}]"
     assert [o.get_any_name() for o in graph.outputs] == ["score", "anomaly_map"]
-    meta = read_openvino_metadata(graph)
+    meta = openvino_metadata(graph)
     assert json.loads(meta["cnc_ad.config"])["preset"] == preset
-    assert json.loads(meta["cnc_ad.thresholds"]) == THRESHOLDS
+    assert Thresholds.from_json(json.loads(meta["cnc_ad.thresholds"])) == thresholds
     for batch in (1, 3):  # neither is the traced batch size
         _assert_parity(model, path, random_images(batch, size, seed=batch))
     _assert_parity(model, path, _synth_images(synth_root, size))
@@ -105,16 +107,16 @@ def test_cli_export_checks_parity(
     printed = capsys.readouterr().out
     assert "parity on 4 random images" in printed and "parity on 4 dataset images" in printed
     assert f"exported {out} (parity within 0.0001)" in printed
-    meta = read_openvino_metadata(ov.Core().read_model(str(out)))
+    meta = openvino_metadata(ov.Core().read_model(str(out)))
     assert meta["cnc_ad.checkpoint"] == str(tiny_checkpoint) and json.loads(meta["cnc_ad.thresholds"]) == THRESHOLDS
 
 
 def test_cli_export_fails_beyond_tolerance(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    import cnc_ad.export
+    import cnc_ad.deploy.export
 
-    monkeypatch.setattr(cnc_ad.export, "check_parity", lambda *a: {"max_abs_map": 0.5, "max_abs_score": 0.0})
+    monkeypatch.setattr(cnc_ad.deploy.export, "check_parity", lambda *a: {"max_abs_map": 0.5, "max_abs_score": 0.0})
     args = [
         "-q",
         "export",
@@ -162,14 +164,17 @@ def test_cli_predict_openvino_matches_checkpoint(tiny_checkpoint: Path, ir: Path
         torch_map = np.load(tmp_path / "torch" / record["map"]).astype(np.float32)
         ov_map = np.load(tmp_path / "ov" / by_ov[path]["map"]).astype(np.float32)
         np.testing.assert_allclose(torch_map, ov_map, atol=2e-3)  # float16 files
-    detector = Detector.from_openvino(ir, config={"INFERENCE_NUM_THREADS": 1})
+    detector = Detector.load(ir, openvino_config={"INFERENCE_NUM_THREADS": 1})
     assert detector.thresholds == Thresholds.from_json(THRESHOLDS) and detector.image_size == 32
     images = torch.rand(5, 3, detector.image_size, detector.image_size)
-    reference = Detector.from_checkpoint(tiny_checkpoint, device="cpu").predict(images)
+    reference = Detector.load(tiny_checkpoint, device="cpu").predict(images)
     out = detector.predict(images, batch_size=5)
     np.testing.assert_allclose(out.scores, reference.scores, atol=TOLERANCE)
     np.testing.assert_array_equal(out.is_anomalous, reference.is_anomalous)
-    assert Detector.from_openvino(ir, thresholds={"image": {}, "pixel": {}}).threshold() is None
+    assert Detector.load(ir, thresholds={"image": {}, "pixel": {}}).threshold() is None
+    assert Detector.load(ir, device="cpu").predict(images[:1]).scores == pytest.approx(out.scores[:1], abs=1e-6)
+    with pytest.raises(ConfigError, match="not CUDA"):
+        Detector.load(ir, device="cuda")
 
 
 @pytest.mark.parametrize(
@@ -192,7 +197,7 @@ def test_damaged_ir_is_refused(
     else:
         target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
     with pytest.raises(ExportError, match=message):
-        Detector.from_openvino(xml)
+        Detector.load(xml)
     Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
     assert main(["-q", "predict", "--openvino", str(xml), str(tmp_path / "in.png"), "--out", str(tmp_path / "o")]) == 7
     err = capsys.readouterr().err

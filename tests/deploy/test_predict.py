@@ -12,11 +12,11 @@ from PIL import Image
 
 from cnc_ad import Detector
 from cnc_ad.cli import main
+from cnc_ad.deploy.detector import DetectionResult
+from cnc_ad.deploy.predict import collect_inputs, output_name
 from cnc_ad.errors import ConfigError, DataError, TextFeaturesError
 from cnc_ad.files import read_jsonl
-from cnc_ad.inference import DetectionResult
-from cnc_ad.predict import collect_inputs, output_name
-from cnc_ad.results import Thresholds
+from cnc_ad.thresholds import Thresholds
 
 THRESHOLDS = {"image": {"__all__": 1.0, "brick": 0.0, "washer": 99.0}, "pixel": {"__all__": 0.9, "brick": 0.0}}
 
@@ -28,7 +28,7 @@ def tiny_thresholds() -> dict:
 
 @pytest.fixture(scope="module")
 def detector(tiny_checkpoint: Path) -> Detector:
-    return Detector.from_checkpoint(tiny_checkpoint, device="cpu")
+    return Detector.load(tiny_checkpoint, device="cpu")
 
 
 def _rgb(height: int, width: int, seed: int) -> np.ndarray:
@@ -66,7 +66,9 @@ def test_api_on_each_input_kind(detector: Detector, tmp_path: Path) -> None:
     batch = torch.rand(3, 3, side, side)
     out = detector.predict(batch, batch_size=2)
     assert out.scores.shape == (3,) and all(m.shape == (side, side) for m in out.maps)
-    np.testing.assert_allclose(out.scores, detector.score_batch(batch)[0], atol=1e-6)  # passed through unresized
+    np.testing.assert_allclose(out.scores, detector.score(batch.numpy())[0], atol=1e-6)  # passed through unresized
+    encoded = detector.predict(path.read_bytes())  # the file's bytes, as an upload
+    np.testing.assert_allclose(encoded.scores, by_path.scores, atol=1e-6)
     mixed = detector.predict([path, rgb[:17, :23], torch.rand(3, 48, 40), Image.fromarray(rgb).convert("L")])
     assert [m.shape for m in mixed.maps] == [(40, 50), (17, 23), (48, 40), (40, 50)]
     assert mixed.scores.dtype == np.float32 and np.isfinite(mixed.scores).all()
@@ -98,16 +100,16 @@ def test_thresholds_stored_explicit_and_per_category(detector: Detector) -> None
     assert explicit.is_anomalous.all() and not any(mask.any() for mask in explicit.masks)
     with pytest.raises(ConfigError, match="brick"):
         detector.predict(images, category="carpet")
-    bare = Detector(detector.backend, detector.image_size, thresholds=None)
+    bare = Detector(detector.backend, thresholds=None)
     assert bare.predict(images).is_anomalous is None and bare.predict(images).masks is None
 
 
 def test_a_model_whose_text_features_were_never_stored_is_refused() -> None:
-    from cnc_ad.inference import TorchBackend
+    from cnc_ad.deploy.backends import TorchBackend
     from tests.helpers import tiny_model
 
     with pytest.raises(TextFeaturesError, match=r"never stored.*store_text_features"):
-        Detector(TorchBackend(tiny_model(), torch.device("cpu")), 32)
+        Detector(TorchBackend(tiny_model(), torch.device("cpu")))
 
 
 def test_collect_inputs(tmp_path: Path) -> None:
@@ -123,7 +125,7 @@ def test_collect_inputs(tmp_path: Path) -> None:
 
 
 def _predict(checkpoint: Path, inputs: list[Path], out: Path, *extra: str) -> int:
-    args = ["-q", "predict", "--checkpoint", str(checkpoint), *map(str, inputs), "--out", str(out)]
+    args = ["-q", "predict", "--model", str(checkpoint), *map(str, inputs), "--out", str(out)]
     return main([*args, "--num-workers", "0", "--no-progress", "--batch-size", "2", *extra])
 
 
@@ -171,22 +173,22 @@ def test_cli_interrupted_run_keeps_written_results(
 ) -> None:
     paths = _images(tmp_path / "in")
     out = tmp_path / "out"
-    real = Detector.score_batch
+    real = Detector.score
     calls = []
 
-    def crash_on_second_batch(self: Detector, images: torch.Tensor):
+    def crash_on_second_batch(self: Detector, images: np.ndarray):
         calls.append(len(images))
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(self, images)
 
-    monkeypatch.setattr(Detector, "score_batch", crash_on_second_batch)
+    monkeypatch.setattr(Detector, "score", crash_on_second_batch)
     assert _predict(tiny_checkpoint, [tmp_path / "in"], out) == 130
     kept = read_jsonl(out / "predictions.jsonl")
     assert len(kept) == calls[0] >= 1  # the first batch survives the crash, with its files and the CSV
     assert all((out / r["map"]).is_file() and (out / r["overlay"]).is_file() for r in kept)
     assert len((out / "predictions.csv").read_text().splitlines()) == 1 + len(kept)
-    monkeypatch.setattr(Detector, "score_batch", real)
+    monkeypatch.setattr(Detector, "score", real)
     assert _predict(tiny_checkpoint, [tmp_path / "in"], out, "--resume") == 0
     records = read_jsonl(out / "predictions.jsonl")
     assert records[: len(kept)] == kept
@@ -198,7 +200,7 @@ def test_cli_predict_onnx_matches_checkpoint(tiny_checkpoint: Path, tmp_path: Pa
     onnx_file = tmp_path / "model.onnx"
     assert main(["-q", "export", "--checkpoint", str(tiny_checkpoint), "--out", str(onnx_file)]) == 0
     assert _predict(tiny_checkpoint, [tmp_path / "in"], tmp_path / "torch") == 0
-    args = ["-q", "predict", "--onnx", str(onnx_file), str(tmp_path / "in"), "--out", str(tmp_path / "onnx")]
+    args = ["-q", "predict", "--model", str(onnx_file), str(tmp_path / "in"), "--out", str(tmp_path / "onnx")]
     assert main([*args, "--num-workers", "0", "--no-progress"]) == 0
     by_torch = {r["path"]: r for r in read_jsonl(tmp_path / "torch" / "predictions.jsonl")}
     by_onnx = {r["path"]: r for r in read_jsonl(tmp_path / "onnx" / "predictions.jsonl")}
@@ -209,10 +211,10 @@ def test_cli_predict_onnx_matches_checkpoint(tiny_checkpoint: Path, tmp_path: Pa
         torch_map = np.load(tmp_path / "torch" / record["map"]).astype(np.float32)
         onnx_map = np.load(tmp_path / "onnx" / by_onnx[path]["map"]).astype(np.float32)
         np.testing.assert_allclose(torch_map, onnx_map, atol=2e-3)  # float16 files
-    detector = Detector.from_onnx(onnx_file)
+    detector = Detector.load(onnx_file)
     assert detector.thresholds == Thresholds.from_json(THRESHOLDS)
     images = torch.rand(5, 3, detector.image_size, detector.image_size)
-    reference = Detector.from_checkpoint(tiny_checkpoint, device="cpu").predict(images)
+    reference = Detector.load(tiny_checkpoint, device="cpu").predict(images)
     out = detector.predict(images, batch_size=5)
     np.testing.assert_allclose(out.scores, reference.scores, atol=1e-4)
     np.testing.assert_array_equal(out.is_anomalous, reference.is_anomalous)

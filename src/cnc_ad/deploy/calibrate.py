@@ -11,12 +11,14 @@ only good parts, so here a threshold is set where a chosen share of good images 
 - pixel threshold: the same quantile of the good images' anomaly-map values (a pixel false-alarm rate: that share of
   good pixels is marked). To bound memory, at most :data:`PIXELS_PER_IMAGE` values of each map are kept (all of them
   for maps of up to 64 x 64; else a seeded uniform random subset), see :func:`sample_pixels`.
-- :data:`~cnc_ad.results.ALL` (images of any category): the same rules over every category's images pooled.
+- :data:`~cnc_ad.thresholds.ALL` (images of any category): the same rules over every category's images pooled.
 
-Training keeps a deterministic share of each category's good training images aside (:func:`split_calibration`) and
-sets thresholds on them after the last checkpoint; ``cnc calibrate`` does the same from any folders of good images.
-Thresholds are stored beside the checkpoint through :func:`cnc_ad.results.update_thresholds`, which keeps the
-F1-max values of ``cnc eval`` where they exist (see :mod:`cnc_ad.results` for the precedence).
+Training keeps a deterministic share of each category's good training images aside
+(:func:`cnc_ad.data.samples.split_calibration`), and its callers set thresholds on them after the last checkpoint
+(:func:`calibrate_after_training`); ``cnc calibrate`` does the same from any folders of good images, for a checkpoint
+or an exported model. Thresholds are stored where the model's loader finds them (:func:`store_thresholds`), merged so
+that the F1-max values of ``cnc eval`` are kept (see :mod:`cnc_ad.thresholds` for the precedence). NumPy only: a
+station calibrates an exported model without torch.
 """
 
 from __future__ import annotations
@@ -25,21 +27,20 @@ import dataclasses
 import logging
 import math
 import os
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cnc_ad.data.samples import Sample, held_out_by_category
+from cnc_ad.deploy.detector import Detector
+from cnc_ad.deploy.tiling import TILES_RULE
 from cnc_ad.errors import ConfigError, DataError
-from cnc_ad.results import ALL, FALSE_ALARM_RULE, Threshold, Thresholds
+from cnc_ad.thresholds import ALL, FALSE_ALARM_RULE, Threshold, Thresholds, merge_thresholds, save_thresholds
 
 if TYPE_CHECKING:
-    import torch
-
     from cnc_ad.config import Config
-    from cnc_ad.inference import Detector, Tiling
     from cnc_ad.model import CNC
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,6 @@ PIXELS_PER_IMAGE = 4096
 """Map values kept per good image for the pixel threshold (every value of maps up to 64 x 64)."""
 MIN_IMAGES = 5
 """The fewest good images a category's thresholds are set from, unless a caller says otherwise."""
-
-S = TypeVar("S")
 
 
 # -------------------------------------------------------------------------------------------------- the rule
@@ -192,110 +191,32 @@ def sample_pixels(maps: np.ndarray, per_image: int = PIXELS_PER_IMAGE, seed: int
     return np.take_along_axis(flat, picks, axis=1)
 
 
-# ----------------------------------------------------------------------------------------------- the hold-out
-def split_calibration(samples: Sequence[S], share: float, minimum: int) -> tuple[list[S], list[S]]:
-    """Keep a deterministic share of each category's good training images aside for calibration.
-
-    Per category, ``h = max(minimum, floor(share * n))`` images are held out, evenly spread over the images sorted
-    by path (positions ``floor((i + 0.5) * n / h)``, i = 0..h-1: about every ``n / h``-th image); none when
-    ``share == 0`` or the category has fewer than ``2 * minimum`` images (logged), so training keeps most of a
-    small category. The same samples always give the same split, whatever their order.
-
-    Args:
-        samples: training samples with ``category`` and ``image`` (:class:`cnc_ad.data.Sample`).
-        share: the share held out, in [0, 0.5].
-        minimum: the fewest images held out per category (and half the fewest a category needs to hold any out).
-
-    Returns:
-        ``(train, held_out)``: the samples to train on (in their given order) and the held-out ones (by category,
-        then path).
-    """
-    if not 0.0 <= share <= 0.5:
-        raise ConfigError(f"calibration share {share!r}: use a value in [0, 0.5] (0 holds none out)")
-    if share == 0.0:
-        return list(samples), []
-    by_category: dict[str, list[Any]] = defaultdict(list)
-    for sample in samples:
-        by_category[sample.category].append(sample)  # type: ignore[attr-defined]
-    held: list[Any] = []
-    for category in sorted(by_category):
-        ordered = sorted(by_category[category], key=lambda s: str(s.image))
-        n = len(ordered)
-        if n < 2 * max(minimum, 1):
-            log.info(
-                "category %s: %d training images, fewer than 2 x data.calibration_min=%d: none held out for "
-                "calibration (set thresholds later with `cnc calibrate`)",
-                category,
-                n,
-                minimum,
-            )
-            continue
-        count = max(minimum, math.floor(share * n))
-        held += [ordered[math.floor((i + 0.5) * n / count)] for i in range(count)]
-    kept = {id(s) for s in held}
-    return [s for s in samples if id(s) not in kept], held
-
-
-def held_out_by_category(samples: Sequence[Any]) -> dict[str | None, list[Path]]:
-    """``{category: [image path]}`` of samples (e.g. the held-out part of :func:`split_calibration`)."""
-    grouped: dict[str | None, list[Path]] = defaultdict(list)
-    for sample in samples:
-        grouped[sample.category].append(Path(sample.image))
-    return dict(grouped)
-
-
 # ------------------------------------------------------------------------------------------- with the model
 def score_images(
     detector: Detector,
     paths: Sequence[str | os.PathLike],
     *,
     batch_size: int = 16,
-    num_workers: int = 0,
+    workers: int = 2,
     skip_bad: bool = False,
     per_image: int = PIXELS_PER_IMAGE,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (N,) and sampled map values (N, K) of image files, preprocessed exactly as evaluation and prediction.
+    """Scores (N,) and sampled map values (N, K) of image files, scored exactly as prediction scores them (by tiles
+    when the detector has a tiling).
 
     Raises:
         DataError: an unreadable file (unless ``skip_bad``, which leaves it out with a warning).
     """
-    from cnc_ad.data.dataset import ImageFileDataset, make_loader
-
-    if detector.tiling is not None:
-        return _score_tiled(detector, paths, batch_size, skip_bad, per_image, seed)
-    dataset = ImageFileDataset(list(paths), detector.image_size)
-    loader = make_loader(dataset, max(1, batch_size), num_workers=num_workers, skip_bad=skip_bad)
     scores, values = [], []
-    for k, batch in enumerate(loader):
-        batch_scores, maps = detector.score_batch(batch["image"])
-        scores.append(np.asarray(batch_scores, np.float32))
-        values.append(sample_pixels(maps, per_image, seed + k))
-    if not scores:
-        return np.zeros(0, np.float32), np.zeros((0, 0), np.float32)
-    return np.concatenate(scores), np.concatenate(values)
-
-
-def _score_tiled(
-    detector: Detector,
-    paths: Sequence[str | os.PathLike],
-    batch_size: int,
-    skip_bad: bool,
-    per_image: int,
-    seed: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`score_images` for a detector with tiling: one image at a time at its own resolution."""
-    scores, values = [], []
-    for k, path in enumerate(paths):
-        try:
-            score, stitched = detector.score_tiled(detector.load_full(path), batch_size)
-        except DataError as err:
+    for outcome in detector.results(paths, batch_size=batch_size, workers=workers):
+        if outcome.result is None:
             if not skip_bad:
-                raise
-            log.warning("skipped: %s", err)
+                raise DataError(outcome.error or f"cannot read {outcome.name}")
+            log.warning("skipped: %s", outcome.error)
             continue
-        scores.append(score)
-        values.append(sample_pixels(stitched[None], per_image, seed + k))
+        scores.append(outcome.result.score)
+        values.append(sample_pixels(outcome.result.small_map[None], per_image, seed + outcome.index))
     if not scores:
         return np.zeros(0, np.float32), np.zeros((0, 0), np.float32)
     return np.asarray(scores, np.float32), np.concatenate(values)
@@ -308,19 +229,21 @@ def calibrate_detector(
     *,
     pixel_false_alarm_rate: float | None = None,
     batch_size: int = 16,
-    num_workers: int = 0,
+    workers: int = 2,
     skip_bad: bool = False,
     min_images: int = MIN_IMAGES,
 ) -> Thresholds:
     """Score good images with ``detector`` and set thresholds on them (:func:`normal_thresholds`); stores nothing.
+
+    With a tiling, the thresholds hold for scores of those tiles only, and their rules say so (``";tiles=PX/S"``).
 
     Args:
         detector: the model.
         normal_images: per category, files of good images; the key None: good images of no known category.
         false_alarm_rate: share of good images the image thresholds call anomalous.
         pixel_false_alarm_rate: share of good pixels the pixel thresholds call anomalous (default: the same).
-        batch_size: images per model call.
-        num_workers: image decoding processes.
+        batch_size: images (tiles) per model call.
+        workers: image decoding threads.
         skip_bad: log and skip unreadable files instead of stopping.
         min_images: fewest good images a category needs.
     """
@@ -329,7 +252,7 @@ def calibrate_detector(
     maps: dict[str | None, np.ndarray] = {}
     for category, paths in normal_images.items():
         scores[category], maps[category] = score_images(
-            detector, paths, batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad
+            detector, paths, batch_size=batch_size, workers=workers, skip_bad=skip_bad
         )
         log.info("scored %d good images of %s", len(scores[category]), category or "no named category")
     found = normal_thresholds(
@@ -346,127 +269,90 @@ def calibrate_detector(
     )
 
 
-def calibrate_checkpoint(
-    checkpoint: str | os.PathLike,
-    normal_images: Mapping[str | None, Sequence[str | os.PathLike]],
-    false_alarm_rate: float,
+def store_thresholds(
+    detector: Detector,
+    found: Thresholds,
     *,
-    device: str | torch.device = "auto",
-    batch_size: int = 16,
-    pixel_false_alarm_rate: float | None = None,
     replace_labelled: bool = False,
-    model: CNC | None = None,
-    num_workers: int = 0,
-    skip_bad: bool = False,
-    min_images: int = MIN_IMAGES,
-    tiling: Tiling | None = None,
     save_to: str | os.PathLike | None = None,
-    **load: Any,
-) -> Thresholds:
-    """Set thresholds on good images and store them beside a checkpoint, keeping F1-max values from ``cnc eval``.
+) -> tuple[Path, Thresholds]:
+    """Store thresholds set for ``detector``'s model where it finds them next time, keeping F1-max values.
 
     Args:
-        checkpoint: checkpoint folder, run folder or ``RUN/last``.
-        normal_images: per category, files of good images (None: of no known category; they set ``ALL`` only).
-        false_alarm_rate: the share of good images called anomalous, in (0, 0.5).
-        device: ``"auto"`` or a torch device.
-        batch_size: images per model call.
-        pixel_false_alarm_rate: the share of good pixels marked (default: ``false_alarm_rate``).
-        replace_labelled: store the new values even where F1-max ones exist (default: keep those).
-        model: the checkpoint's model, already loaded (training passes its own); default: loaded from ``checkpoint``.
-        num_workers: image decoding processes.
-        skip_bad: leave unreadable files out with a warning instead of stopping.
-        min_images: a category with fewer good images raises.
-        tiling: score the images by tiles (:class:`~cnc_ad.inference.Tiling`); the thresholds then hold for tiled
-            scoring only, and their rules say with which tiles. They need ``save_to``.
-        save_to: write the thresholds found to this file instead of beside the checkpoint (nothing there changes).
-        **load: ``clip_weights``, ``trust_pickle``, ``pretrained`` for :meth:`Detector.from_checkpoint`.
+        detector: the model they were set for; its :attr:`~cnc_ad.deploy.Detector.thresholds_file` is where they go
+            (beside a checkpoint, or beside an exported graph), merged with the ones it decides by now
+            (:func:`cnc_ad.thresholds.merge_thresholds`: F1-max values of ``cnc eval`` are kept).
+        found: the new thresholds.
+        replace_labelled: store the new values even where F1-max ones exist.
+        save_to: write ``found`` alone to this file instead (nothing beside the model changes).
 
     Returns:
-        The thresholds found now (the stored file may keep other values: see :func:`cnc_ad.results.update_thresholds`).
-    """
-    from cnc_ad.checkpoint import resolve_checkpoint
-    from cnc_ad.device import resolve_device
-    from cnc_ad.inference import Detector, TorchBackend
-    from cnc_ad.results import save_thresholds, update_thresholds
+        the file written and the thresholds it holds; the detector decides by them from now on (unless ``save_to``).
 
-    if tiling is not None and save_to is None:
-        raise ConfigError(
-            "thresholds for tiled scoring hold for tiled scoring only, so they are not stored beside the checkpoint "
-            "(whole-image predictions read those): give a file for them (--save FILE), then `cnc predict --tile ... "
-            "--thresholds FILE`"
-        )
-    folder = resolve_checkpoint(checkpoint)
-    if model is not None:
-        torch_device = resolve_device(device) if isinstance(device, str) else device
-        detector = Detector(TorchBackend(model, torch_device), model.image_size, None, str(folder))
-    else:
-        detector = Detector.from_checkpoint(folder, device=device, **load)
-    detector.tiling = tiling
-    found = calibrate_detector(
-        detector,
-        normal_images,
-        false_alarm_rate,
-        pixel_false_alarm_rate=pixel_false_alarm_rate,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        skip_bad=skip_bad,
-        min_images=min_images,
-    )
+    Raises:
+        ConfigError: thresholds for tiled scoring without ``save_to`` (whole-image predictions read the stored ones).
+    """
     if save_to is not None:
-        path = save_thresholds(save_to, found, file=True)
-        log.info("wrote thresholds at false-alarm rate %g to %s", false_alarm_rate, path)
-        return found
-    stored = update_thresholds(folder, found, replace_labelled=replace_labelled)
-    kept = [
-        f"{kind} {category}"
-        for kind in ("image", "pixel")
-        for category, value in stored.table(kind).items()
-        if category in found.table(kind) and value != found.table(kind)[category]
-    ]
-    if kept:
-        log.info("kept the F1-max thresholds of `cnc eval` for %s (replace_labelled replaces them)", ", ".join(kept))
-    log.info("stored thresholds at false-alarm rate %g beside %s", false_alarm_rate, folder)
-    return found
+        return save_thresholds(save_to, found, file=True), found
+    if any(TILES_RULE + "=" in t.rule for t in found.image.values()):
+        raise ConfigError(
+            "thresholds for tiled scoring hold for tiled scoring only, so they are not stored beside the model "
+            "(whole-image predictions read those): save them to a file of their own and load that file with the "
+            "tiling"
+        )
+    if detector.thresholds_file is None:
+        raise ConfigError(f"the model {detector.source or '(in memory)'} has no place to store thresholds; save them")
+    merged = merge_thresholds(detector.thresholds, found, replace_labelled=replace_labelled)
+    path = save_thresholds(detector.thresholds_file, merged, file=True)
+    detector.thresholds = merged
+    return path, merged
 
 
 def calibrate_after_training(
-    checkpoint: str | os.PathLike,
-    held_out: Sequence[Any],
-    config: Config,
-    *,
-    model: CNC,
-    device: torch.device,
+    checkpoint: str | os.PathLike, held_out: Sequence[Sample], config: Config, *, model: CNC | None = None
 ) -> Thresholds | None:
-    """Set thresholds on the good training images held out by :func:`split_calibration` and store them beside the
-    final checkpoint, at ``train.false_alarm_rate``; None (with a warning) when none were held out.
+    """Set thresholds on the good training images held out by :func:`cnc_ad.data.samples.split_calibration` and
+    store them beside the final checkpoint, at ``train.false_alarm_rate``; None (with a warning) when none were held
+    out. Training's callers run it after :func:`cnc_ad.train.train` (training itself knows nothing of decisions).
 
     Args:
         checkpoint: the final checkpoint folder.
         held_out: the held-out samples.
         config: the training config (``data.*`` for decoding, ``eval.batch_size``, ``train.false_alarm_rate``).
-        model: the trained model (not reloaded).
-        device: where it runs.
+        model: the trained model (:attr:`cnc_ad.train.TrainResult.model`, on its device); default: loaded from
+            ``checkpoint``.
     """
     if not held_out:
         if config.data.calibration_share > 0:
             log.warning(
                 "no good training image was held out (every category has fewer than 2 x data.calibration_min=%d), so "
-                "no thresholds were set; run `cnc calibrate --normal DIR` with good images, or `cnc eval`",
+                "no thresholds were set; set them from good images later (`cnc calibrate`) or evaluate the model",
                 config.data.calibration_min,
             )
         return None
-    found = calibrate_checkpoint(
-        checkpoint,
+    if model is not None:
+        from cnc_ad.deploy.backends import TorchBackend
+        from cnc_ad.thresholds import load_thresholds, thresholds_path
+
+        device = next(model.parameters()).device
+        detector = Detector(
+            TorchBackend(model, device),
+            load_thresholds(checkpoint),
+            source=str(checkpoint),
+            thresholds_file=thresholds_path(checkpoint),
+        )
+    else:
+        detector = Detector.load(checkpoint, device=config.train.device)
+    found = calibrate_detector(
+        detector,
         held_out_by_category(held_out),
         config.train.false_alarm_rate,
-        device=device,
         batch_size=config.eval.batch_size,
-        model=model,
-        num_workers=config.data.num_workers,
+        workers=config.data.num_workers,
         skip_bad=config.data.skip_bad,
         min_images=min(config.data.calibration_min, MIN_IMAGES),
     )
+    store_thresholds(detector, found)
     log.info(
         "thresholds set on %d held-out good images at a false-alarm rate of %g (image threshold %.6g for any category)",
         len(held_out),

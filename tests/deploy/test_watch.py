@@ -23,10 +23,10 @@ import pytest
 from PIL import Image
 
 from cnc_ad import Detector
-from cnc_ad import watch as watch_module
 from cnc_ad.cli import main
+from cnc_ad.deploy import watch as watch_module
+from cnc_ad.deploy.watch import After, WatchSummary, watch_folder
 from cnc_ad.files import read_jsonl
-from cnc_ad.watch import After, WatchSummary, watch_folder
 from tests.helpers import save_tiny_checkpoint
 
 THRESHOLDS = {"image": {"__all__": 0.0}, "pixel": {"__all__": 0.9}}
@@ -41,7 +41,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def detector(checkpoint: Path) -> Detector:
-    return Detector.from_checkpoint(checkpoint, device="cpu")
+    return Detector.load(checkpoint, device="cpu")
 
 
 def _png(seed: int, size: tuple[int, int] = (40, 48)) -> bytes:

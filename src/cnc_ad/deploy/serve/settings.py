@@ -27,11 +27,12 @@ class ServeSettings:
         request_timeout_s: how long a request waits for its model results before a 503, in seconds.
         release_memory_s: hand the memory that model calls freed back to the operating system (glibc's
             ``malloc_trim``; a no-op elsewhere) whenever the model worker falls idle, and under continuous load at most
-            this often, in seconds; None: never. See :mod:`cnc_ad.serve.memory`.
+            this often, in seconds; None: never. See :mod:`cnc_ad.deploy.serve.memory`.
         malloc_arenas: the most glibc malloc arenas the server's threads share (``mallopt(M_ARENA_MAX)``; a no-op
             off glibc, and where ``MALLOC_ARENA_MAX`` is set); None: glibc's default, 8 per core. ``cnc serve`` sets it
-            before it loads the model (:func:`cnc_ad.serve.memory.limit_arenas`); :func:`~cnc_ad.serve.app.create_app`
-            does not, since it only takes effect for threads that have not yet allocated.
+            before it loads the model (:func:`cnc_ad.deploy.serve.memory.limit_arenas`);
+            :func:`~cnc_ad.deploy.serve.app.create_app` does not, since it only takes effect for threads that have not
+            yet allocated.
         token: the API token (``Authorization: Bearer TOKEN``); None: no token needed.
     """
 

@@ -1,25 +1,20 @@
 """Keeping the memory that the model freed from piling up in glibc's malloc: one arena, and ``malloc_trim``.
 
-Why: under glibc, ``cnc serve``'s resident memory grew by 120 to 240 MB over 1,200 to 2,100 requests while the
-memory in use stayed flat (``mallinfo2``: about 190 MB in use throughout; the objects that Python's garbage
-collector tracks did not change in number either). What grew was free memory that malloc kept. Each thread that
-allocates gets an arena of its own (up to 8 per core): the batcher thread's model calls allocate and free hundreds
-of MB of activations per call, sized by the batch size, and the decoding threads allocate too. The freed chunks stay
-fragmented inside the arenas, which glibc shrinks only from the top, so they are not returned by themselves.
+Why: under glibc, a long-running server's resident memory grows while the memory in use stays flat. What grows is free
+memory that malloc keeps: each thread that allocates gets an arena of its own (up to 8 per core), the batcher's model
+calls allocate and free large activations sized by the batch, and the freed chunks stay fragmented inside the arenas,
+which glibc shrinks only from the top. docs/serve.md ("Memory") has the measurements behind this and the effect of each
+measure.
 
 Two measures, both no-ops where the C library is not glibc (macOS, Windows, musl):
 
-* :func:`release_free_memory`, ``malloc_trim(0)``, returns the free pages of every arena: 1,434 -> 963 MiB after
-  1,200 requests. It is not free: it walks every arena (28 ms on average here, up to 170 ms), and the next model call
-  faults its memory back in, so the batcher calls it when idle and, under load, at most every
-  ``ServeSettings.release_memory_s`` seconds.
+* :func:`release_free_memory`, ``malloc_trim(0)``, returns the free pages of every arena. It is not free (it walks
+  every arena, and the next model call faults its memory back in), so the batcher calls it when idle and, under load,
+  at most every ``ServeSettings.release_memory_s`` seconds.
 * :func:`limit_arenas`, ``mallopt(M_ARENA_MAX, n)``, which ``cnc serve`` calls with ``ServeSettings.malloc_arenas``
-  (1) before it loads the model and its threads start (a thread that has allocated keeps its arena). With the release
-  alone the server still grew by 60 to 69 MB over the full benchmark (2,100 requests, one core): the thread pool grows
-  under load, and each thread's arena kept its own free fragments. With all threads in one arena, one thread's freed
-  memory serves the next thread's allocation and every idle release trims all of it: 8 MB. The threads take malloc's
-  one lock in turn; its cost in throughput was within the noise of the one-core measurements (docs/serve.md has
-  them). A ``MALLOC_ARENA_MAX`` in the environment wins over the setting.
+  (1) before it loads the model and its threads start (a thread that has allocated keeps its arena): with all threads
+  in one arena, one thread's freed memory serves the next thread's allocation and every idle release trims all of it.
+  A ``MALLOC_ARENA_MAX`` in the environment wins over the setting.
 
 Under a preloaded allocator (jemalloc, tcmalloc), which returns memory by itself, glibc's heap is barely used and
 both have next to nothing to do.

@@ -15,11 +15,11 @@ import torch
 pytest.importorskip("fastapi")
 
 from cnc_ad import Detector
+from cnc_ad.deploy.serve import memory
+from cnc_ad.deploy.serve.app import create_app
+from cnc_ad.deploy.serve.batcher import Batcher
+from cnc_ad.deploy.serve.settings import ServeSettings
 from cnc_ad.errors import ConfigError
-from cnc_ad.serve import memory
-from cnc_ad.serve.app import create_app
-from cnc_ad.serve.batcher import Batcher
-from cnc_ad.serve.settings import ServeSettings
 
 
 def _score(batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -117,7 +117,7 @@ def test_release_free_memory_is_glibcs_malloc_trim_and_harmless_elsewhere():
 
 
 def test_the_server_releases_memory_unless_told_not_to(tiny_checkpoint):
-    detector = Detector.from_checkpoint(tiny_checkpoint, device="cpu")
+    detector = Detector.load(tiny_checkpoint, device="cpu")
     batcher = create_app(detector, ServeSettings(release_memory_s=5)).state.batcher
     assert batcher.release_memory is memory.release_free_memory and batcher.release_every_s == 5
     assert create_app(detector).state.batcher.release_every_s == ServeSettings().release_memory_s == 30

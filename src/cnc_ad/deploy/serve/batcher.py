@@ -6,9 +6,9 @@ completes every future with its own row. When the model raises, the futures of t
 :class:`ModelFailure` and the worker goes on with the next batch; it never dies of a model error.
 
 The worker can also hand freed memory back to the operating system (``release_memory``, e.g.
-:func:`cnc_ad.serve.memory.release_free_memory`): whenever it falls idle after model calls, and under continuous load
-at most every ``release_every_s`` seconds, because that call is not free (the next model call faults its memory back
-in).
+:func:`cnc_ad.deploy.serve.memory.release_free_memory`): whenever it falls idle after model calls, and under continuous
+load at most every ``release_every_s`` seconds, because that call is not free (the next model call faults its memory
+back in).
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 log = logging.getLogger(__name__)
 
 # Scores preprocessed images (B, 3, S, S) -> (scores (B,), maps (B, M, M)), float32 NumPy.
-ScoreFn = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
+ScoreFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 _POLL_S = 0.1  # how often an idle worker checks whether it should stop
 
 
@@ -91,7 +90,7 @@ class Batcher:
         self.release_memory = release_memory
         self.release_every_s = release_every_s
         self.stats = BatchStats()
-        self._queue: queue.Queue[tuple[torch.Tensor, Future]] = queue.Queue(maxsize=max_queue)
+        self._queue: queue.Queue[tuple[np.ndarray, Future]] = queue.Queue(maxsize=max_queue)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -126,7 +125,7 @@ class Batcher:
             if future.set_running_or_notify_cancel():
                 future.set_exception(BatcherClosed("the server is shutting down"))
 
-    def submit(self, image: torch.Tensor) -> Future:
+    def submit(self, image: np.ndarray) -> Future:
         """Queue one preprocessed image ``(3, S, S)``; the future gives ``(score, map (M, M))``.
 
         Cancel the future when its result is no longer wanted (the image is then skipped if not yet batched).
@@ -145,7 +144,7 @@ class Batcher:
         return future
 
     # --------------------------------------------------------------------------------------------------- worker
-    def _next_batch(self) -> list[tuple[torch.Tensor, Future]]:
+    def _next_batch(self) -> list[tuple[np.ndarray, Future]]:
         """Block for a first image, then gather more until the batch is full or ``max_wait_s`` has passed."""
         try:
             batch = [self._queue.get(timeout=_POLL_S)]
@@ -184,10 +183,10 @@ class Batcher:
             return
         self.stats.memory_releases += 1
 
-    def _run(self, batch: list[tuple[torch.Tensor, Future]]) -> None:
+    def _run(self, batch: list[tuple[np.ndarray, Future]]) -> None:
         futures = [future for _, future in batch]
         try:
-            scores, maps = self.score(torch.stack([image for image, _ in batch]))
+            scores, maps = self.score(np.stack([image for image, _ in batch]))
             scores, maps = np.asarray(scores), np.asarray(maps)
             if scores.shape != (len(batch),) or maps.ndim != 3 or maps.shape[0] != len(batch):
                 raise ValueError(f"the model returned scores {scores.shape} and maps {maps.shape} for {len(batch)}")

@@ -2,8 +2,8 @@
 
 Each new image file in the folder (and its subfolders) is scored as soon as its size and modification time have not
 changed for ``settle`` seconds, through the same crash-safe writer as batch prediction
-(:func:`cnc_ad.predict.predict_stream`): its map, mask and overlay are written, then its ``predictions.jsonl`` line
-is appended and fsynced. Only then is the file moved (``after="move:DIR"``) or left where it is.
+(:func:`cnc_ad.deploy.predict.predict_stream`): its map, mask and overlay are written, then its ``predictions.jsonl``
+line is appended and fsynced. Only then is the file moved (``after="move:DIR"``) or left where it is.
 
 Exactly once across restarts: ``predictions.jsonl`` is the one record of what is done. On start the watcher reads it,
 then takes every image already in the folder that it does not record; a recorded file still in the folder in move
@@ -31,10 +31,8 @@ from types import FrameType
 from typing import Any
 
 from cnc_ad.data.images import is_image_file
-from cnc_ad.errors import ConfigError, DataError
-from cnc_ad.files import fsync_path
-from cnc_ad.inference import Detector
-from cnc_ad.predict import (
+from cnc_ad.deploy.detector import Detector
+from cnc_ad.deploy.predict import (
     MAP_DTYPES,
     PREDICTIONS_FILE,
     SUMMARY_FILE,
@@ -42,6 +40,8 @@ from cnc_ad.predict import (
     predict_stream,
     write_summary_csv,
 )
+from cnc_ad.errors import ConfigError
+from cnc_ad.files import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class After:
             return cls()
         if text.startswith("move:") and text[5:].strip():
             return cls(Path(text[5:]).expanduser().resolve())
-        raise ConfigError(f"--after {text!r}: use leave, or move:DIR (a folder to move scored files into)")
+        raise ConfigError(f"after={text!r}: use leave, or move:DIR (a folder to move scored files into)")
 
 
 @dataclass
@@ -250,15 +250,15 @@ def watch_folder(
         detector: the model.
         folder: the folder to watch (with its subfolders; hidden files and folders, and ``out`` and the move folder
             when inside it, are ignored).
-        out: output folder, as for :func:`cnc_ad.predict.predict_files`; predictions already there are kept and their
-            files never scored again.
+        out: output folder, as for :func:`cnc_ad.deploy.predict.predict_files`; predictions already there are kept and
+            their files never scored again.
         after: leave files (default), or move each scored file into a folder, at the same relative path, once its
             line is on disk (an undecodable file stays, and is tried again when it changes).
         poll: list the folder every ``poll`` seconds instead of waiting for change notifications (network shares);
             also used when ``watchfiles`` is not installed (with 1 s).
         settle: seconds a file's size and mtime must stay unchanged before it is read.
         batch_size: the most images per model call.
-        threshold: image threshold, as for :func:`cnc_ad.predict.predict_files`.
+        threshold: image threshold, as for :func:`cnc_ad.deploy.predict.predict_files`.
         pixel_threshold: mask threshold, as there.
         category: use this category's stored thresholds.
         map_dtype: ``"float16"`` or ``"float32"`` for the ``.npy`` maps.
@@ -272,14 +272,14 @@ def watch_folder(
     if map_dtype not in MAP_DTYPES:
         raise ConfigError(f"map dtype {map_dtype!r}; use one of {', '.join(MAP_DTYPES)}")
     if settle < 0 or (poll is not None and not poll > 0):
-        raise ConfigError("--settle must be >= 0 and --poll > 0 seconds")
+        raise ConfigError("settle must be >= 0 and poll > 0 seconds")
     folder = Path(folder).expanduser().resolve()
     if not folder.is_dir():
-        raise ConfigError(f"--watch {folder}: not a folder; create it, or name the folder images arrive in")
+        raise ConfigError(f"watched folder {folder} is not a folder; create it, or name the folder images arrive in")
     out = Path(out).expanduser().resolve()
     after = after or After()
     if after.move_to is not None and (after.move_to == folder or _is_within(folder, after.move_to)):
-        raise ConfigError(f"--after move:{after.move_to}: the move folder must not be the watched folder or above it")
+        raise ConfigError(f"after=move:{after.move_to}: the move folder must not be the watched folder or above it")
     if poll is None and not watchfiles_available():
         log.warning("watchfiles is not installed: polling the folder every 1 s (pip install watchfiles)")
         poll = 1.0
@@ -470,15 +470,3 @@ def _watchfiles_loop(
         process()
         if stop.is_set():
             break
-
-
-def check_not_both(watch: str | None, inputs: list[str]) -> None:
-    """``--watch`` takes its folder instead of INPUT arguments.
-
-    Raises:
-        ConfigError: both or neither were given.
-    """
-    if watch and inputs:
-        raise ConfigError("--watch DIR takes no INPUT arguments: watch one folder, or predict the inputs")
-    if not watch and not inputs:
-        raise DataError("no inputs: pass image files, folders or glob patterns (or --watch DIR)")

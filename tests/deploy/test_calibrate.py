@@ -11,17 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnc_ad.calibrate import (
+from cnc_ad.data import Sample
+from cnc_ad.data.samples import split_calibration
+from cnc_ad.deploy.calibrate import (
     MARGIN,
     false_alarm_rule,
     normal_thresholds,
     sample_pixels,
-    split_calibration,
     upper_quantile,
 )
-from cnc_ad.data import Sample
 from cnc_ad.errors import ConfigError, DataError
-from cnc_ad.results import ALL, Threshold, Thresholds, load_thresholds, merge_thresholds, save_thresholds
+from cnc_ad.thresholds import ALL, Threshold, Thresholds, load_thresholds, merge_thresholds, save_thresholds
 
 
 # ------------------------------------------------------------------------------------------------ the rule
@@ -136,7 +136,7 @@ def test_merge_keeps_f1_max_values_and_fills_the_rest() -> None:
 
 def test_stored_file_says_which_rule_made_each_value(tmp_path: Path) -> None:
     save_thresholds(tmp_path, Thresholds(image={"a": Threshold(0.4, "f1_max", 20)}))
-    from cnc_ad.results import update_thresholds
+    from cnc_ad.thresholds import update_thresholds
 
     update_thresholds(tmp_path, Thresholds(image={"b": Threshold(0.7, "false_alarm_rate=0.01", 10)}))
     stored = json.loads((tmp_path / "thresholds.json").read_text())
@@ -188,7 +188,7 @@ def test_training_sets_thresholds_that_hold_their_false_alarm_rate(trained: tupl
     from cnc_ad import Detector
 
     data, run = trained
-    detector = Detector.from_checkpoint(run, device="cpu")  # reads only the false-alarm thresholds stored by training
+    detector = Detector.load(run, device="cpu")  # reads only the false-alarm thresholds stored by training
     stored = detector.thresholds
     assert stored is not None and stored.categories == ["brick", "washer"]
     for category in ("brick", "washer", ALL):

@@ -1,43 +1,39 @@
 """The FastAPI application: ``/v1/predict``, ``/v1/model``, ``/v1/health``, ``/v1/stats`` and the web page at ``/``.
 
-Every image of every request is decoded in a worker thread, queued to the :class:`~cnc_ad.serve.batcher.Batcher`
-(one model call for many concurrent images), and rendered (statistics, PNGs) back in a worker thread. Every refusal
+Every image of every request goes through :class:`~cnc_ad.deploy.serve.scoring.RequestScorer`: decoded in a worker
+thread, queued to the :class:`~cnc_ad.deploy.serve.batcher.Batcher` (one model call for many concurrent images), and
+rendered (statistics, PNGs) back in a worker thread. Every refusal
 is a JSON error ``{"error": {"code": ..., "message": ...}}`` with a 4xx status (503 when the model failed or is
 overloaded: try again); see ``docs/serve.md`` for the catalogue.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import json
 import logging
 import math
-import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
-import torch
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from PIL import Image
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from cnc_ad import __version__
+from cnc_ad.deploy.detector import Detector
+from cnc_ad.deploy.serve.batcher import Batcher
+from cnc_ad.deploy.serve.errors import APIError
+from cnc_ad.deploy.serve.memory import release_free_memory
+from cnc_ad.deploy.serve.render import OUTPUTS, json_float
+from cnc_ad.deploy.serve.scoring import RequestScorer
+from cnc_ad.deploy.serve.settings import ServeSettings
 from cnc_ad.errors import ConfigError
-from cnc_ad.inference import Detector  # the one import of the inference API here
-from cnc_ad.results import ALL, load_thresholds
-from cnc_ad.serve.batcher import Batcher, BatcherBusy, BatcherClosed, ModelFailure
-from cnc_ad.serve.errors import APIError
-from cnc_ad.serve.images import OUTPUTS, image_result, json_float, output_size, read_upload
-from cnc_ad.serve.memory import release_free_memory
-from cnc_ad.serve.settings import ServeSettings
+from cnc_ad.thresholds import ALL
 
 log = logging.getLogger(__name__)
 
@@ -99,21 +95,8 @@ class BodyLimit:
 
 # ---------------------------------------------------------------------------------------------- model details
 def describe_model(detector: Detector) -> dict[str, Any]:
-    """What ``GET /v1/model`` tells about the model: preset, sizes, categories and thresholds, backend."""
-    config: dict[str, Any] = {}
-    model = getattr(detector.backend, "model", None)
-    session = getattr(detector.backend, "session", None)
-    if model is not None and hasattr(model, "config"):
-        config = dict(vars(model.config))
-        backend = "torch"
-    elif session is not None:
-        backend = "onnxruntime"
-        try:
-            config = json.loads(session.get_modelmeta().custom_metadata_map.get("cnc_ad.config", "{}"))
-        except ValueError:
-            config = {}
-    else:
-        backend = type(detector.backend).__name__
+    """What ``GET /v1/model`` tells about the model: preset, sizes, categories and thresholds, backend, tiling."""
+    config = detector.config
     stored = detector.thresholds
     categories = stored.categories if stored is not None else []
     thresholds = None
@@ -121,11 +104,13 @@ def describe_model(detector: Detector) -> dict[str, Any]:
         thresholds = {
             kind: {key: json_float(value) for key, value in stored.values(kind).items()} for kind in ("image", "pixel")
         }
+    tiling = detector.tiling
     return {
         "preset": config.get("preset"),
-        "backend": backend,
+        "backend": detector.backend_name,
         "image_size": detector.image_size,
         "map_size": config.get("map_size"),
+        "tiling": None if tiling is None else {"tile": tiling.tile, "overlap": tiling.overlap},
         "categories": categories,
         "thresholds": thresholds,
         "version": __version__,
@@ -208,37 +193,6 @@ async def _read_images(request: Request, settings: ServeSettings) -> tuple[list[
     )
 
 
-# ---------------------------------------------------------------------------------------------- loading
-def load_detector(
-    checkpoint: str | os.PathLike | None = None,
-    onnx: str | os.PathLike | None = None,
-    *,
-    thresholds: str | os.PathLike | None = None,
-    device: str = "auto",
-    clip_weights: str | None = None,
-    trust_pickle: bool = False,
-) -> Detector:
-    """The model to serve, from a checkpoint (or run folder) or an exported ONNX graph.
-
-    Args:
-        checkpoint: run folder or checkpoint folder (exclusive with ``onnx``).
-        onnx: a graph written by ``cnc export``.
-        thresholds: a ``thresholds.json`` to decide by instead of the stored one.
-        device: torch device for a checkpoint (``"auto"``: CUDA when available).
-        clip_weights: local CLIP weights file (offline use).
-        trust_pickle: allow a pickle / TorchScript ``clip_weights`` file.
-    """
-    if (checkpoint is None) == (onnx is None):
-        raise ConfigError("serve either a checkpoint or an ONNX graph (exactly one)")
-    if onnx is not None:
-        return Detector.from_onnx(onnx, thresholds=thresholds)
-    assert checkpoint is not None  # exactly one of the two
-    detector = Detector.from_checkpoint(checkpoint, device=device, clip_weights=clip_weights, trust_pickle=trust_pickle)
-    if thresholds is not None:
-        detector.thresholds = load_thresholds(thresholds)
-    return detector
-
-
 # ------------------------------------------------------------------------------------------------------- app
 def create_app(detector: Detector, settings: ServeSettings | None = None) -> FastAPI:
     """The HTTP application around ``detector``.
@@ -254,15 +208,15 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Fas
     """
     settings = settings or ServeSettings()
     batcher = Batcher(
-        detector.score_batch,
+        detector.score,
         settings.max_batch_size,
         settings.max_wait_ms / 1000.0,
         settings.max_queue,
         release_memory=None if settings.release_memory_s is None else release_free_memory,
         release_every_s=settings.release_memory_s or 0.0,
     )
-    page = resources.files("cnc_ad.serve").joinpath("static/index.html").read_text(encoding="utf-8")
-    decode_slots = asyncio.Semaphore(max(2, os.cpu_count() or 1))
+    page = resources.files("cnc_ad.deploy.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    scorer = RequestScorer(detector, batcher, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -402,59 +356,9 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Fas
         source = "request" if threshold is not None else None
         if source is None and image_t is not None:
             source = "category" if category is not None else ALL
-
-        def prepare(data: bytes, name: str) -> tuple[Image.Image | None, tuple[int, int], torch.Tensor]:
-            """Decode; keep the model input and, for an overlay, the picture at the returned size (not full size)."""
-            picture, size = read_upload(data, name, detector.image_size, settings.max_pixels)
-            tensor, _ = detector.preprocess(picture)
-            if "overlay" not in outputs:
-                return None, size, tensor
-            height, width = output_size(size, settings.output_max_side)
-            return picture.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0), size, tensor
-
-        decoded = []
-        for index in range(len(images)):
-            name, data = images[index]
-            images[index] = (name, b"")  # the encoded bytes are not needed any more
-            async with decode_slots:  # bounds the full-size decoded images held at once
-                decoded.append((name, *await run_in_threadpool(prepare, data, name)))
-            del data
-        scored = await _score(batcher, [tensor for *_, tensor in decoded], settings.request_timeout_s)
-
-        results = []
-        for (name, picture, size, _), (score, small_map) in zip(decoded, scored, strict=True):
-            result = await run_in_threadpool(
-                image_result,
-                image=picture,
-                size=size,
-                score=score,
-                small_map=small_map,
-                threshold=image_t,
-                pixel_threshold=pixel_t,
-                outputs=outputs,
-                max_side=settings.output_max_side,
-            )
-            results.append({"name": name, **result, "threshold": json_float(image_t), "threshold_source": source})
+        results = await scorer.score(images, image_t, pixel_t, outputs)
+        for body in results:
+            body["threshold"], body["threshold_source"] = json_float(image_t), source
         return {"category": category, "images": results}
 
     return app
-
-
-async def _score(batcher: Batcher, tensors: list, timeout_s: float) -> list[tuple[float, Any]]:
-    """Submit every image to the batcher and wait for all of them; map batcher failures to 503 errors."""
-    futures = []
-    try:
-        for tensor in tensors:
-            futures.append(batcher.submit(tensor))
-        return await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), timeout_s)
-    except BatcherBusy as err:
-        raise APIError(503, "busy", f"the server is overloaded ({err}); retry shortly", {"Retry-After": "1"}) from None
-    except BatcherClosed as err:
-        raise APIError(503, "unavailable", f"the model worker is not running ({err})") from None
-    except ModelFailure as err:
-        raise APIError(503, "model_error", f"the model failed on this request's batch: {err}") from None
-    except asyncio.TimeoutError:
-        raise APIError(503, "timeout", f"no model result within {timeout_s:g} s; retry later") from None
-    finally:
-        for future in futures:
-            future.cancel()  # no effect on finished ones; frees the queue of a failed request's other images

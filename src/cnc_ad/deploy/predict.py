@@ -1,8 +1,9 @@
 """Batch prediction on image files into a folder, crash-safe and resumable (what ``cnc predict`` runs).
 
-One :class:`~cnc_ad.inference.Detector` scores the files; each image's map, mask and overlay are written before its
-``predictions.jsonl`` line is appended, so an interruption loses at most the images in flight, and ``resume`` skips
-the finished ones. Under ``torchrun`` the processes share the inputs and append to the same files.
+One :class:`~cnc_ad.deploy.Detector` scores the files (:meth:`~cnc_ad.deploy.Detector.results`); each image's map, mask
+and overlay are written before its ``predictions.jsonl`` line is appended, so an interruption loses at most the images
+in flight, and ``resume`` skips the finished ones. Under ``torchrun`` the processes share the inputs and append to the
+same files.
 """
 
 from __future__ import annotations
@@ -13,24 +14,21 @@ import hashlib
 import io
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from cnc_ad import distributed as dist
-from cnc_ad.data.dataset import ImageFileDataset, collate_items
 from cnc_ad.data.images import decode_image, is_image_file
+from cnc_ad.deploy.detector import Detector, ImageResult
 from cnc_ad.errors import ConfigError, DataError
 from cnc_ad.files import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl
-from cnc_ad.inference import Detector
 from cnc_ad.progress import progress_bar
-from cnc_ad.visualize import overlay, resize_map, to_png_bytes
+from cnc_ad.visualize import overlay, to_png_bytes
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +104,7 @@ def predict_files(
     category: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    num_workers: int = 0,
+    workers: int = 2,
     map_dtype: str = "float16",
     overlay_max_side: int = 2048,
     progress: bool = True,
@@ -131,7 +129,7 @@ def predict_files(
         category: use this category's stored thresholds.
         resume: skip images already in ``predictions.jsonl``.
         overwrite: start a new ``predictions.jsonl``/``errors.jsonl`` when ``out`` already holds one.
-        num_workers: image decoding processes.
+        workers: image decoding threads.
         map_dtype: ``"float16"`` (half the disk) or ``"float32"`` for the ``.npy`` maps; masks use float32 maps.
         overlay_max_side: the longest side of an overlay PNG in pixels.
         progress: show a progress bar.
@@ -165,7 +163,7 @@ def predict_files(
             image_threshold=image_t,
             pixel_threshold=pixel_t,
             batch_size=batch_size,
-            num_workers=num_workers,
+            workers=workers,
             map_dtype=map_dtype,
             overlay_max_side=overlay_max_side,
         ):
@@ -216,8 +214,8 @@ def recorded_paths(out: Path) -> set[str]:
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """One input's result in :func:`predict_stream`: its record (appended and fsynced), or why it failed."""
+class Recorded:
+    """One input recorded by :func:`predict_stream`: its record (appended and fsynced), or why it failed."""
 
     path: Path
     record: dict[str, Any] | None
@@ -232,126 +230,88 @@ def predict_stream(
     image_threshold: float | None,
     pixel_threshold: float | None,
     batch_size: int = 16,
-    num_workers: int = 0,
+    workers: int = 2,
     map_dtype: str = "float16",
     overlay_max_side: int = 2048,
-) -> Iterator[Outcome]:
-    """Score ``paths`` (absolute) into ``out``, yielding each input's :class:`Outcome` once its line is on disk.
+) -> Iterator[Recorded]:
+    """Score ``paths`` (absolute) into ``out``, yielding each input's :class:`Recorded` once its line is on disk.
 
     A predicted image's map, mask and overlay are written (atomically) before its ``predictions.jsonl`` line is
     appended and fsynced; a file that cannot be decoded gets an ``errors.jsonl`` line instead. So when an outcome is
     yielded, its line is durable: an interruption at any moment loses at most the images in flight.
     """
     jsonl, errors_file = out / PREDICTIONS_FILE, out / ERRORS_FILE
-    outputs = _Outputs(out, image_threshold, pixel_threshold, map_dtype, overlay_max_side)
-    if detector.tiling is not None:  # one image at a time, decoded at its own resolution
-        for path in paths:
-            write = partial(_tiled_prediction, detector, Path(path), batch_size, outputs)
-            yield _recorded(Path(path), write, jsonl, errors_file)  # DataError: undecodable, changed or vanished
-        return
-    loader = DataLoader(
-        ImageFileDataset(paths, detector.image_size),
-        batch_size=max(1, batch_size),
-        num_workers=num_workers,
-        collate_fn=collate_items,
-    )
-    for batch in loader:
-        for index, reason in batch.pop("errors"):
-            message = reason.replace(", or pass --skip-bad", "").replace("; or pass --skip-bad", "")
-            log.warning("skipped: %s", message)
-            append_jsonl(errors_file, {"path": str(paths[index]), "error": message})
-            yield Outcome(Path(paths[index]), None, message)
-        if not batch:
+    outputs = _Outputs(out, map_dtype, overlay_max_side)
+    for scored in detector.results(
+        paths,
+        batch_size=batch_size,
+        workers=workers,
+        threshold=image_threshold,
+        pixel_threshold=pixel_threshold,
+    ):
+        path = Path(paths[scored.index])
+        try:
+            if scored.result is None:
+                raise DataError(scored.error or f"cannot read {path}")
+            record = _write_prediction(path, scored.result, outputs)  # DataError: changed or vanished since decoded
+        except DataError as err:
+            log.warning("skipped: %s", err)
+            append_jsonl(errors_file, {"path": str(path), "error": str(err)})
+            yield Recorded(path, None, str(err))
             continue
-        scores, maps = detector.score_batch(batch["image"])
-        for path, size, score, small_map in zip(batch["path"], batch["size"].tolist(), scores, maps, strict=True):
-            write = partial(_write_prediction, Path(path), tuple(size), float(score), small_map, *outputs)
-            yield _recorded(Path(path), write, jsonl, errors_file)  # DataError: changed or vanished since decoded
+        append_jsonl(jsonl, record)
+        yield Recorded(path, record)
 
 
 class _Outputs(NamedTuple):
-    """Where and how :func:`_write_prediction` writes: the arguments after an image's own."""
+    """Where and how :func:`_write_prediction` writes."""
 
     out: Path
-    image_threshold: float | None
-    pixel_threshold: float | None
     map_dtype: str
     overlay_max_side: int
 
 
-def _recorded(path: Path, write: Callable[[], dict[str, Any]], jsonl: Path, errors_file: Path) -> Outcome:
-    """Run ``write`` (an image's files -> its record) and append the record, or an ``errors.jsonl`` line when the
-    image cannot be read (:class:`DataError`).
-    """
-    try:
-        record = write()
-    except DataError as err:
-        log.warning("skipped: %s", err)
-        append_jsonl(errors_file, {"path": str(path), "error": str(err)})
-        return Outcome(path, None, str(err))
-    append_jsonl(jsonl, record)
-    return Outcome(path, record)
-
-
-def _tiled_prediction(detector: Detector, path: Path, batch_size: int, outputs: _Outputs) -> dict[str, Any]:
-    """One image scored by tiles at its own resolution, written like any other."""
-    full = detector.load_full(path)
-    score, small_map = detector.score_tiled(full, batch_size)
-    return _write_prediction(path, (int(full.shape[1]), int(full.shape[2])), score, small_map, *outputs)
-
-
-def _write_prediction(
-    path: Path,
-    size: tuple[int, int],
-    score: float,
-    small_map: np.ndarray,
-    out: Path,
-    image_threshold: float | None,
-    pixel_threshold: float | None,
-    map_dtype: str,
-    overlay_max_side: int,
-) -> dict[str, Any]:
+def _write_prediction(path: Path, result: ImageResult, outputs: _Outputs) -> dict[str, Any]:
     """Write one image's map, mask and overlay; return its ``predictions.jsonl`` record."""
+    out = outputs.out
     name = output_name(path)
-    full = resize_map(small_map, size)  # (H, W) float32
+    full = result.anomaly_map()  # (H, W) float32
     buffer = io.BytesIO()
-    np.save(buffer, full.astype(map_dtype))
+    np.save(buffer, full.astype(outputs.map_dtype))
     map_rel = f"maps/{name}.npy"
     atomic_write_bytes(out / map_rel, buffer.getvalue())
+    mask = result.mask(anomaly_map=full)
     mask_rel = None
-    if pixel_threshold is not None:
+    if mask is not None:
         mask_rel = f"masks/{name}.png"
-        atomic_write_bytes(out / mask_rel, to_png_bytes(full >= pixel_threshold))
+        atomic_write_bytes(out / mask_rel, to_png_bytes(mask))
     overlay_rel = f"overlays/{name}.png"
-    atomic_write_bytes(
-        out / overlay_rel, to_png_bytes(_overlay(path, size, small_map, pixel_threshold, overlay_max_side))
-    )
+    atomic_write_bytes(out / overlay_rel, to_png_bytes(_overlay(path, result, outputs.overlay_max_side)))
     return {
         "path": str(path),
-        "score": score,
-        "is_anomalous": None if image_threshold is None else score >= image_threshold,
+        "score": result.score,
+        "is_anomalous": result.is_anomalous,
         "map": map_rel,
         "mask": mask_rel,
         "overlay": overlay_rel,
     }
 
 
-def _overlay(
-    path: Path, size: tuple[int, int], small_map: np.ndarray, pixel_threshold: float | None, max_side: int
-) -> np.ndarray:
+def _overlay(path: Path, result: ImageResult, max_side: int) -> np.ndarray:
     """The heatmap over the image, at most ``max_side`` pixels on its longer side.
 
     The colour scale is fixed at [0, 2 x pixel threshold] when a threshold is known (the threshold is the middle
     colour, so overlays compare across images), else the map's own range.
     """
-    height, width = size
+    height, width = result.size
     scale = min(1.0, max_side / max(height, width))
     target = (max(1, round(height * scale)), max(1, round(width * scale)))
     image, _ = decode_image(path, max(target))  # JPEGs decode at a reduced scale: memory-safe for huge files
     if image.size != (target[1], target[0]):
         image = image.resize((target[1], target[0]), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    pixel_threshold = result.pixel_threshold
     vmax = 2.0 * pixel_threshold if pixel_threshold is not None and pixel_threshold > 0 else None
-    return overlay(np.asarray(image, np.uint8), small_map, vmin=0.0 if vmax else None, vmax=vmax)
+    return overlay(np.asarray(image, np.uint8), result.small_map, vmin=0.0 if vmax else None, vmax=vmax)
 
 
 def write_summary_csv(jsonl: str | os.PathLike, csv_path: str | os.PathLike) -> Path:
