@@ -10,8 +10,9 @@ import sys
 import numpy as np
 
 from cnc_ad.data import scan_dataset
-from cnc_ad.deploy.calibrate import calibrate_detector, held_out_by_category, score_images, split_calibration
-from cnc_ad.deploy.detector import Detector
+from cnc_ad.data.samples import held_out_by_category, split_calibration
+from cnc_ad.deploy import Detector
+from cnc_ad.deploy.calibrate import calibrate_detector, score_images
 from cnc_ad.runs import RunFolder
 
 run = sys.argv[1]
@@ -19,11 +20,11 @@ config = RunFolder(run).read_config()
 index = scan_dataset(config.data.root)
 _, held = split_calibration(index.train_samples(), config.data.calibration_share, config.data.calibration_min)
 detector = Detector.load(run, device="cpu")
-found = calibrate_detector(detector, held_out_by_category(held), 0.01, num_workers=2)
+found = calibrate_detector(detector, held_out_by_category(held), 0.01, workers=2)
 rows = {}
 for cat in index.categories:
     tests = index.test_samples(cat)
-    scores, _ = score_images(detector, [s.image for s in tests], num_workers=2)
+    scores, _ = score_images(detector, [s.image for s in tests], workers=2)
     labels = np.array([s.label for s in tests])
     t = found.image[cat].value
     rows[cat] = {

@@ -38,10 +38,10 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from devsuite import DEFAULT_DEVDATA, build_suite
 
-from cnc_ad.calibrate import split_calibration
 from cnc_ad.checkpoint import load_model, resolve_checkpoint
 from cnc_ad.config import Config, config_from_dict, load_config, parse_overrides
 from cnc_ad.data import DatasetIndex, Sample, TrainDataset, make_loader, scan_dataset
+from cnc_ad.data.samples import split_calibration
 from cnc_ad.device import resolve_device
 from cnc_ad.evaluate import INFERENCE_KEYS, EvalResult, evaluate, evaluate_checkpoint, markdown_table
 from cnc_ad.feature_cache import ENCODER_FIELDS
