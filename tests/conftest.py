@@ -55,6 +55,27 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_thresholds: d
     return helpers.save_tiny_checkpoint(tmp_path_factory.mktemp("run") / "ckpt", tiny_thresholds)
 
 
+@pytest.fixture
+def ghostscript_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every attempt to run Ghostscript (Pillow's EPS decoder) instead of running it: stays empty while only
+    accepted formats are decoded."""
+    from PIL import EpsImagePlugin
+
+    calls: list[str] = []
+
+    def ghostscript(*args: object, **kwargs: object) -> None:
+        calls.append("Ghostscript")
+        raise OSError("Ghostscript must not run")
+
+    def has_ghostscript() -> bool:
+        calls.append("has_ghostscript")
+        return True
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    monkeypatch.setattr(EpsImagePlugin, "has_ghostscript", has_ghostscript)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def run_cli() -> Callable[..., helpers.CliResult]:
     """``run_cli(*argv)``: run ``cnc ARGV`` in-process (or with ``subprocess_=True`` as ``python -m cnc_ad``) and

@@ -14,6 +14,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+EPS_FILE = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\nnewpath 0 0 moveto showpage\n%%EOF\n"
+"""A minimal EPS (PostScript) file: Pillow reads it through Ghostscript, so no decoder of this package may accept it."""
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cnc_ad import __version__
+from cnc_ad.data.images import IMAGE_FORMATS
 from cnc_ad.files import atomic_write_text
 from cnc_ad.metrics import MAX_FPR, METRIC_KEYS, METRIC_LABELS
 from cnc_ad.results import CURVES_FILE, EXAMPLES_FILE, REPORT_FILE, StoredEvaluation, read_evaluation
@@ -408,7 +409,7 @@ def _load_image(root: Path, entry: Mapping[str, Any], side: int) -> np.ndarray |
     """The example image as ``(side, side, 3)`` uint8 RGB, or None (with a warning) when it cannot be read."""
     path = _resolve(root, str(entry.get("image", "")))
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
             return np.asarray(image.convert("RGB").resize((side, side), Image.Resampling.BILINEAR))
     except (OSError, UnidentifiedImageError, ValueError) as err:
         logger.warning("cannot read image %s (%s); shown as a placeholder", path, err)
@@ -426,7 +427,7 @@ def _load_mask(root: Path, entry: Mapping[str, Any], side: int) -> np.ndarray | 
         return np.zeros((side, side), dtype=bool)
     path = _resolve(root, str(entry["mask"]))
     try:
-        with Image.open(path) as mask:
+        with Image.open(path, formats=IMAGE_FORMATS) as mask:
             foreground = np.asarray(mask.convert("L")) > 0
     except (OSError, UnidentifiedImageError, ValueError) as err:
         logger.warning("cannot read mask %s (%s); shown as a placeholder", path, err)

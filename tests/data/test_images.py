@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cnc_ad.data.dataset import to_tensor
-from cnc_ad.data.images import decode_image, image_size, load_image, load_mask
+from cnc_ad.data.images import decode_image, decode_image_bytes, image_size, load_image, load_mask
 from cnc_ad.data.transforms import prepare_image, prepare_mask, resize_side
 from cnc_ad.errors import DataError
+from tests.helpers import EPS_FILE
 
 
 def _rgb(h: int = 12, w: int = 20) -> np.ndarray:
@@ -99,6 +100,26 @@ def test_text_named_png(tmp_path):
         load_image(tmp_path / "text.png")
     message = _one_line(err, tmp_path / "text.png")
     assert "re-copy, convert or remove" in message and "--" not in message  # library terms, no CLI flags
+
+
+def test_a_format_not_accepted_is_refused_before_any_decoder_runs(tmp_path, ghostscript_calls):
+    path = tmp_path / "x.png"  # an EPS file under an image name
+    path.write_bytes(EPS_FILE)
+    for read in (load_image, load_mask, image_size):
+        with pytest.raises(DataError) as err:
+            read(path)
+        message = _one_line(err, path)
+        assert "in EPS format, which is not accepted" in message and "convert it to PNG" in message
+    with pytest.raises(DataError, match=r"image cam\.png is in EPS format, which is not accepted"):
+        decode_image_bytes(EPS_FILE, name="cam.png")
+    assert ghostscript_calls == []
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM", "JPEG2000", "TGA"])
+def test_every_accepted_format_decodes(tmp_path, fmt):
+    path = tmp_path / "a.img"  # the content decides, not the name
+    Image.fromarray(_rgb(), "RGB").save(path, fmt)
+    assert load_image(path).shape == (12, 20, 3)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])

@@ -17,6 +17,7 @@ from cnc_ad.deploy.predict import collect_inputs, output_name
 from cnc_ad.errors import ConfigError, DataError, TextFeaturesError
 from cnc_ad.files import read_jsonl
 from cnc_ad.thresholds import Thresholds
+from tests.helpers import EPS_FILE
 
 THRESHOLDS = {"image": {"__all__": 1.0, "brick": 0.0, "washer": 99.0}, "pixel": {"__all__": 0.9, "brick": 0.0}}
 
@@ -83,6 +84,17 @@ def test_api_rejects_bad_inputs(detector: Detector, tmp_path: Path) -> None:
         detector.predict(np.full((8, 8, 3), 2.0, np.float32))
     with pytest.raises(DataError, match="shape"):
         detector.predict(np.zeros((8, 8, 2), np.uint8))
+
+
+def test_api_refuses_a_format_not_accepted_without_running_ghostscript(
+    detector: Detector, tmp_path: Path, ghostscript_calls: list[str]
+) -> None:
+    eps = tmp_path / "eps.png"
+    eps.write_bytes(EPS_FILE)
+    for item in (eps, EPS_FILE):
+        with pytest.raises(DataError, match="in EPS format, which is not accepted"):
+            detector.predict(item)
+    assert ghostscript_calls == []
 
 
 def test_thresholds_stored_explicit_and_per_category(detector: Detector) -> None:

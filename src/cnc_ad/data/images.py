@@ -1,9 +1,11 @@
 """Robust image and mask decoding with Pillow.
 
-Every format Pillow reads is accepted: 8- and 16-bit, grayscale, RGBA, palette, CMYK, with EXIF orientation applied.
-Any failure (empty, truncated, not an image, too large) becomes a one-line :class:`~cnc_ad.errors.DataError` that names
-the file and the fix, never a Pillow traceback. When the target size is known, large JPEGs are decoded at a reduced
-scale (``Image.draft``) so a 12000 x 12000 photograph does not need gigabytes of memory.
+Only the formats of :data:`IMAGE_EXTENSIONS` are decoded (:data:`IMAGE_FORMATS`: Pillow tries no other decoder, so an
+EPS file named ``.png`` is refused and never handed to Ghostscript), in 8 and 16 bits, grayscale, RGBA, palette or
+CMYK, with EXIF orientation applied. Any failure (empty, truncated, not an image, another format, too large) becomes a
+one-line :class:`~cnc_ad.errors.DataError` that names the file and the fix, never a Pillow traceback. When the target
+size is known, large JPEGs are decoded at a reduced scale (``Image.draft``) so a 12000 x 12000 photograph does not need
+gigabytes of memory.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from cnc_ad.errors import DataError
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm", ".jp2", ".tga"}
 )
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM", "JPEG2000", "TGA")
+"""Pillow's names of the formats of :data:`IMAGE_EXTENSIONS` (``PPM`` reads .ppm, .pgm and .pbm): the only decoders
+:func:`open_image` lets Pillow try, whatever a file's name says."""
+ACCEPTED = "PNG, JPEG, BMP, TIFF, WebP, GIF, PPM/PGM/PBM, JPEG 2000 or TGA"
 MAX_PIXELS_ENV = "CNC_MAX_IMAGE_PIXELS"
 SKIP_BAD = "skip_bad=True"
 """How messages name the option that skips unreadable files (``data.skip_bad``; the CLI shows ``--skip-bad``)."""
@@ -32,6 +38,54 @@ def is_image_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` has an image extension and is not a hidden file (``.DS_Store``, ``._x.png``)."""
     name = os.path.basename(os.fspath(path))
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def open_image(source: str | os.PathLike | BinaryIO, what: str) -> Image.Image:
+    """``Image.open`` restricted to :data:`IMAGE_FORMATS` (lazy: only the header is read).
+
+    Args:
+        source: a file or a binary stream.
+        what: how messages name it, e.g. ``"image a.png"``.
+
+    Raises:
+        DataError: it is in a format Pillow knows but this package does not accept (EPS, PSD, ICO ...).
+        UnidentifiedImageError: it is not an image at all; other errors as :func:`PIL.Image.open`.
+    """
+    try:
+        return Image.open(source, formats=IMAGE_FORMATS)
+    except UnidentifiedImageError:
+        refused = _refused_format(source)
+        if refused is None:
+            raise
+        raise DataError(
+            f"{what} is in {refused} format, which is not accepted; convert it to {ACCEPTED}, or remove it"
+        ) from None
+
+
+def _refused_format(source: str | os.PathLike | BinaryIO) -> str | None:
+    """The Pillow format whose signature ``source``'s first bytes carry, among those not accepted (checked on the
+    bytes only: no decoder of theirs runs).
+    """
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as handle:
+                prefix = handle.read(16)
+        else:
+            source.seek(0)
+            prefix = source.read(16)
+    except OSError:
+        return None
+    Image.init()
+    for name, (_, accept) in Image.OPEN.items():
+        if name in IMAGE_FORMATS or accept is None:
+            continue
+        try:
+            result = accept(prefix)
+        except Exception:  # a plugin's signature check on a short prefix: not that format
+            continue
+        if result and not isinstance(result, str):  # a string: Pillow's "maybe, but this build cannot read it"
+            return name
+    return None
 
 
 def _apply_pixel_limit() -> None:
@@ -71,9 +125,11 @@ def _describe_failure(path: Path, kind: str, err: Exception) -> DataError:
     return DataError(f"cannot decode {kind} {path} ({reason}); re-copy, convert or remove the file")
 
 
-def _open(path: Path | BinaryIO, target: int | None, mode: str) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode a file or binary stream fully: the (maybe draft-reduced) image and the full oriented size (H, W)."""
-    with Image.open(path) as im:
+def _open(source: Path | BinaryIO, target: int | None, mode: str, what: str) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode a file or binary stream (named ``what`` in messages) fully: the (maybe draft-reduced) image and the full
+    oriented size (H, W).
+    """
+    with open_image(source, what) as im:
         width, height = im.size
         orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
         if orientation in _ROTATED_ORIENTATIONS:
@@ -118,12 +174,12 @@ def decode_image(path: str | os.PathLike, target: int | None = None) -> tuple[Im
         The RGB image (EXIF orientation applied) and its full-scale size ``(H, W)`` in pixels.
 
     Raises:
-        DataError: the file is missing, empty, truncated, not an image or too large.
+        DataError: the file is missing, empty, truncated, not an image, in a format not accepted, or too large.
     """
     path = Path(path)
     _apply_pixel_limit()
     try:
-        im, size = _open(path, target, "RGB")
+        im, size = _open(path, target, "RGB", f"image {path}")
         return _to_rgb(im), size
     except Exception as err:  # any decoder failure is a data problem; report it on one line
         raise _describe_failure(path, "image", err) from err
@@ -143,14 +199,16 @@ def decode_image_bytes(
         The RGB image (EXIF orientation applied) and its full-scale size ``(H, W)`` in pixels.
 
     Raises:
-        DataError: the bytes are empty, truncated, not an image or too large.
+        DataError: the bytes are empty, truncated, not an image, in a format not accepted, or too large.
     """
     _apply_pixel_limit()
     if not data:
         raise DataError(f"image {name} is empty (0 bytes); send the file's content")
     try:
-        im, size = _open(io.BytesIO(data), target, "RGB")
+        im, size = _open(io.BytesIO(data), target, "RGB", f"image {name}")
         return _to_rgb(im), size
+    except DataError:
+        raise
     except Exception as err:  # any decoder failure is a data problem; report it on one line
         if isinstance(err, Image.DecompressionBombError):
             reason = f"larger than Pillow's decompression-bomb limit: {err}"
@@ -194,7 +252,7 @@ def decode_mask(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     _apply_pixel_limit()
     try:
-        im, _ = _open(path, None, "L")
+        im, _ = _open(path, None, "L", f"mask {path}")
         if im.mode in ("RGBA", "LA", "PA"):
             im = im.convert("RGB" if im.mode == "RGBA" else "L")
         array = np.asarray(im)
@@ -235,7 +293,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     path = Path(path)
     _apply_pixel_limit()
     try:
-        with Image.open(path) as im:
+        with open_image(path, f"image {path}") as im:
             width, height = im.size
             if im.getexif().get(0x0112, 1) in _ROTATED_ORIENTATIONS:
                 width, height = height, width

@@ -19,7 +19,7 @@ from typing import Any, TypeGuard, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cnc_ad.data.images import decode_image, decode_image_bytes, image_size
+from cnc_ad.data.images import decode_image, decode_image_bytes, image_size, open_image
 from cnc_ad.data.transforms import prepare_image, to_chw
 from cnc_ad.errors import DataError
 
@@ -106,13 +106,13 @@ def check_pixels(item: str | os.PathLike | Upload | bytes, max_pixels: int | Non
     else:
         data = item.data if isinstance(item, Upload) else item
         try:
-            with Image.open(io.BytesIO(data)) as header:
+            with open_image(io.BytesIO(data), f"image {name}") as header:
                 width, height = header.size
             declared, too_many = f"{width} x {height} pixels", width * height > max_pixels
         except Image.DecompressionBombError:  # beyond Pillow's own limit: certainly beyond ours
             declared, too_many = "more pixels than Pillow's decompression-bomb limit", True
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            return  # not an image: the decoder names the problem
+        except (DataError, UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            return  # not an image, or a format not accepted: the decoder names the problem
     if too_many:
         raise TooManyPixels(f"image {name} has {declared}, more than the limit of {max_pixels}; downscale it")
 
