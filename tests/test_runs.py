@@ -57,3 +57,16 @@ def test_pruning_keeps_newest_previous_and_foreign_folders(tmp_path: Path) -> No
     prune_checkpoints(parent, 2, newest=parent / "epoch-3", previous=parent / "epoch-1",
                       is_checkpoint=lambda p: p.name in ours)  # fmt: skip
     assert sorted(p.name for p in parent.iterdir()) == [".tmp", "epoch-1", "epoch-3", "notes"]
+
+
+def test_resuming_a_run_whose_log_ends_in_a_torn_line(tmp_path: Path) -> None:
+    run = RunFolder(tmp_path / "run")
+    run.start_log()
+    for step in (1, 2, 3):
+        run.append_log({"step": step, "note": "é"})
+    with run.log_path.open("ab") as handle:
+        handle.write('{"step": 4, "note": "é'.encode()[:-1])  # a power loss inside the two bytes of "é"
+    assert [r["step"] for r in run.read_log()] == [1, 2, 3]
+    run.start_log(through_step=3)  # what `cnc train --resume` does
+    run.append_log({"step": 4})
+    assert [r["step"] for r in run.read_log()] == [1, 2, 3, 4]

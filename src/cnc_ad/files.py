@@ -1,32 +1,63 @@
 """Crash-safe file writing: whole files appear atomically (temporary file, fsync, rename); logs append and flush.
 
-A reader never sees a half-written result file, and a run killed at any moment leaves the previous version intact.
+A reader never sees a half-written result file, and a run killed at any moment leaves the previous version intact. A
+log line cut short by a power loss is skipped when read and cut off when the log is opened to append again
+(:func:`repair_jsonl`). A failed write or fsync raises an ``OSError`` that names the file.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
+# What fsync of a folder answers where folders cannot be flushed (some file systems and platforms): nothing to do.
+_FOLDER_FSYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF})
+_TAIL_CHUNK = 1 << 16
+
 
 def fsync_path(path: Path) -> None:
-    """Flush a file, or a folder's entries (making renames inside it durable), to disk; a no-op where a folder
-    cannot be opened (Windows).
+    """Flush a file, or a folder's entries (making renames inside it durable), to disk.
+
+    Raises:
+        OSError: a file cannot be opened or flushed (a full disk, an I/O error): what was written may not be on disk.
+            For a folder, only errors other than "folders cannot be opened or flushed here" (Windows, some file
+            systems) are raised.
     """
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
-    try:
-        fd = os.open(path, flags)
-    except OSError:
+    path = Path(path)
+    if path.is_dir():
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:  # Windows opens no folder: nothing to flush
+            return
+        try:
+            os.fsync(fd)
+        except OSError as err:
+            if err.errno not in _FOLDER_FSYNC_UNSUPPORTED:
+                raise _with_filename(err, path) from err
+        finally:
+            os.close(fd)
         return
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # Windows flushes writable handles only
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as err:
+        raise _with_filename(err, path) from err
     finally:
         os.close(fd)
+
+
+def _with_filename(err: OSError, path: str | os.PathLike[str]) -> OSError:
+    """``err`` naming ``path`` (``os.write`` and ``os.fsync`` errors name no file), as the same ``OSError`` subclass."""
+    if err.filename is not None:
+        return err
+    return type(err)(err.errno, err.strerror, os.fspath(path))
 
 
 def default_mode(folder: bool = False) -> int:
@@ -49,6 +80,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise _with_filename(err, path) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -77,19 +111,76 @@ def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
     try:
         os.write(fd, line)
         os.fsync(fd)
+    except OSError as err:
+        raise _with_filename(err, path) from err
     finally:
         os.close(fd)
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read a JSON-lines file, ignoring a last line cut short by a crash."""
+    """Read a JSON-lines file, skipping lines that are not whole JSON (a last line cut short by a crash, also one cut
+    inside a multi-byte character).
+    """
     records: list[dict[str, Any]] = []
     path = Path(path)
     if not path.exists():
         return records
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            records.append(json.loads(line.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             continue
     return records
+
+
+def repair_jsonl(path: str | os.PathLike[str]) -> int:
+    """Make a JSON-lines file end with a whole line before appending to it again.
+
+    A power loss in the middle of :func:`append_jsonl` can leave a last line without its newline; the next line
+    appended would then share its line, and both would be lost to :func:`read_jsonl`. A tail that is a whole JSON
+    object (only the newline is missing) gets its newline; any other tail is cut off (no complete line is lost).
+
+    Returns:
+        How many bytes were cut off (0 when the file ends with a newline, is empty or does not exist).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return 0
+    if size == 0:
+        return 0
+    with open(path, "r+b") as handle:
+        end = size
+        tail = b""
+        while end > 0:  # read backwards to the last newline
+            start = max(0, end - _TAIL_CHUNK)
+            handle.seek(start)
+            chunk = handle.read(end - start)
+            if chunk.endswith(b"\n") and not tail:
+                return 0
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                tail = chunk[newline + 1 :] + tail
+                break
+            tail = chunk + tail
+            end = start
+        try:
+            whole = isinstance(json.loads(tail.decode("utf-8")), dict)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            whole = False
+        if whole:
+            handle.seek(size)
+            handle.write(b"\n")
+            cut = 0
+        else:
+            handle.truncate(size - len(tail))
+            cut = len(tail)
+        handle.flush()
+        os.fsync(handle.fileno())
+    log.warning(
+        "%s ended in a line cut short (a crash while appending): %s",
+        path,
+        f"removed its {cut} bytes" if cut else "added the missing newline",
+    )
+    return cut

@@ -3,6 +3,7 @@ interruption, ONNX)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from cnc_ad.deploy.predict import collect_inputs, output_name
 from cnc_ad.errors import ConfigError, DataError, TextFeaturesError
 from cnc_ad.files import read_jsonl
 from cnc_ad.thresholds import Thresholds
-from tests.helpers import EPS_FILE
+from tests.helpers import EPS_FILE, write_image
 
 THRESHOLDS = {"image": {"__all__": 1.0, "brick": 0.0, "washer": 99.0}, "pixel": {"__all__": 0.9, "brick": 0.0}}
 
@@ -178,6 +179,25 @@ def test_cli_resume_skips_done_files(tiny_checkpoint: Path, tmp_path: Path) -> N
     assert len({r["path"] for r in records}) == 4
     assert _predict(tiny_checkpoint, [paths["c.bmp"]], out, "--overwrite") == 0
     assert len(read_jsonl(out / "predictions.jsonl")) == 1
+
+
+@pytest.mark.parametrize("cut", ["mid-record", "inside a character"])
+def test_cli_resume_after_a_power_loss_in_the_middle_of_a_line(tiny_checkpoint: Path, tmp_path: Path, cut: str) -> None:
+    inputs = tmp_path / "in"
+    first = write_image(inputs / "a.png", (20, 12))
+    torn = write_image(inputs / "ü.png", (20, 12))  # a name of two-byte characters
+    out = tmp_path / "out"
+    assert _predict(tiny_checkpoint, [first], out) == 0
+    kept = (out / "predictions.jsonl").read_bytes()
+    line = (json.dumps({"path": str(torn.resolve()), "score": 0.5}, ensure_ascii=False)).encode()
+    end = line.index("ü".encode()) + 1 if cut == "inside a character" else len(line) // 2
+    with (out / "predictions.jsonl").open("ab") as handle:
+        handle.write(line[:end])  # the power went off in the middle of appending the second image's line
+    assert _predict(tiny_checkpoint, [inputs], out, "--resume") == 0
+    data = (out / "predictions.jsonl").read_bytes()
+    assert data.startswith(kept)  # every earlier record kept, byte for byte
+    records = [json.loads(line) for line in data.decode().splitlines()]  # every line parses
+    assert [r["path"] for r in records] == [str(first.resolve()), str(torn.resolve())]  # the torn one scored again
 
 
 def test_cli_interrupted_run_keeps_written_results(

@@ -26,7 +26,7 @@ from cnc_ad import distributed as dist
 from cnc_ad.data.images import decode_image, is_image_file
 from cnc_ad.deploy.detector import Detector, ImageResult
 from cnc_ad.errors import ConfigError, DataError
-from cnc_ad.files import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl
+from cnc_ad.files import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl, repair_jsonl
 from cnc_ad.progress import progress_bar
 from cnc_ad.visualize import overlay, to_png_bytes
 
@@ -188,11 +188,18 @@ def predict_files(
 def open_output(out: Path, *, resume: bool, overwrite: bool) -> set[str]:
     """Prepare the output folder ``out``; return the paths its ``predictions.jsonl`` already records.
 
+    With ``resume``, a last line of ``predictions.jsonl`` or ``errors.jsonl`` cut short by a crash is cut off first
+    (:func:`cnc_ad.files.repair_jsonl`): its image is not recorded, so it is predicted again.
+
     Raises:
         ConfigError: ``out`` already holds predictions and neither ``resume`` nor ``overwrite`` is set.
     """
     jsonl, errors_file = out / PREDICTIONS_FILE, out / ERRORS_FILE
     done: set[str] = set()
+    if resume and dist.is_main_process():  # a line cut short by a power loss would swallow the next one appended
+        for appended in (jsonl, errors_file):
+            repair_jsonl(appended)
+    dist.barrier()
     if jsonl.exists() and jsonl.stat().st_size:
         if resume:
             done = recorded_paths(out)
