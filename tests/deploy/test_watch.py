@@ -5,6 +5,7 @@ Nothing sleeps for a fixed time to let the watcher work: each test waits for wha
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -214,6 +215,30 @@ def test_move_mode_and_a_kill_between_the_record_and_the_move(
     assert (done / "sub" / "third-1.png").read_bytes() == _png(10)
     assert (done / "sub" / "third.png").read_bytes() == b"another file of that name"
     assert summary.predicted == 2 and summary.moved == 3 and summary.recorded_before == 1
+
+
+def test_a_move_across_file_systems_keeps_the_source_unless_the_copy_is_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    incoming, done = tmp_path / "incoming", tmp_path / "done"
+    source = _drop(incoming / "sub" / "a.png", 12)
+
+    def cross_device(src: object, dst: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "rename", cross_device)
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        watch_module._move(source, incoming, done)
+    assert source.read_bytes() == _png(12)  # the copy may not be on disk: the source stays
+    assert [p for p in done.rglob("*") if p.is_file()] == []  # and no partial copy is left behind
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "rename", cross_device)
+    assert watch_module._move(source, incoming, done) == done / "sub" / "a.png"
+    assert not source.exists() and (done / "sub" / "a.png").read_bytes() == _png(12)
 
 
 def test_a_move_folder_inside_the_watched_one_is_not_watched(detector: Detector, tmp_path: Path) -> None:

@@ -1,14 +1,16 @@
 """The ``cnc`` command: ``main(argv) -> int`` dispatches to one subcommand module per job.
 
 Each module in this package exposes ``register(subparsers)``, which adds its parser and sets ``func`` to a callable
-taking the parsed namespace and returning an exit code. Library errors (:class:`cnc_ad.errors.CNCError`) become a
-one-line message and a non-zero exit code here, never a traceback.
+taking the parsed namespace and returning an exit code. Library errors (:class:`cnc_ad.errors.CNCError`) and disk errors
+(a full, read-only or failing disk: :data:`DISK_ERRORS`) become a one-line message and a non-zero exit code here, never
+a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import json
 import logging
@@ -33,6 +35,16 @@ FLAGS = {
     "device=cpu": "--device cpu",
     "device=auto": "--device auto",
     "device=cuda": "--device cuda",
+}
+# Disk errors: a full, read-only or failing disk is the machine's state, not a bug; each becomes one line with the fix.
+DISK_ERRORS = {
+    errno.ENOSPC: ("write", "free space or choose another {out}"),
+    errno.EDQUOT: ("write", "free space (a disk quota is full) or choose another {out}"),
+    errno.EFBIG: ("write", "choose another {out}, on a file system that takes larger files"),
+    errno.EROFS: ("write", "choose another {out}"),
+    errno.EACCES: ("access", "check its permissions or choose another {out}"),
+    errno.EPERM: ("access", "check its permissions or choose another {out}"),
+    errno.EIO: ("access", "check the disk (its kernel log) or choose another {out}"),
 }
 # Subcommand modules, in the order `cnc --help` lists them.
 COMMANDS = ("data", "models", "train", "eval", "calibrate", "report", "predict", "export", "serve", "demo", "ablate")
@@ -142,6 +154,13 @@ def _run(args: argparse.Namespace) -> int:
         print(f"cnc {args.command}: error: {message}", file=sys.stderr)
         args.json_error = {"type": type(err).__name__, "message": message}
         return err.exit_code
+    except OSError as err:
+        if err.errno not in DISK_ERRORS:
+            raise
+        message = disk_error_message(err, "--out" if hasattr(args, "out") else "folder")
+        print(f"cnc {args.command}: error: {message}", file=sys.stderr)
+        args.json_error = {"type": "OSError", "message": message}
+        return 1
     except KeyboardInterrupt:
         print(f"cnc {args.command}: interrupted", file=sys.stderr)
         args.json_error = {"type": "KeyboardInterrupt", "message": "interrupted"}
@@ -151,6 +170,17 @@ def _run(args: argparse.Namespace) -> int:
             from cnc_ad import distributed
 
             distributed.cleanup()
+
+
+def disk_error_message(err: OSError, out: str) -> str:
+    """The one-line message of a :data:`DISK_ERRORS` error, e.g. ``cannot write PATH: No space left on device; free
+    space or choose another --out`` (``out`` names the option or thing to choose instead).
+    """
+    assert err.errno is not None, "only errors of DISK_ERRORS come here"
+    verb, advice = DISK_ERRORS[err.errno]
+    reason = err.strerror or os.strerror(err.errno)
+    path = f" {os.fsdecode(err.filename)}" if err.filename is not None else ""
+    return f"cannot {verb}{path}: {reason}; {advice.format(out=out)}"
 
 
 @contextlib.contextmanager

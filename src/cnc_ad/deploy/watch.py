@@ -150,8 +150,8 @@ def _move(path: Path, folder: Path, move_to: Path) -> Path:
 
     A rename when both are on one file system. Across file systems: copied to a temporary name, fsynced, renamed into
     place, then the source removed; a kill in between leaves both, and the next start removes the source then (the
-    copy is complete). A different file already at the destination is never overwritten: the name gets ``-1``,
-    ``-2``...
+    copy is complete). A failed copy or fsync (a full or failing disk) raises and leaves the source where it is. A
+    different file already at the destination is never overwritten: the name gets ``-1``, ``-2``...
     """
     target = move_to / path.relative_to(folder)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -168,10 +168,13 @@ def _move(path: Path, folder: Path, move_to: Path) -> Path:
         if err.errno != errno.EXDEV:
             raise
         partial = target.with_name(f".{target.name}.partial")
-        shutil.copyfile(path, partial)
-        fsync_path(partial)
-        os.replace(partial, target)
-        fsync_path(target.parent)
+        try:
+            shutil.copyfile(path, partial)
+            fsync_path(partial)  # raises when the copy may not be on disk: then the source stays
+            os.replace(partial, target)
+            fsync_path(target.parent)
+        finally:
+            partial.unlink(missing_ok=True)
         path.unlink()
         return target
     fsync_path(target.parent)
