@@ -4,6 +4,9 @@ interruption, ONNX)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +17,16 @@ from PIL import Image
 from cnc_ad import Detector
 from cnc_ad.cli import main
 from cnc_ad.deploy.detector import DetectionResult
-from cnc_ad.deploy.predict import collect_inputs, output_name
+from cnc_ad.deploy.predict import collect_inputs, open_output, output_name
 from cnc_ad.errors import ConfigError, DataError, TextFeaturesError
 from cnc_ad.files import read_jsonl
 from cnc_ad.thresholds import Thresholds
-from tests.helpers import EPS_FILE, write_image
+from tests.helpers import EPS_FILE, SUBPROCESS_ENV, run_cli, write_image
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 THRESHOLDS = {"image": {"__all__": 1.0, "brick": 0.0, "washer": 99.0}, "pixel": {"__all__": 0.9, "brick": 0.0}}
 
@@ -198,6 +206,37 @@ def test_cli_resume_after_a_power_loss_in_the_middle_of_a_line(tiny_checkpoint: 
     assert data.startswith(kept)  # every earlier record kept, byte for byte
     records = [json.loads(line) for line in data.decode().splitlines()]  # every line parses
     assert [r["path"] for r in records] == [str(first.resolve()), str(torn.resolve())]  # the torn one scored again
+
+
+@pytest.mark.skipif(fcntl is None, reason="output folders are locked with fcntl")
+def test_two_processes_cannot_share_one_output_folder(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    image, out = write_image(tmp_path / "a.png"), tmp_path / "out"
+    holder = subprocess.Popen(  # another process holds the folder (e.g. a watcher)
+        [sys.executable, "-c", "import sys; from pathlib import Path; from cnc_ad.deploy.predict import open_output\n"
+         "with open_output(Path(sys.argv[1]), resume=True, overwrite=False):\n print('ready', flush=True); input()",
+         str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=SUBPROCESS_ENV,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        for extra in ((), ("--resume",), ("--overwrite",)):
+            result = run_cli("predict", "--model", tiny_checkpoint, image, "--out", out, "--no-progress", *extra)
+            assert result.code == 2 and f"in use by another predictor or watcher (process {holder.pid})" in result.err
+            assert "Traceback" not in result.err and not (out / "predictions.jsonl").exists()
+    finally:
+        holder.communicate("\n", timeout=60)
+    assert holder.returncode == 0
+    assert _predict(tiny_checkpoint, [image], out) == 0  # the lock went with its process
+
+
+@pytest.mark.skipif(fcntl is None, reason="output folders are locked with fcntl")
+def test_a_second_open_of_the_same_folder_in_one_process_is_refused_too(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    refused = pytest.raises(ConfigError, match=f"process {os.getpid()}\\)")  # flock locks per open file
+    with open_output(out, resume=True, overwrite=False), refused, open_output(out, resume=True, overwrite=False):
+        pass
+    with open_output(out, resume=True, overwrite=False) as done:  # released at the end of the block
+        assert done == set()
 
 
 def test_cli_interrupted_run_keeps_written_results(

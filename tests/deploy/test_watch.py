@@ -26,7 +26,9 @@ from PIL import Image
 from cnc_ad import Detector
 from cnc_ad.cli import main
 from cnc_ad.deploy import watch as watch_module
+from cnc_ad.deploy.predict import open_output
 from cnc_ad.deploy.watch import After, WatchSummary, watch_folder
+from cnc_ad.errors import ConfigError
 from cnc_ad.files import read_jsonl
 from tests.helpers import save_tiny_checkpoint
 
@@ -255,6 +257,14 @@ def test_a_move_folder_inside_the_watched_one_is_not_watched(detector: Detector,
         summary = watcher.stop()
     assert [r["path"] for r in _records(out)] == [str(part.resolve())]
     assert summary.predicted == 1
+
+
+def test_a_watcher_is_refused_an_output_folder_in_use(detector: Detector, tmp_path: Path) -> None:
+    incoming, out = tmp_path / "incoming", tmp_path / "out"
+    incoming.mkdir()
+    refused = pytest.raises(ConfigError, match=f"in use by another predictor or watcher \\(process {os.getpid()}\\)")
+    with open_output(out, resume=True, overwrite=False), refused:  # a predictor writing into it
+        watch_folder(detector, incoming, out, poll=0.1)
 
 
 def _start(checkpoint: Path, incoming: Path, out: Path, *extra: str) -> subprocess.Popen[str]:

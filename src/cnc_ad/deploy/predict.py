@@ -8,12 +8,14 @@ same files.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import hashlib
 import io
 import logging
 import os
+import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +32,15 @@ from cnc_ad.files import append_jsonl, atomic_write_bytes, atomic_write_text, re
 from cnc_ad.progress import progress_bar
 from cnc_ad.visualize import overlay, to_png_bytes
 
+try:
+    import fcntl
+except ImportError:  # Windows: output folders are not locked
+    fcntl = None  # type: ignore[assignment]  # the module or None
+
 log = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "predictions.jsonl"
+LOCK_FILE = ".lock"
 ERRORS_FILE = "errors.jsonl"
 SUMMARY_FILE = "predictions.csv"
 MAP_DTYPES = ("float16", "float32")
@@ -135,84 +143,131 @@ def predict_files(
         progress: show a progress bar.
 
     Raises:
-        ConfigError: ``out`` already holds predictions and neither ``resume`` nor ``overwrite`` is set.
+        ConfigError: ``out`` already holds predictions and neither ``resume`` nor ``overwrite`` is set; another
+            predictor or watcher writes into ``out``.
     """
     if map_dtype not in MAP_DTYPES:
         raise ConfigError(f"map dtype {map_dtype!r}; use one of {', '.join(MAP_DTYPES)}")
     out = Path(out)
     paths = [Path(p).resolve() for p in paths]  # records and output names key on absolute paths
-    done = open_output(out, resume=resume, overwrite=overwrite)
-    # Under torchrun each process takes its share; all append to the same JSON-lines files (one write per line).
-    jsonl = out / PREDICTIONS_FILE
-    remaining = [p for p in paths if str(p) not in done]
-    skipped = len(paths) - len(remaining)
-    todo = dist.shard(remaining)
-    if skipped:
-        log.info("resuming: %d of %d images already predicted", skipped, len(paths))
-    image_t, pixel_t = detector.resolve_thresholds(threshold, pixel_threshold, category)
-    if image_t is None:
-        log.warning("no threshold (evaluate the model, or give one): is_anomalous is null, no masks are written")
+    with open_output(out, resume=resume, overwrite=overwrite) as done:  # held until the end: one writer per folder
+        # Under torchrun each process takes its share; all append to the same JSON-lines files (one write per line).
+        jsonl = out / PREDICTIONS_FILE
+        remaining = [p for p in paths if str(p) not in done]
+        skipped = len(paths) - len(remaining)
+        todo = dist.shard(remaining)
+        if skipped:
+            log.info("resuming: %d of %d images already predicted", skipped, len(paths))
+        image_t, pixel_t = detector.resolve_thresholds(threshold, pixel_threshold, category)
+        if image_t is None:
+            log.warning("no threshold (evaluate the model, or give one): is_anomalous is null, no masks are written")
 
-    predicted = failed = anomalous = 0
-    bar = progress_bar(total=len(todo), desc="predict", unit="img", enabled=progress)
-    try:
-        for outcome in predict_stream(
-            detector,
-            todo,
-            out,
-            image_threshold=image_t,
-            pixel_threshold=pixel_t,
-            batch_size=batch_size,
-            workers=workers,
-            map_dtype=map_dtype,
-            overlay_max_side=overlay_max_side,
-        ):
-            if outcome.record is None:
-                failed += 1
-            else:
-                predicted += 1
-                anomalous += bool(outcome.record["is_anomalous"])
-            bar.update(1)
-    finally:
-        bar.close()
-        if not dist.is_distributed() and jsonl.exists():  # also after an interruption
-            write_summary_csv(jsonl, out / SUMMARY_FILE)
-    if dist.is_distributed():
-        counts = np.sum(dist.all_gather_objects((predicted, failed, anomalous)), axis=0).tolist()
-        predicted, failed, anomalous = (int(c) for c in counts)
-        if dist.is_main_process() and jsonl.exists():
-            write_summary_csv(jsonl, out / SUMMARY_FILE)
-    return PredictionSummary(out, predicted, skipped, failed, anomalous)
+        predicted = failed = anomalous = 0
+        bar = progress_bar(total=len(todo), desc="predict", unit="img", enabled=progress)
+        try:
+            for outcome in predict_stream(
+                detector,
+                todo,
+                out,
+                image_threshold=image_t,
+                pixel_threshold=pixel_t,
+                batch_size=batch_size,
+                workers=workers,
+                map_dtype=map_dtype,
+                overlay_max_side=overlay_max_side,
+            ):
+                if outcome.record is None:
+                    failed += 1
+                else:
+                    predicted += 1
+                    anomalous += bool(outcome.record["is_anomalous"])
+                bar.update(1)
+        finally:
+            bar.close()
+            if not dist.is_distributed() and jsonl.exists():  # also after an interruption
+                write_summary_csv(jsonl, out / SUMMARY_FILE)
+        if dist.is_distributed():
+            counts = np.sum(dist.all_gather_objects((predicted, failed, anomalous)), axis=0).tolist()
+            predicted, failed, anomalous = (int(c) for c in counts)
+            if dist.is_main_process() and jsonl.exists():
+                write_summary_csv(jsonl, out / SUMMARY_FILE)
+        return PredictionSummary(out, predicted, skipped, failed, anomalous)
 
 
-def open_output(out: Path, *, resume: bool, overwrite: bool) -> set[str]:
-    """Prepare the output folder ``out``; return the paths its ``predictions.jsonl`` already records.
+@contextlib.contextmanager
+def open_output(out: Path, *, resume: bool, overwrite: bool) -> Iterator[set[str]]:
+    """Open the output folder ``out`` for one predictor or watcher; yield the paths its ``predictions.jsonl`` already
+    records.
 
-    With ``resume``, a last line of ``predictions.jsonl`` or ``errors.jsonl`` cut short by a crash is cut off first
-    (:func:`cnc_ad.files.repair_jsonl`): its image is not recorded, so it is predicted again.
+    The folder is locked while the ``with`` block runs (:func:`lock_output`). With ``resume``, a last line of
+    ``predictions.jsonl`` or ``errors.jsonl`` cut short by a crash is cut off first (:func:`cnc_ad.files.repair_jsonl`):
+    its image is not recorded, so it is predicted again.
 
     Raises:
-        ConfigError: ``out`` already holds predictions and neither ``resume`` nor ``overwrite`` is set.
+        ConfigError: ``out`` already holds predictions and neither ``resume`` nor ``overwrite`` is set; another
+            process writes into ``out``.
     """
     jsonl, errors_file = out / PREDICTIONS_FILE, out / ERRORS_FILE
-    done: set[str] = set()
-    if resume and dist.is_main_process():  # a line cut short by a power loss would swallow the next one appended
-        for appended in (jsonl, errors_file):
-            repair_jsonl(appended)
-    dist.barrier()
-    if jsonl.exists() and jsonl.stat().st_size:
-        if resume:
-            done = recorded_paths(out)
-        elif not overwrite:
-            raise ConfigError(f"{out} already holds predictions: resume them, or overwrite them to start afresh")
-        dist.barrier()  # every process has read the old records before any is removed
-        if overwrite and dist.is_main_process():
-            jsonl.unlink()
-            errors_file.unlink(missing_ok=True)
-    for folder in ("maps", "masks", "overlays"):
-        (out / folder).mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    return done
+    with lock_output(out):
+        done: set[str] = set()
+        if resume and dist.is_main_process():  # a line cut short by a power loss would swallow the next one appended
+            for appended in (jsonl, errors_file):
+                repair_jsonl(appended)
+        dist.barrier()
+        if jsonl.exists() and jsonl.stat().st_size:
+            if resume:
+                done = recorded_paths(out)
+            elif not overwrite:
+                raise ConfigError(f"{out} already holds predictions: resume them, or overwrite them to start afresh")
+            dist.barrier()  # every process has read the old records before any is removed
+            if overwrite and dist.is_main_process():
+                jsonl.unlink()
+                errors_file.unlink(missing_ok=True)
+        for folder in ("maps", "masks", "overlays"):
+            (out / folder).mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        yield done
+
+
+@contextlib.contextmanager
+def lock_output(out: Path) -> Iterator[None]:
+    """Hold ``out``'s lock file (``.lock``, with the holder's process id and host inside) while the block runs, so that
+    two predictors or watchers never append to one folder.
+
+    The processes of one ``torchrun`` job share the folder: the first takes the lock for all. Where ``fcntl`` is
+    missing (Windows), or the file system takes no locks (some network shares; a warning says so), nothing is locked.
+
+    Raises:
+        ConfigError: another process holds the lock; the message names it.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    fd: int | None = None
+    refusal: str | None = None
+    try:
+        if fcntl is not None and dist.is_main_process():
+            fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 256, 0).decode("utf-8", "replace").split() or ["unknown"]
+                where = f" on {holder[1]}" if len(holder) > 1 and holder[1] != socket.gethostname() else ""
+                refusal = (
+                    f"{out} is in use by another predictor or watcher (process {holder[0]}{where}); stop it, or "
+                    "choose another output folder"
+                )
+            except OSError as err:
+                log.warning("cannot lock %s (%s): a second predictor writing into it would not be noticed", out, err)
+            else:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        if dist.is_distributed():
+            refusal = dist.all_gather_objects(refusal)[0]  # every process of the job stops, not only the first
+        if refusal is not None:
+            raise ConfigError(refusal)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def recorded_paths(out: Path) -> set[str]:

@@ -99,7 +99,7 @@ class _Pending:
 
 @dataclass
 class _State:
-    done: set[str]
+    done: set[str] = field(default_factory=set)
     pending: dict[Path, _Pending] = field(default_factory=dict)
     failed: dict[Path, Fingerprint] = field(default_factory=dict)  # undecodable, until the file changes
 
@@ -270,7 +270,7 @@ def watch_folder(
         on_ready: called once the files present at the start are queued and the watch has begun.
 
     Raises:
-        ConfigError: a bad option, or ``folder`` is not a folder.
+        ConfigError: a bad option, ``folder`` is not a folder, or another predictor or watcher writes into ``out``.
     """
     if map_dtype not in MAP_DTYPES:
         raise ConfigError(f"map dtype {map_dtype!r}; use one of {', '.join(MAP_DTYPES)}")
@@ -288,8 +288,7 @@ def watch_folder(
         poll = 1.0
     stop = stop or threading.Event()
     summary = WatchSummary(out, folder, "poll" if poll is not None else "watchfiles")
-    state = _State(open_output(out, resume=True, overwrite=False))
-    summary.recorded_before = len(state.done)
+    state = _State()  # what is done: read when the output folder is opened, below
     excluded = [p for p in (out, after.move_to) if p is not None and _is_within(p, folder)]
     image_t, pixel_t = detector.resolve_thresholds(threshold, pixel_threshold, category)
     if image_t is None:
@@ -385,7 +384,9 @@ def watch_folder(
         if on_ready is not None:
             on_ready()
 
-    with _StopSignals(stop, summary):
+    with open_output(out, resume=True, overwrite=False) as done, _StopSignals(stop, summary):  # locked while watching
+        state.done = done
+        summary.recorded_before = len(done)
         try:
             if poll is not None:
                 started()
