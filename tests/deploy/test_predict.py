@@ -208,6 +208,23 @@ def test_cli_resume_after_a_power_loss_in_the_middle_of_a_line(tiny_checkpoint: 
     assert [r["path"] for r in records] == [str(first.resolve()), str(torn.resolve())]  # the torn one scored again
 
 
+def test_cli_resume_predicts_a_file_again_once_it_changed(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    same, changed, old = (write_image(tmp_path / "in" / f"{n}.png", (20, 12)) for n in ("same", "changed", "old"))
+    out = tmp_path / "out"
+    assert _predict(tiny_checkpoint, [same, changed], out) == 0
+    records = read_jsonl(out / "predictions.jsonl")
+    for record, path in zip(records, (same, changed), strict=True):
+        assert (record["size"], record["mtime_ns"]) == (path.stat().st_size, path.stat().st_mtime_ns)
+    # A record written by 0.1 holds no size and mtime: it stands for any version of its file.
+    with (out / "predictions.jsonl").open("a") as handle:
+        handle.write(json.dumps({"path": str(old.resolve()), "score": 0.0}) + "\n")
+    Image.fromarray(_rgb(12, 20, 99)).save(changed)  # another image under the same name
+    assert _predict(tiny_checkpoint, [tmp_path / "in"], out, "--resume") == 0
+    records = read_jsonl(out / "predictions.jsonl")
+    assert [r["path"] for r in records] == [str(p.resolve()) for p in (same, changed, old, changed)]
+    assert records[3]["size"] == changed.stat().st_size and records[3]["mtime_ns"] == changed.stat().st_mtime_ns
+
+
 @pytest.mark.skipif(fcntl is None, reason="output folders are locked with fcntl")
 def test_two_processes_cannot_share_one_output_folder(tiny_checkpoint: Path, tmp_path: Path) -> None:
     image, out = write_image(tmp_path / "a.png"), tmp_path / "out"
@@ -236,7 +253,7 @@ def test_a_second_open_of_the_same_folder_in_one_process_is_refused_too(tmp_path
     with open_output(out, resume=True, overwrite=False), refused, open_output(out, resume=True, overwrite=False):
         pass
     with open_output(out, resume=True, overwrite=False) as done:  # released at the end of the block
-        assert done == set()
+        assert len(done) == 0
 
 
 def test_cli_interrupted_run_keeps_written_results(

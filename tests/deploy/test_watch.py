@@ -123,8 +123,10 @@ def test_files_appearing_while_watching_are_scored_once_and_complete(detector: D
                 handle.flush()
                 time.sleep(SETTLE_S / 6)
         _wait_for(lambda: len(_records(out)) >= 4, "4 records")
-        # The same file written again in place later is not scored again (it is recorded).
+        # The same file written again in place, with its size and mtime, is not scored again (that version is recorded).
+        mtime_ns = quick.stat().st_mtime_ns
         _drop(incoming / "a.png", 1)
+        os.utime(quick, ns=(mtime_ns, mtime_ns))
         late = _drop(incoming / "late.png", 4)
         _wait_for(lambda: len(_records(out)) >= 5, "the late file's record")
     finally:
@@ -140,6 +142,33 @@ def test_files_appearing_while_watching_are_scored_once_and_complete(detector: D
     for record in records:
         assert (out / record["map"]).is_file() and (out / record["overlay"]).is_file()
     assert (out / "predictions.csv").read_text().count("\n") == 6  # header + 5 rows
+
+
+@pytest.mark.parametrize("after", ["leave", "move"])
+def test_a_new_image_under_a_name_already_scored_is_scored_again(
+    detector: Detector, tmp_path: Path, after: str
+) -> None:
+    incoming, out, done = tmp_path / "incoming", tmp_path / "out", tmp_path / "done"
+    incoming.mkdir()
+    watcher = Watcher(detector, incoming, out, after=After.parse(f"move:{done}" if after == "move" else "leave"))
+    try:
+        image = _drop(incoming / "img_0001.png", 13)
+        _wait_for(lambda: len(_records(out)) >= 1, "the first record")
+        first_version = (image.stat().st_size, image.stat().st_mtime_ns) if after == "leave" else None
+        _wait_for(lambda: after == "leave" or not image.exists(), "the move")
+        _drop(image, 14)  # the camera starts its numbering again: another image, the same name
+        _wait_for(lambda: len(_records(out)) >= 2, "the record of the second image of that name")
+    finally:
+        summary = watcher.stop()
+    records = _records(out)
+    assert [r["path"] for r in records] == [str(image.resolve())] * 2 and summary.predicted == 2
+    assert records[0]["score"] != records[1]["score"]  # two images, two scores
+    assert records[1]["size"] == len(_png(14)) and records[0]["size"] == len(_png(13))
+    if after == "leave":
+        assert (records[0]["size"], records[0]["mtime_ns"]) == first_version
+        assert (records[1]["size"], records[1]["mtime_ns"]) == (image.stat().st_size, image.stat().st_mtime_ns)
+    else:
+        assert (done / "img_0001.png").read_bytes() == _png(13) and (done / "img_0001-1.png").read_bytes() == _png(14)
 
 
 def test_polling_fallback_without_watchfiles(

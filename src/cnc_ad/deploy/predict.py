@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -122,9 +122,10 @@ def predict_files(
     Writes, under ``out``: ``maps/<name>.npy`` (the anomaly map at the image's own size, ``map_dtype``),
     ``masks/<name>.png`` (map >= pixel threshold; only with a threshold), ``overlays/<name>.png`` (heatmap over the
     image; its longer side at most ``overlay_max_side``); one ``predictions.jsonl`` line per image
-    (``{"path", "score", "is_anomalous", "map", "mask", "overlay"}``, files relative to ``out``), appended and
-    fsynced after its files are written; ``errors.jsonl`` (``{"path", "error"}``) for files that cannot be decoded,
-    which are skipped; and ``predictions.csv`` (from the JSON lines, written atomically at the end).
+    (``{"path", "score", "is_anomalous", "map", "mask", "overlay", "size", "mtime_ns"}``, files relative to ``out``;
+    the input's size in bytes and modification time in ns), appended and fsynced after its files are written;
+    ``errors.jsonl`` (``{"path", "error"}``) for files that cannot be decoded, which are skipped; and
+    ``predictions.csv`` (from the JSON lines, written atomically at the end).
     ``<name>`` is the file stem plus a hash of its absolute path, so equal names from different folders never clash.
 
     Args:
@@ -135,7 +136,7 @@ def predict_files(
         threshold: image threshold (default: the stored one for ``category``); without any, ``is_anomalous`` is null.
         pixel_threshold: mask threshold (default: the stored one, else the image threshold); without any, no masks.
         category: use this category's stored thresholds.
-        resume: skip images already in ``predictions.jsonl``.
+        resume: skip images that ``predictions.jsonl`` records at their current size and modification time.
         overwrite: start a new ``predictions.jsonl``/``errors.jsonl`` when ``out`` already holds one.
         workers: image decoding threads.
         map_dtype: ``"float16"`` (half the disk) or ``"float32"`` for the ``.npy`` maps; masks use float32 maps.
@@ -153,7 +154,9 @@ def predict_files(
     with open_output(out, resume=resume, overwrite=overwrite) as done:  # held until the end: one writer per folder
         # Under torchrun each process takes its share; all append to the same JSON-lines files (one write per line).
         jsonl = out / PREDICTIONS_FILE
-        remaining = [p for p in paths if str(p) not in done]
+        remaining = [p for p in paths if not done.has(str(p), file_version(p))]
+        if dist.is_distributed():  # the first process's view: a file changing now must not split the shards
+            remaining = dist.all_gather_objects(remaining)[0]
         skipped = len(paths) - len(remaining)
         todo = dist.shard(remaining)
         if skipped:
@@ -195,9 +198,8 @@ def predict_files(
 
 
 @contextlib.contextmanager
-def open_output(out: Path, *, resume: bool, overwrite: bool) -> Iterator[set[str]]:
-    """Open the output folder ``out`` for one predictor or watcher; yield the paths its ``predictions.jsonl`` already
-    records.
+def open_output(out: Path, *, resume: bool, overwrite: bool) -> Iterator[RecordedFiles]:
+    """Open the output folder ``out`` for one predictor or watcher; yield what its ``predictions.jsonl`` records.
 
     The folder is locked while the ``with`` block runs (:func:`lock_output`). With ``resume``, a last line of
     ``predictions.jsonl`` or ``errors.jsonl`` cut short by a crash is cut off first (:func:`cnc_ad.files.repair_jsonl`):
@@ -209,14 +211,14 @@ def open_output(out: Path, *, resume: bool, overwrite: bool) -> Iterator[set[str
     """
     jsonl, errors_file = out / PREDICTIONS_FILE, out / ERRORS_FILE
     with lock_output(out):
-        done: set[str] = set()
+        done = RecordedFiles()
         if resume and dist.is_main_process():  # a line cut short by a power loss would swallow the next one appended
             for appended in (jsonl, errors_file):
                 repair_jsonl(appended)
         dist.barrier()
         if jsonl.exists() and jsonl.stat().st_size:
             if resume:
-                done = recorded_paths(out)
+                done = recorded_files(out)
             elif not overwrite:
                 raise ConfigError(f"{out} already holds predictions: resume them, or overwrite them to start afresh")
             dist.barrier()  # every process has read the old records before any is removed
@@ -270,9 +272,54 @@ def lock_output(out: Path) -> Iterator[None]:
             os.close(fd)  # releases the lock
 
 
-def recorded_paths(out: Path) -> set[str]:
-    """The input paths that ``out/predictions.jsonl`` records (a last line cut short by a crash does not count)."""
-    return {record["path"] for record in read_jsonl(out / PREDICTIONS_FILE) if "path" in record}
+FileVersion = tuple[int, int]
+"""A version of a file: its size in bytes and modification time in ns (``size`` and ``mtime_ns`` in records)."""
+
+
+def file_version(path: Path) -> FileVersion | None:
+    """The version of the file at ``path`` now, or None when there is none."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+@dataclass
+class RecordedFiles:
+    """What ``predictions.jsonl`` records: each input path with the versions of it that were predicted.
+
+    A file is identified by its path, size and modification time, so a new image written under the name of one
+    already predicted (a camera that reuses its file names) is predicted again. A record without a version (written by
+    0.1) stands for every version of its path: such files are not predicted again.
+    """
+
+    versions: dict[str, set[FileVersion | None]] = field(default_factory=dict)
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Add one ``predictions.jsonl`` record."""
+        path = record.get("path")
+        if not isinstance(path, str):
+            return
+        size, mtime_ns = record.get("size"), record.get("mtime_ns")
+        version = (size, mtime_ns) if isinstance(size, int) and isinstance(mtime_ns, int) else None
+        self.versions.setdefault(path, set()).add(version)
+
+    def has(self, path: str, version: FileVersion | None) -> bool:
+        """Whether this version of the file at ``path`` was predicted."""
+        versions = self.versions.get(path)
+        return versions is not None and (None in versions or version in versions)
+
+    def __len__(self) -> int:
+        return len(self.versions)
+
+
+def recorded_files(out: Path) -> RecordedFiles:
+    """What ``out/predictions.jsonl`` records (a last line cut short by a crash does not count)."""
+    done = RecordedFiles()
+    for record in read_jsonl(out / PREDICTIONS_FILE):
+        done.add(record)
+    return done
 
 
 @dataclass(frozen=True)
@@ -298,12 +345,16 @@ def predict_stream(
 ) -> Iterator[Recorded]:
     """Score ``paths`` (absolute) into ``out``, yielding each input's :class:`Recorded` once its line is on disk.
 
-    A predicted image's map, mask and overlay are written (atomically) before its ``predictions.jsonl`` line is
-    appended and fsynced; a file that cannot be decoded gets an ``errors.jsonl`` line instead. So when an outcome is
-    yielded, its line is durable: an interruption at any moment loses at most the images in flight.
+    A predicted image's map, mask and overlay are written (atomically) before its ``predictions.jsonl`` line (with the
+    file's ``size`` and ``mtime_ns`` as they were before it was read) is appended and fsynced; a file that cannot be
+    decoded gets an ``errors.jsonl`` line instead. So when an outcome is yielded, its line is durable: an interruption
+    at any moment loses at most the images in flight.
     """
     jsonl, errors_file = out / PREDICTIONS_FILE, out / ERRORS_FILE
     outputs = _Outputs(out, map_dtype, overlay_max_side)
+    # Each file's version before it is read: a file rewritten while it is read is recorded as the older version, so
+    # it is predicted again (never the other way round).
+    versions = [file_version(Path(path)) for path in paths]
     for scored in detector.results(
         paths,
         batch_size=batch_size,
@@ -316,6 +367,9 @@ def predict_stream(
             if scored.result is None:
                 raise DataError(scored.error or f"cannot read {path}")
             record = _write_prediction(path, scored.result, outputs)  # DataError: changed or vanished since decoded
+            version = versions[scored.index]
+            if version is not None:
+                record["size"], record["mtime_ns"] = version
         except DataError as err:
             log.warning("skipped: %s", err)
             append_jsonl(errors_file, {"path": str(path), "error": str(err)})

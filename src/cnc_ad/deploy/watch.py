@@ -5,9 +5,11 @@ changed for ``settle`` seconds, through the same crash-safe writer as batch pred
 (:func:`cnc_ad.deploy.predict.predict_stream`): its map, mask and overlay are written, then its ``predictions.jsonl``
 line is appended and fsynced. Only then is the file moved (``after="move:DIR"``) or left where it is.
 
-Exactly once across restarts: ``predictions.jsonl`` is the one record of what is done. On start the watcher reads it,
-then takes every image already in the folder that it does not record; a recorded file still in the folder in move
-mode is one whose move a kill interrupted, and it is moved without being scored again. A file that cannot be decoded
+Exactly once across restarts: ``predictions.jsonl`` is the one record of what is done. A file is identified by its
+path, size and modification time (each record holds them), so an image written under the name of one already scored
+is scored again. On start the watcher reads the records, then takes every image already in the folder that it does not
+record; a recorded file still in the folder in move mode is one whose move a kill interrupted, and it is moved without
+being scored again. A file that cannot be decoded
 (e.g. written more slowly than the settle time) gets an ``errors.jsonl`` line and is tried again once it changes.
 
 Changes are noticed through ``watchfiles`` (inotify, FSEvents, ReadDirectoryChangesW) or, with ``poll`` seconds, or
@@ -36,6 +38,8 @@ from cnc_ad.deploy.predict import (
     MAP_DTYPES,
     PREDICTIONS_FILE,
     SUMMARY_FILE,
+    FileVersion,
+    RecordedFiles,
     open_output,
     predict_stream,
     write_summary_csv,
@@ -52,8 +56,6 @@ WAKE_S = 0.1
 RESCAN_S = 60.0
 """How often (seconds) the watchfiles loop also lists the whole folder: a safety net for lost notifications (an
 overflowing inotify queue)."""
-
-Fingerprint = tuple[int, int]  # (size in bytes, mtime in ns)
 
 
 @dataclass(frozen=True)
@@ -93,18 +95,18 @@ class WatchSummary:
 
 @dataclass
 class _Pending:
-    fingerprint: Fingerprint
+    fingerprint: FileVersion
     since: float  # monotonic time the fingerprint was first seen
 
 
 @dataclass
 class _State:
-    done: set[str] = field(default_factory=set)
+    done: RecordedFiles = field(default_factory=RecordedFiles)
     pending: dict[Path, _Pending] = field(default_factory=dict)
-    failed: dict[Path, Fingerprint] = field(default_factory=dict)  # undecodable, until the file changes
+    failed: dict[Path, FileVersion] = field(default_factory=dict)  # undecodable, until the file changes
 
 
-def _fingerprint(path: Path) -> Fingerprint | None:
+def _fingerprint(path: Path) -> FileVersion | None:
     try:
         stat = path.stat()
     except OSError:
@@ -303,7 +305,7 @@ def watch_folder(
                     continue
             except ValueError:  # not under the folder
                 continue
-            if after.move_to is None and str(path) in state.done:  # left in place after it was scored
+            if after.move_to is None and state.done.has(str(path), _fingerprint(path)):  # left in place once scored
                 continue
             if path not in state.pending:
                 fingerprint = _fingerprint(path)
@@ -322,7 +324,7 @@ def watch_folder(
                 state.pending[path] = _Pending(fingerprint, now)
             elif now - pending.since >= settle:
                 del state.pending[path]
-                if str(path) in state.done:
+                if state.done.has(str(path), fingerprint):
                     if after.move_to is not None:  # recorded before a kill, not moved yet
                         _after(path)
                 elif state.failed.get(path) != fingerprint:
@@ -350,7 +352,7 @@ def watch_folder(
                     if fingerprint is not None:
                         state.failed[outcome.path] = fingerprint
                     continue
-                state.done.add(str(outcome.path))
+                state.done.add(outcome.record)
                 state.failed.pop(outcome.path, None)
                 summary.predicted += 1
                 anomalous = outcome.record["is_anomalous"]
