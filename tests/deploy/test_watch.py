@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -169,6 +170,44 @@ def test_a_new_image_under_a_name_already_scored_is_scored_again(
         assert (records[1]["size"], records[1]["mtime_ns"]) == (image.stat().st_size, image.stat().st_mtime_ns)
     else:
         assert (done / "img_0001.png").read_bytes() == _png(13) and (done / "img_0001-1.png").read_bytes() == _png(14)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("poll", [None, 0.1])
+def test_symbolic_links_are_not_followed_out_of_the_watched_folder(
+    detector: Detector,
+    tmp_path: Path,
+    poll: float | None,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(logging.getLogger("cnc_ad"), "propagate", True)  # the CLI tests turn it off
+    caplog.set_level(logging.WARNING, logger="cnc_ad.deploy.watch")
+    incoming, out, done, elsewhere = (tmp_path / n for n in ("incoming", "out", "done", "elsewhere"))
+    _drop(elsewhere / "g.png", 15)
+    _drop(elsewhere / "sub" / "h.png", 16)
+    before = _tree(elsewhere)
+    incoming.mkdir()
+    (incoming / "link").symlink_to(elsewhere, target_is_directory=True)
+    (incoming / "f.png").symlink_to(elsewhere / "g.png")
+    watcher = Watcher(detector, incoming, out, after=After.parse(f"move:{done}"), poll=poll)
+    try:
+        (incoming / "late.png").symlink_to(elsewhere / "sub" / "h.png")  # one made while watching
+        real = _drop(incoming / "real.png", 17)
+        _wait_for(lambda: not real.exists(), "the move of the real file")
+        time.sleep(10 * 0.1 + 2 * SETTLE_S)  # more listings and settle times: the links stay untouched
+    finally:
+        summary = watcher.stop()
+    assert [r["path"] for r in _records(out)] == [str(real.resolve())] and summary.predicted == summary.moved == 1
+    assert _tree(elsewhere) == before and _tree(done) == {"real.png": _png(17)}
+    assert all((incoming / name).is_symlink() for name in ("link", "f.png", "late.png"))
+    warned = [r.getMessage() for r in caplog.records if "symbolic link" in r.getMessage()]
+    assert sorted(message.split()[0] for message in warned) == sorted(
+        str(incoming / name) for name in ("f.png", "late.png", "link")
+    )  # one warning per link
 
 
 def test_polling_fallback_without_watchfiles(

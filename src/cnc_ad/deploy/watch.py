@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -104,16 +105,28 @@ class _State:
     done: RecordedFiles = field(default_factory=RecordedFiles)
     pending: dict[Path, _Pending] = field(default_factory=dict)
     failed: dict[Path, FileVersion] = field(default_factory=dict)  # undecodable, until the file changes
+    links: set[Path] = field(default_factory=set)  # symbolic links found (and warned about) in the folder
 
 
 def _fingerprint(path: Path) -> FileVersion | None:
+    """The version of a regular file (a symbolic link is not followed: None), or None when there is none."""
     try:
-        stat = path.stat()
+        status = os.lstat(path)
     except OSError:
         return None
-    if not path.is_file():
+    if not stat.S_ISREG(status.st_mode):
         return None
-    return stat.st_size, stat.st_mtime_ns
+    return status.st_size, status.st_mtime_ns
+
+
+def _link_in(folder: Path, path: Path) -> Path | None:
+    """The first symbolic link on the way from ``folder`` down to ``path`` (``path`` included), or None."""
+    current = folder
+    for part in path.relative_to(folder).parts:
+        current = current / part
+        if current.is_symlink():
+            return current
+    return None
 
 
 def _is_within(path: Path, folder: Path | None) -> bool:
@@ -121,27 +134,33 @@ def _is_within(path: Path, folder: Path | None) -> bool:
 
 
 def _scan(folder: Path, excluded: Iterable[Path]) -> Iterator[Path]:
-    """Every image file under ``folder`` (absolute), outside the ``excluded`` folders; each real folder once."""
+    """Every image file under ``folder`` (absolute), outside the ``excluded`` folders, and every symbolic link (yielded,
+    never followed); each real folder once.
+    """
     skip = set(excluded)
     seen: set[tuple[int, int]] = set()
     stack = [folder]
     while stack:
         current = stack.pop()
         try:
-            stat = current.stat()
-            if (stat.st_dev, stat.st_ino) in seen:
+            status = os.lstat(current)
+            if not stat.S_ISDIR(status.st_mode) or (status.st_dev, status.st_ino) in seen:
                 continue
-            seen.add((stat.st_dev, stat.st_ino))
+            seen.add((status.st_dev, status.st_ino))
             entries = list(os.scandir(current))
         except OSError:  # vanished, or not readable
             continue
         for entry in sorted(entries, key=lambda e: e.name):
             path = Path(entry.path)
             try:
-                if entry.is_dir():
-                    if path not in skip and not entry.name.startswith("."):
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_symlink():
+                    yield path
+                elif entry.is_dir(follow_symlinks=False):
+                    if path not in skip:
                         stack.append(path)
-                elif entry.is_file() and is_image_file(path):
+                elif entry.is_file(follow_symlinks=False) and is_image_file(path):
                     yield path
             except OSError:
                 continue
@@ -298,12 +317,16 @@ def watch_folder(
 
     def note(paths: Iterable[Path]) -> None:
         for path in paths:
-            if not is_image_file(path) or any(_is_within(path, p) for p in excluded):
+            if any(_is_within(path, p) for p in excluded):
                 continue
             try:
                 if any(part.startswith(".") for part in path.relative_to(folder).parts):
                     continue
             except ValueError:  # not under the folder
+                continue
+            if not is_image_file(path) and not path.is_symlink():
+                continue
+            if _is_linked(path):
                 continue
             if after.move_to is None and state.done.has(str(path), _fingerprint(path)):  # left in place once scored
                 continue
@@ -311,6 +334,21 @@ def watch_folder(
                 fingerprint = _fingerprint(path)
                 if fingerprint is not None:
                     state.pending[path] = _Pending(fingerprint, time.monotonic())
+
+    def _is_linked(path: Path) -> bool:
+        """Whether ``path`` is, or lies behind, a symbolic link (warned about once per link): what a link points at
+        may lie outside the folder, so it is neither scored nor moved.
+        """
+        try:
+            link = _link_in(folder, path)
+        except (OSError, ValueError):
+            return True
+        if link is None:
+            return False
+        if link not in state.links:
+            state.links.add(link)
+            log.warning("%s is a symbolic link: not followed (only files in %s are scored and moved)", link, folder)
+        return True
 
     def process() -> None:
         """Score the files that have settled (a batch at a time); move them when asked."""
@@ -324,6 +362,8 @@ def watch_folder(
                 state.pending[path] = _Pending(fingerprint, now)
             elif now - pending.since >= settle:
                 del state.pending[path]
+                if _is_linked(path):  # a folder on its way replaced by a link since it was noticed
+                    continue
                 if state.done.has(str(path), fingerprint):
                     if after.move_to is not None:  # recorded before a kill, not moved yet
                         _after(path)
@@ -465,7 +505,7 @@ def _watchfiles_loop(
             path = Path(name)
             if change == watchfiles.Change.deleted:
                 continue
-            if path.is_dir():
+            if path.is_dir() and not path.is_symlink():
                 if not any(_is_within(path, p) for p in excluded):
                     note(_scan(path, excluded))
             else:
