@@ -172,6 +172,27 @@ def test_a_new_image_under_a_name_already_scored_is_scored_again(
         assert (done / "img_0001.png").read_bytes() == _png(13) and (done / "img_0001-1.png").read_bytes() == _png(14)
 
 
+def test_a_watcher_restarted_after_a_power_loss_mid_line_goes_on(detector: Detector, tmp_path: Path) -> None:
+    incoming, out = tmp_path / "incoming", tmp_path / "out"
+    earlier = _drop(incoming / "é.png", 18)
+    out.mkdir()
+    line = json.dumps({"path": str(earlier.resolve()), "score": 0.5}, ensure_ascii=False).encode()
+    kept = line + b"\n"
+    torn = line[: line.index("é".encode()) + 1]  # cut inside the two bytes of "é"
+    (out / "predictions.jsonl").write_bytes(kept + torn)
+    (out / "errors.jsonl").write_bytes(torn)
+    watcher = Watcher(detector, incoming, out)
+    try:
+        new = _drop(incoming / "new.png", 19)
+        _wait_for(lambda: len(_records(out)) >= 2, "the new file's record")
+    finally:
+        watcher.stop()
+    data = (out / "predictions.jsonl").read_bytes()
+    assert data.startswith(kept) and (out / "errors.jsonl").read_bytes() == b""
+    paths = [json.loads(line)["path"] for line in data.decode().splitlines()]  # every line parses
+    assert paths == [str(p.resolve()) for p in (earlier, new)]  # the earlier file is recorded: not scored again
+
+
 def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
