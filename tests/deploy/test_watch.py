@@ -203,9 +203,7 @@ def test_symbolic_links_are_not_followed_out_of_the_watched_folder(
     tmp_path: Path,
     poll: float | None,
     caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(logging.getLogger("cnc_ad"), "propagate", True)  # the CLI tests turn it off
     caplog.set_level(logging.WARNING, logger="cnc_ad.deploy.watch")
     incoming, out, done, elsewhere = (tmp_path / n for n in ("incoming", "out", "done", "elsewhere"))
     _drop(elsewhere / "g.png", 15)

@@ -2,8 +2,9 @@
 
 One :class:`~cnc_ad.deploy.Detector` scores the files (:meth:`~cnc_ad.deploy.Detector.results`); each image's map, mask
 and overlay are written before its ``predictions.jsonl`` line is appended, so an interruption loses at most the images
-in flight, and ``resume`` skips the finished ones. Under ``torchrun`` the processes share the inputs and append to the
-same files.
+in flight, and ``resume`` skips the finished ones (a file is its path, size and modification time). Under ``torchrun``
+the processes share the inputs and append to the same files; any other second writer is refused (the folder is locked
+while one predictor or watcher runs).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ Exactly once across restarts: ``predictions.jsonl`` is the one record of what is
 path, size and modification time (each record holds them), so an image written under the name of one already scored
 is scored again. On start the watcher reads the records, then takes every image already in the folder that it does not
 record; a recorded file still in the folder in move mode is one whose move a kill interrupted, and it is moved without
-being scored again. A file that cannot be decoded
-(e.g. written more slowly than the settle time) gets an ``errors.jsonl`` line and is tried again once it changes.
+being scored again. A file that cannot be decoded (e.g. written more slowly than the settle time) gets an
+``errors.jsonl`` line and is tried again once it changes. Symbolic links in the folder are not followed.
 
 Changes are noticed through ``watchfiles`` (inotify, FSEvents, ReadDirectoryChangesW) or, with ``poll`` seconds, or
 when ``watchfiles`` is not installed, by listing the folder every ``poll`` seconds (network shares, where change
