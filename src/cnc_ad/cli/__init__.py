@@ -33,6 +33,8 @@ FLAGS = {
     "device=cpu": "--device cpu",
     "device=auto": "--device auto",
     "device=cuda": "--device cuda",
+    "allowed_hosts '*'": "--allow-host '*'",
+    "token=TOKEN": "--token TOKEN",
 }
 # Subcommand modules, in the order `cnc --help` lists them.
 COMMANDS = ("data", "models", "train", "eval", "calibrate", "report", "predict", "export", "serve", "demo", "ablate")

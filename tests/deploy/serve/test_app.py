@@ -676,30 +676,102 @@ def test_binding_beyond_loopback_needs_a_token_or_insecure(tiny_checkpoint: Path
         ServeSettings(token=" ")
 
 
-@pytest.mark.slow
-def test_cli_serves_until_interrupted(tiny_checkpoint: Path, images: list[Path], tmp_path: Path):
+def test_cli_hands_its_limits_and_hosts_to_the_server(tiny_checkpoint: Path, capsys, monkeypatch):
+    monkeypatch.delenv("CNC_SERVE_TOKEN", raising=False)
+    assert main(["serve", "--checkpoint", str(tiny_checkpoint), "--allow-host", "*"]) == 2
+    err = capsys.readouterr().err
+    assert "--allow-host '*'" in err and "--token TOKEN" in err and "DNS rebinding" in err
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
+    argv = ["serve", "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--max-requests", "8"]
+    argv += ["--max-decoding", "40", "--request-timeout", "9.5", "--allow-host", "Line-PC", "--api-docs"]
+    assert main([*argv, "--host", "192.168.3.4", "--insecure"]) == 0
+    app, kwargs = calls[0]
+    assert kwargs["limit_concurrency"] == 4 * 8 + 16 and kwargs["timeout_graceful_shutdown"] == 11
+    settings = app.state.settings
+    assert (settings.max_requests, settings.max_decoding, settings.request_timeout_s) == (8, 40, 9.5)
+    assert settings.allowed_hosts == ("192.168.3.4", "line-pc") and settings.api_docs
+    assert "host names: loopback, 192.168.3.4, line-pc" in capsys.readouterr().out
+
+
+@contextlib.contextmanager
+def cli_server(model: Path, *options: str, token: str | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``python -m cnc_ad serve --model MODEL`` on a free port in a subprocess, once it answers ``/v1/ready``; yields
+    its URL and process (ended with SIGINT on the way out, if it still runs)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CNC_SERVE_TOKEN": "t0ken"}
-    command = [sys.executable, "-m", "cnc_ad", "serve", "--checkpoint", str(tiny_checkpoint), "--port", str(port)]
-    process = subprocess.Popen([*command, "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("CNC_SERVE_TOKEN", None)
+    env.update({"CNC_SERVE_TOKEN": token} if token else {})
+    command = [sys.executable, "-m", "cnc_ad", "serve", "--model", str(model), "--port", str(port), *options]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
         while True:
             assert process.poll() is None and time.monotonic() < deadline, process.stdout.read().decode()
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/v1/health").status_code == 200:
+                if httpx.get(f"{url}/v1/ready").status_code == 200:
                     break
             time.sleep(0.2)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.communicate(timeout=30)
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+@pytest.mark.slow
+def test_cli_serves_until_interrupted(tiny_checkpoint: Path, images: list[Path]):
+    with cli_server(tiny_checkpoint, "--device", "cpu", token="t0ken") as (url, process):
         auth = {"Authorization": "Bearer t0ken"}
         assert httpx.post(f"{url}/v1/predict", files=_files(images[:1])).status_code == 401  # the env token counts
         assert httpx.post(f"{url}/v1/predict", files=_files(images[:1]), headers=auth).status_code == 200
-    finally:
         process.send_signal(signal.SIGINT)
         output = process.communicate(timeout=30)[0].decode()
     assert process.returncode == 0, output
-    assert f"http://127.0.0.1:{port}/" in output and "token required" in output
+    assert f"http://127.0.0.1:{url.rsplit(':', 1)[1]}/" in output and "token required" in output
+
+
+def test_sigterm_lets_the_request_in_flight_finish(tiny_checkpoint: Path, images: list[Path], tmp_path: Path):
+    pytest.importorskip("onnxruntime", reason="served as ONNX: a server without torch starts in seconds (test extra)")
+    from cnc_ad.checkpoint import load_model
+    from cnc_ad.deploy.export import export_onnx
+
+    graph = export_onnx(load_model(tiny_checkpoint, pretrained=False), tmp_path / "tiny.onnx")
+    with cli_server(graph, "--allow-host", "line-pc.local") as (url, process):
+        port = url.rsplit(":", 1)[1]
+        named = {"Host": f"line-pc.local:{port}"}
+        assert httpx.get(f"{url}/v1/model", headers=named).status_code == 200  # --allow-host admits the name
+        _error(httpx.get(f"{url}/v1/model", headers={"Host": "other.local"}), 403, "host_not_allowed")
+        assert httpx.get(f"{url}/docs").status_code == 404
+        body, halfway, go_on = images[0].read_bytes(), threading.Event(), threading.Event()
+
+        def slow_body() -> Iterator[bytes]:  # the upload is in flight when SIGTERM arrives
+            yield body[:100]
+            halfway.set()
+            go_on.wait(30)
+            yield body[100:]
+
+        with ThreadPoolExecutor(1) as pool:
+            sent = pool.submit(httpx.post, f"{url}/v1/predict", content=slow_body(),
+                               headers={"content-type": "image/png"}, timeout=60)  # fmt: skip
+            assert halfway.wait(30)
+            time.sleep(0.5)  # the server has the headers and the first bytes
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert process.poll() is None  # still draining
+            go_on.set()
+            response = sent.result()
+        assert response.status_code == 200, response.text
+        assert response.json()["images"][0]["score"] is not None
+        output = process.communicate(timeout=30)[0].decode()
+    assert process.returncode == 0, output
+    assert "host names: loopback, line-pc.local" in output and "stopped by SIGTERM" in output
 
 
 # ------------------------------------------------------------------------------------------------------- page

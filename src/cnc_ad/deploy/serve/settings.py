@@ -92,8 +92,8 @@ class ServeSettings:
             raise ConfigError(f"allowed_hosts must be host names or addresses, got {list(self.allowed_hosts)}")
         if "*" in self.allowed_hosts and self.token is None:
             raise ConfigError(
-                "allowed_hosts '*' admits any Host header, which exposes a server without a token to DNS rebinding; "
-                "set an API token, or list the host names"
+                "allowed_hosts '*' admits any Host header, which exposes a server without a token to DNS rebinding: "
+                "give it token=TOKEN too, or list the host names"
             )
 
     @property
