@@ -576,6 +576,45 @@ def test_a_client_that_disconnects_mid_upload_harms_nothing(server, images: list
     assert not [r for r in server_log if r.levelno >= logging.ERROR], [r.getMessage() for r in server_log]
 
 
+# ------------------------------------------------------------------------------------------------------ fuzz
+FUZZ_REQUESTS = 600
+
+
+def test_requests_generated_from_the_openapi_schema_never_get_a_5xx(server, server_log):
+    """schemathesis generates requests from /openapi.json (valid and invalid parameters and bodies: multipart forms,
+    raw images of every declared type); each must be answered within 10 s, without a 5xx, and every 4xx in the
+    error shape."""
+    schemathesis = pytest.importorskip("schemathesis", reason="the fuzz test needs the test extra")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    requests = pytest.importorskip("requests")
+    url, app = server
+    schema = schemathesis.openapi.from_dict(httpx.get(f"{url}/openapi.json").json())
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {(op.method.upper(), op.path) for op in operations} >= {("POST", "/v1/predict"), ("GET", "/v1/ready")}
+    modes = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
+    cases = st.one_of([op.as_strategy(generation_mode=mode) for op in operations for mode in modes])
+    answered: dict[int, int] = {}
+    session = requests.Session()
+
+    @given(case=cases)
+    @settings(max_examples=FUZZ_REQUESTS, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    def call(case) -> None:
+        response = case.call(base_url=url, session=session, timeout=10)  # a hang raises a timeout
+        answered[response.status_code] = answered.get(response.status_code, 0) + 1
+        assert response.status_code < 500, (response.status_code, response.text[:300], case.as_curl_command())
+        if response.status_code >= 400:
+            body = response.json()
+            assert set(body) == {"error"} and body["error"]["code"] and body["error"]["message"], body
+
+    call()
+    assert sum(answered.values()) >= 500 and answered.get(200, 0) > 10, answered  # some images were scored too
+    assert app.state.batcher.alive
+    assert not [r for r in server_log if r.levelno >= logging.ERROR], [r.getMessage() for r in server_log]
+
+
 # ---------------------------------------------------------------------------------------------------- access
 def test_token_rules(detector: Detector, images: list[Path]):
     settings = ServeSettings(token="s3cret")
