@@ -164,8 +164,11 @@ def server_process(
             process.wait()
 
 
-def load(url: str, files: list[bytes], requests: int, concurrency: int) -> dict[str, float]:
-    """Send ``requests`` one-image requests from ``concurrency`` threads; latencies, errors and throughput."""
+def load(
+    url: str, files: list[bytes], requests: int, concurrency: int, record: list[float] | None = None
+) -> dict[str, float]:
+    """Send ``requests`` one-image requests from ``concurrency`` threads; latencies, errors and throughput (each
+    request's latency in seconds is also appended to ``record``, when given)."""
     latencies: list[float] = []
     errors = 0
     issued = 0
@@ -200,6 +203,8 @@ def load(url: str, files: list[bytes], requests: int, concurrency: int) -> dict[
         thread.join()
     wall = time.perf_counter() - start
     client.close()
+    if record is not None:
+        record.extend(latencies)
     ordered = sorted(latencies)
     return {
         "concurrency": concurrency,
