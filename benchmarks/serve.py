@@ -149,9 +149,9 @@ def server_process(
             if process.poll() is not None:
                 raise RuntimeError(f"the server exited: {process.stdout.read().decode()[-2000:]}")
             if time.monotonic() > deadline:
-                raise RuntimeError("the server did not answer /v1/health within 300 s")
+                raise RuntimeError("the server was not ready (/v1/ready) within 300 s: did its self-test fail?")
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/v1/health", timeout=5).status_code == 200:
+                if httpx.get(f"{url}/v1/ready", timeout=5).status_code == 200:
                     break
             time.sleep(0.2)
         yield url, process
