@@ -149,9 +149,9 @@ def server_process(
             if process.poll() is not None:
                 raise RuntimeError(f"the server exited: {process.stdout.read().decode()[-2000:]}")
             if time.monotonic() > deadline:
-                raise RuntimeError("the server did not answer /v1/health within 300 s")
+                raise RuntimeError("the server was not ready (/v1/ready) within 300 s: did its self-test fail?")
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/v1/health", timeout=5).status_code == 200:
+                if httpx.get(f"{url}/v1/ready", timeout=5).status_code == 200:
                     break
             time.sleep(0.2)
         yield url, process
@@ -164,8 +164,11 @@ def server_process(
             process.wait()
 
 
-def load(url: str, files: list[bytes], requests: int, concurrency: int) -> dict[str, float]:
-    """Send ``requests`` one-image requests from ``concurrency`` threads; latencies, errors and throughput."""
+def load(
+    url: str, files: list[bytes], requests: int, concurrency: int, record: list[float] | None = None
+) -> dict[str, float]:
+    """Send ``requests`` one-image requests from ``concurrency`` threads; latencies, errors and throughput (each
+    request's latency in seconds is also appended to ``record``, when given)."""
     latencies: list[float] = []
     errors = 0
     issued = 0
@@ -200,6 +203,8 @@ def load(url: str, files: list[bytes], requests: int, concurrency: int) -> dict[
         thread.join()
     wall = time.perf_counter() - start
     client.close()
+    if record is not None:
+        record.extend(latencies)
     ordered = sorted(latencies)
     return {
         "concurrency": concurrency,

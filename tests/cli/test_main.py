@@ -68,10 +68,12 @@ def test_a_full_or_read_only_disk_is_one_line(
     assert document["error"]["type"] == "OSError" and document["error"]["message"].endswith(f"{reason}; {advice}")
 
 
-def test_other_os_errors_are_not_hidden(predict_argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_other_os_errors_are_not_hidden(
+    predict_argv: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     def failing(path: Path, data: bytes) -> None:
         raise OSError(errno.ENAMETOOLONG, "File name too long", str(path))
 
     monkeypatch.setattr(predict_module, "atomic_write_bytes", failing)
     with pytest.raises(OSError, match="File name too long"):  # not a disk state: a bug to see with its traceback
-        main([*predict_argv, "--out", "unused"])
+        main([*predict_argv, "--out", str(tmp_path / "out")])

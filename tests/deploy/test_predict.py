@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,16 @@ def test_thresholds_stored_explicit_and_per_category(detector: Detector) -> None
         detector.predict(images, category="carpet")
     bare = Detector(detector.backend, thresholds=None)
     assert bare.predict(images).is_anomalous is None and bare.predict(images).masks is None
+
+
+def test_thresholds_beyond_float32_decide_without_overflow() -> None:
+    small_map = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NumPy warned "overflow encountered in cast" comparing float32 with 1e300
+        for pixel_threshold, anomalous in ((1e300, 0), (-1e300, 16), (0.5, 8), (float("inf"), 0)):
+            result = Detector.decide(0.5, small_map, (4, 4), 1e300, pixel_threshold)
+            assert result.mask() is not None and int(result.mask().sum()) == anomalous, pixel_threshold
+            assert result.is_anomalous is False
 
 
 def test_a_model_whose_text_features_were_never_stored_is_refused() -> None:

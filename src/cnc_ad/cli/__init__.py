@@ -35,6 +35,8 @@ FLAGS = {
     "device=cpu": "--device cpu",
     "device=auto": "--device auto",
     "device=cuda": "--device cuda",
+    "allowed_hosts '*'": "--allow-host '*'",
+    "token=TOKEN": "--token TOKEN",
 }
 # Disk errors: a full, read-only or failing disk is the machine's state, not a bug; each becomes one line with the fix.
 DISK_ERRORS = {

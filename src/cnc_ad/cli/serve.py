@@ -3,30 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from types import FrameType
 
 from cnc_ad.cli._options import add_device, add_model, add_tiling, add_weights, load_detector
 from cnc_ad.errors import ConfigError, missing_extra
 
 EPILOG = """\
 examples:
-  cnc serve --model runs/line                      # http://127.0.0.1:8000/ (page), /docs (API)
+  cnc serve --model runs/line                      # http://127.0.0.1:8000/ (page), /openapi.json (API)
   cnc serve --model model.xml --port 9000          # OpenVINO on a station without torch; model.onnx: ONNX Runtime
   cnc serve --model runs/pcb --tile 512 --thresholds tiled.json   # large scans scored by tiles
-  CNC_SERVE_TOKEN=s3cret cnc serve --model runs/line --host 0.0.0.0
+  CNC_SERVE_TOKEN=s3cret cnc serve --model runs/line --host 0.0.0.0 --allow-host line-pc.local
 
-API (docs/serve.md has the details; /docs has the OpenAPI page):
+API (docs/serve.md has the details; /openapi.json the schema; --api-docs adds the /docs page, which loads from a CDN):
   POST /v1/predict   images as multipart field `files` (several) or one raw image body (Content-Type image/*);
                      ?category=C  ?threshold=T  ?pixel_threshold=P  ?return=map,mask,overlay (base64 PNGs)
                      -> {"images": [{"name", "score", "is_anomalous", "threshold", "threshold_source",
                                      "pixel_threshold", "width", "height", "map_stats", ...}]}
   GET  /v1/model     preset, backend, categories and thresholds, image size, tiling, limits, version
-  GET  /v1/health    {"status": "ok"} (never needs the token)
+  GET  /v1/health    {"status": "ok"} while the server is alive (never needs the token)
+  GET  /v1/ready     {"status": "ready"} once the model scored a start-up self-test image; 503 before or if it failed
   GET  /v1/stats     model calls, images, mean batch size
 
 security: on any address other than loopback (127.0.0.1, ::1, localhost) the server needs an API token
 (--token or CNC_SERVE_TOKEN; clients send `Authorization: Bearer TOKEN`), unless you pass --insecure. With a token
-every /v1/ route but /v1/health answers 401 without it. Use a TLS-terminating proxy for traffic between machines.
+every /v1/ route but the probes answers 401 without it. Use a TLS-terminating proxy for traffic between machines.
+Requests must name the server by a loopback name or address, by its --host address, or by a --allow-host NAME
+(else 403: DNS rebinding); a POST from another site's page (an Origin header) is refused. --allow-host '*' admits any
+name, with a token only.
+
+limits: --max-requests (64) requests at once and --max-decoding (64) images held are checked before a body is read
+(503 busy); --request-timeout (60 s) bounds a whole request (503 timeout); SIGTERM lets the requests in flight finish.
 
 thresholds: the ones stored for the model (beside a checkpoint or an exported file, else embedded at export; see
 `cnc predict --help`); --thresholds FILE overrides them; a request's ?threshold wins, ?category picks that category's.
@@ -49,6 +63,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
     parser.add_argument("--token", help="API token clients must send (default: $CNC_SERVE_TOKEN, if set)")
     parser.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without a token")
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name or address clients may use besides loopback ones and --host (repeatable; '*': any, with a "
+        "token only)",
+    )
+    parser.add_argument(
+        "--api-docs", action="store_true", help="serve the interactive API pages /docs and /redoc (loaded from a CDN)"
+    )
     parser.add_argument("--thresholds", metavar="FILE", help="a thresholds.json to use (default: the stored one)")
     add_device(parser, default="auto", note="checkpoints; OpenVINO: its device name")
     add_tiling(parser)
@@ -58,8 +83,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=32.0, help="largest request body in MiB (default 32)")
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels (default 40M)")
     parser.add_argument("--max-images", type=int, default=32, help="images per request (default 32)")
+    parser.add_argument(
+        "--max-request-pixels", type=int, default=100_000_000, help="pixels of all images of a request (100M)"
+    )
+    parser.add_argument("--max-requests", type=int, default=64, help="requests answered at once (default 64)")
+    parser.add_argument("--max-decoding", type=int, default=64, help="images decoded or held at once (default 64)")
     parser.add_argument("--output-max-side", type=int, default=1024, help="longest side of returned PNGs (1024)")
-    parser.add_argument("--request-timeout", type=float, default=60.0, help="503 when no result within (60 s)")
+    parser.add_argument("--request-timeout", type=float, default=60.0, help="longest a request may take (60 s)")
     add_weights(parser)
     parser.add_argument(
         "--malloc-arenas",
@@ -72,7 +102,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cnc_ad.deploy.serve.settings import TOKEN_ENV, ServeSettings, check_access, is_loopback
+    from cnc_ad.deploy.serve.settings import TOKEN_ENV, ServeSettings, bound_names, check_access, is_loopback
 
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
     try:
@@ -93,9 +123,14 @@ def run(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_pixels=args.max_pixels,
         max_images=args.max_images,
+        max_request_pixels=args.max_request_pixels,
+        max_requests=args.max_requests,
+        max_decoding=args.max_decoding,
         output_max_side=args.output_max_side,
         request_timeout_s=args.request_timeout,
         token=token,
+        allowed_hosts=(*bound_names(args.host), *args.allow_host),
+        api_docs=args.api_docs,
         malloc_arenas=args.malloc_arenas or None,
     )
     limit_arenas(settings.malloc_arenas)  # before the model is loaded and the server's threads start
@@ -104,7 +139,39 @@ def run(args: argparse.Namespace) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     access = "token required" if token else ("open to this machine" if is_loopback(args.host) else "OPEN (--insecure)")
     engine = f"{detector.backend_name}" + (f", {detector.tiling.describe()}" if detector.tiling else "")
-    print(f"cnc serve: {detector.source} ({engine}) on http://{host}:{args.port}/ ({access}); API docs at /docs",
-          flush=True)  # fmt: skip
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    names = ", ".join(["loopback", *settings.allowed_hosts])
+    print(f"cnc serve: {detector.source} ({engine}) on http://{host}:{args.port}/ ({access}; host names: {names}); "
+          f"API schema at /openapi.json", flush=True)  # fmt: skip
+    with _sigterm_drains():
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            limit_concurrency=settings.connection_limit,
+            timeout_graceful_shutdown=math.ceil(settings.request_timeout_s) + 1,  # every request ends by then
+        )
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_drains() -> Iterator[None]:
+    """Let SIGTERM end the server with exit code 0 once the requests in flight are answered.
+
+    uvicorn handles SIGTERM itself (it stops accepting connections, waits for the requests in flight for up to its
+    graceful-shutdown timeout, then runs the lifespan's shutdown); afterwards it raises the signal again for the
+    handler that was installed before it ran. That handler is this one, so the process ends normally instead of
+    being killed by the default action.
+    """
+
+    def drained(signum: int, frame: FrameType | None) -> None:
+        print("cnc serve: stopped by SIGTERM after answering the requests in flight", file=sys.stderr, flush=True)
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, drained)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -80,7 +80,9 @@ class ImageResult:
         """``map >= pixel threshold`` at ``size`` (or of a map already resized), bool; None without a threshold."""
         if self.pixel_threshold is None:
             return None
-        return (anomaly_map if anomaly_map is not None else self.anomaly_map(size)) >= self.pixel_threshold
+        anomaly_map = anomaly_map if anomaly_map is not None else self.anomaly_map(size)
+        # Compared in float64: a threshold beyond float32's range (a request's 1e300) is no overflow, and decides.
+        return np.greater_equal(anomaly_map, self.pixel_threshold, signature=(np.float64, np.float64, np.bool_))
 
 
 @dataclass(frozen=True)

@@ -87,34 +87,41 @@ def describe(item: ImageInput) -> str:
     return "tensor" if is_tensor(item) else "array"
 
 
-def check_pixels(item: str | os.PathLike | Upload | bytes, max_pixels: int | None) -> None:
+def check_pixels(item: str | os.PathLike | Upload | bytes, max_pixels: int | None) -> int | None:
     """Refuse an encoded image whose header declares more than ``max_pixels`` pixels, before it is decoded.
+
+    Returns:
+        The pixels (width x height) its header declares; None when it is not an image (the decoder names the problem),
+        or when ``max_pixels`` is None (nothing is read).
 
     Raises:
         TooManyPixels: naming the size and the limit.
     """
     if max_pixels is None:
-        return
+        return None
     name = describe(item)
     if isinstance(item, (str, os.PathLike)):
         try:
             height, width = image_size(item)
         except DataError:
-            return  # not an image: the decoder names the problem
-        declared = f"{width} x {height} pixels"
-        too_many = width * height > max_pixels
+            return None
+        declared, pixels = f"{width} x {height} pixels", width * height
     else:
         data = item.data if isinstance(item, Upload) else item
         try:
             with open_image(io.BytesIO(data), f"image {name}") as header:
                 width, height = header.size
-            declared, too_many = f"{width} x {height} pixels", width * height > max_pixels
+            declared, pixels = f"{width} x {height} pixels", width * height
         except Image.DecompressionBombError:  # beyond Pillow's own limit: certainly beyond ours
-            declared, too_many = "more pixels than Pillow's decompression-bomb limit", True
+            raise TooManyPixels(
+                f"image {name} has more pixels than Pillow's decompression-bomb limit, more than the limit of "
+                f"{max_pixels}; downscale it"
+            ) from None
         except (DataError, UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            return  # not an image, or a format not accepted: the decoder names the problem
-    if too_many:
+            return None  # not an image, or a format not accepted: the decoder names the problem
+    if pixels > max_pixels:
         raise TooManyPixels(f"image {name} has {declared}, more than the limit of {max_pixels}; downscale it")
+    return pixels
 
 
 def decode(item: ImageInput, *, target: int | None = None, max_pixels: int | None = None) -> Picture:

@@ -31,7 +31,7 @@ uvicorn = pytest.importorskip("uvicorn", reason="cnc serve needs the serve extra
 from cnc_ad import Detector  # noqa: E402
 from cnc_ad.cli import main  # noqa: E402
 from cnc_ad.deploy.serve.app import create_app  # noqa: E402
-from cnc_ad.deploy.serve.settings import ServeSettings, check_access, is_loopback  # noqa: E402
+from cnc_ad.deploy.serve.settings import ServeSettings, bound_names, check_access, is_loopback  # noqa: E402
 from cnc_ad.errors import ConfigError  # noqa: E402
 
 THRESHOLDS = {"image": {"__all__": 0.5, "brick": 0.25}, "pixel": {"__all__": 0.6, "brick": 0.3}}
@@ -93,11 +93,11 @@ def server(detector: Detector) -> Iterator[tuple[str, object]]:
 
 @pytest.fixture
 def server_log() -> Iterator[list[logging.LogRecord]]:
-    """Records of WARNING and above from uvicorn and the server module while the test runs."""
+    """Records of WARNING and above from uvicorn and the server's modules while the test runs."""
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = records.append  # type: ignore[method-assign]
-    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "uvicorn", "cnc_ad.deploy.serve.app")]
+    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "uvicorn", "cnc_ad.deploy.serve")]
     for logger in loggers:
         logger.addHandler(handler)
     yield records
@@ -125,6 +125,39 @@ def _error(response: httpx.Response, status: int, code: str) -> str:
     assert set(body) == {"error"} and body["error"]["code"] == code, body
     assert body["error"]["message"]
     return body["error"]["message"]
+
+
+def _exchange(url: str, head: bytes, body: bytes = b"", wait_s: float = 10.0) -> tuple[int, dict[str, str], dict]:
+    """Send raw bytes (headers, perhaps part of a body) and read the answer the server gives without more of them:
+    its status, headers and JSON body."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait_s) as sock:
+        sock.sendall(head + body)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _content_length(data):
+            chunk = sock.recv(65536)  # raises socket.timeout when the server waits for the body instead
+            if not chunk:
+                break
+            data += chunk
+    head_text, _, payload = data.partition(b"\r\n\r\n")
+    status_line, *lines = head_text.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, json.loads(payload)
+
+
+def _content_length(data: bytes) -> int:
+    for line in data.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    return 1 << 30
+
+
+def _post_head(url: str, length: int, extra: str = "") -> bytes:
+    host = url.removeprefix("http://")
+    return (
+        f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\nContent-Length: {length}\r\n"
+        f"{extra}\r\n"
+    ).encode()
 
 
 # ------------------------------------------------------------------------------------------------- results
@@ -244,7 +277,16 @@ def test_model_and_health(server, detector: Detector):
     schema = httpx.get(f"{url}/openapi.json").json()
     assert {"/v1/predict", "/v1/model", "/v1/health", "/v1/stats"} <= set(schema["paths"])
     assert "multipart/form-data" in schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
-    assert httpx.get(f"{url}/docs").status_code == 200
+    assert httpx.get(f"{url}/v1/ready").json() == {"status": "ready"}
+
+
+def test_api_docs_pages_are_off_unless_asked_for(server, detector: Detector):
+    url, _ = server  # the pages load Swagger UI / ReDoc from a CDN: a server for a line PC does not link to one
+    for page in ("/docs", "/redoc"):
+        _error(httpx.get(f"{url}{page}"), 404, "not_found")
+    assert httpx.get(f"{url}/openapi.json").status_code == 200
+    with running(create_app(detector, ServeSettings(api_docs=True))) as docs_url:
+        assert httpx.get(f"{docs_url}/docs").status_code == 200 and httpx.get(f"{docs_url}/redoc").status_code == 200
 
 
 def test_an_onnx_graph_serves_the_same_scores(
@@ -308,39 +350,78 @@ class _Backend:
         return self.score(batch)
 
 
-def test_a_failing_model_answers_503_and_the_worker_lives_on(detector: Detector, images: list[Path]):
+class _Held:
+    """A model that holds every batch after the first (the start-up self-test) until ``release`` is set."""
+
+    def __init__(self, detector: Detector) -> None:
+        self.real = detector.backend
+        self.calls = 0
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def detector(self) -> Detector:
+        return Detector(_Backend(self.real, self), THRESHOLDS)
+
+    def __call__(self, batch):
+        self.calls += 1
+        if self.calls > 1:
+            self.entered.set()
+            self.release.wait(30)
+        return self.real(batch)
+
+
+def test_a_failing_model_answers_503_without_its_text_and_the_worker_lives_on(
+    detector: Detector, images: list[Path], server_log
+):
     calls = {"n": 0}
 
     def flaky(batch):
         calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("CUDA out of memory (simulated)")
+        if calls["n"] == 2:  # the first call is the start-up self-test
+            raise RuntimeError("CUDA out of memory at /opt/secret/path (simulated)")
         return detector.backend(batch)
 
     app = create_app(Detector(_Backend(detector.backend, flaky), THRESHOLDS), LIMITS)
     with running(app) as url:
         message = _error(httpx.post(f"{url}/v1/predict", files=_files(images[:2])), 503, "model_error")
-        assert "out of memory" in message
+        assert "memory" not in message and "secret" not in message and "RuntimeError" not in message
+        error_id = message.partition("(id ")[2].rstrip(")")
+        assert "see the server log" in message and len(error_id) == 8, message
         again = httpx.post(f"{url}/v1/predict", files=_files(images[:2]))
         assert again.status_code == 200 and len(again.json()["images"]) == 2
         assert httpx.get(f"{url}/v1/health").json()["status"] == "ok"
         stats = httpx.get(f"{url}/v1/stats").json()
     assert stats["failed_calls"] == 1 and stats["model_calls"] >= 1
+    logged = [r for r in server_log if error_id in r.getMessage()]
+    assert logged and "out of memory" in str(logged[0].exc_info[1])  # the details are in the server log, by id
+
+
+def test_an_unexpected_error_answers_500_with_an_id_not_its_text(server, images: list[Path], server_log, monkeypatch):
+    url, _ = server
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("internal detail /opt/secret/path")
+
+    monkeypatch.setattr("cnc_ad.deploy.serve.scoring.render_result", broken)
+    message = _error(httpx.post(f"{url}/v1/predict", files=_files(images[:1])), 500, "internal_error")
+    assert "secret" not in message and "RuntimeError" not in message and "internal detail" not in message
+    error_id = message.partition("(id ")[2].rstrip(")")
+    assert len(error_id) == 8, message
+    logged = [r for r in server_log if r.name == "cnc_ad.deploy.serve.app" and error_id in r.getMessage()]
+    assert logged and "internal detail" in str(logged[0].exc_info[1])
+    monkeypatch.undo()
+    assert httpx.post(f"{url}/v1/predict", files=_files(images[:1])).status_code == 200
+    server_log.clear()  # the error above was logged on purpose
 
 
 def test_a_full_queue_and_a_slow_model_answer_503(detector: Detector, images: list[Path]):
-    release = threading.Event()
-
-    def slow(batch):
-        release.wait(10)
-        return detector.backend(batch)
-
+    held = _Held(detector)
     settings = ServeSettings(max_batch_size=1, max_wait_ms=0, max_queue=1, request_timeout_s=0.5)
-    with running(create_app(Detector(_Backend(detector.backend, slow), THRESHOLDS), settings)) as url:
+    with running(create_app(held.detector(), settings)) as url:
         # One image is in the model, the next waits in the queue (it holds one): a third request is refused.
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(httpx.post, f"{url}/v1/predict", files=_files(images[:1]), timeout=30)
-            time.sleep(0.2)
+            assert held.entered.wait(10)
             second = pool.submit(httpx.post, f"{url}/v1/predict", files=_files(images[:1]), timeout=30)
             time.sleep(0.2)
             busy = httpx.post(f"{url}/v1/predict", files=_files(images[:1]))
@@ -348,10 +429,64 @@ def test_a_full_queue_and_a_slow_model_answer_503(detector: Detector, images: li
             assert busy.headers["retry-after"] == "1"
             _error(first.result(), 503, "timeout")  # no result within request_timeout_s
             _error(second.result(), 503, "timeout")
-        release.set()
+        held.release.set()
         time.sleep(0.2)
         ok = httpx.post(f"{url}/v1/predict", files=_files(images[:1]), timeout=30)
         assert ok.status_code == 200, ok.text
+
+
+# ---------------------------------------------------------------------------------------------- admission
+@pytest.mark.parametrize(
+    ("limits", "refused_get", "reason"),
+    [
+        (ServeSettings(max_requests=1), True, "1 requests at once"),  # any route counts
+        (ServeSettings(max_requests=8, max_decoding=1, max_images=1), False, "1 images"),  # a GET brings no images
+    ],
+    ids=["max_requests", "max_decoding"],
+)
+def test_requests_beyond_the_limits_are_refused_at_once_before_their_body(
+    detector: Detector, images: list[Path], limits: ServeSettings, refused_get: bool, reason: str
+):
+    held = _Held(detector)
+    with running(create_app(held.detector(), limits)) as url, ThreadPoolExecutor(1) as pool:
+        first = pool.submit(httpx.post, f"{url}/v1/predict", files=_files(images[:1]), timeout=30)
+        assert held.entered.wait(10)  # one request in flight, its image decoded and in the model
+        start = time.monotonic()
+        status, headers, body = _exchange(url, _post_head(url, 100_000))  # headers only: the body never comes
+        assert time.monotonic() - start < 5
+        assert status == 503 and body["error"]["code"] == "busy" and reason in body["error"]["message"], body
+        assert headers["retry-after"] == "1" and headers["connection"] == "close"
+        model = httpx.get(f"{url}/v1/model")
+        assert model.status_code == (503 if refused_get else 200), model.text
+        for probe in ("/v1/health", "/v1/ready"):  # probes are never refused
+            assert httpx.get(f"{url}{probe}").status_code == 200
+        held.release.set()
+        assert first.result().status_code == 200
+        assert httpx.post(f"{url}/v1/predict", files=_files(images[:1])).status_code == 200  # room again
+        assert httpx.get(f"{url}/v1/stats").json()["requests"] == 1  # this one
+
+
+def test_the_request_timeout_covers_reading_the_body(detector: Detector, images: list[Path]):
+    settings = ServeSettings(request_timeout_s=1.0)
+    with running(create_app(detector, settings)) as url:
+        start = time.monotonic()
+        good = images[0].read_bytes()
+        status, headers, body = _exchange(url, _post_head(url, len(good)), good[:100])  # the rest never comes
+        assert status == 503 and body["error"]["code"] == "timeout", body
+        assert 0.9 < time.monotonic() - start < 5 and headers["connection"] == "close"
+        assert httpx.post(f"{url}/v1/predict", files=_files(images[:1])).status_code == 200
+        assert httpx.get(f"{url}/v1/stats").json()["requests"] == 1
+
+
+def test_the_pixels_of_all_images_of_a_request_are_bounded(detector: Detector, images: list[Path]):
+    settings = ServeSettings(max_request_pixels=3000)
+    two = [images[0], images[3]]  # 40 x 50 and 20 x 30 pixels: 2600 together
+    with running(create_app(detector, settings)) as url:
+        assert httpx.post(f"{url}/v1/predict", files=_files(two)).status_code == 200
+        calls = httpx.get(f"{url}/v1/stats").json()["model_calls"]
+        message = _error(httpx.post(f"{url}/v1/predict", files=_files([*two, images[0]])), 413, "too_many_pixels")
+        assert "4600 pixels together" in message and "3000" in message
+        assert httpx.get(f"{url}/v1/stats").json()["model_calls"] == calls  # refused before decoding
 
 
 # ------------------------------------------------------------------------------------- limits and bad input
@@ -441,6 +576,45 @@ def test_a_client_that_disconnects_mid_upload_harms_nothing(server, images: list
     assert not [r for r in server_log if r.levelno >= logging.ERROR], [r.getMessage() for r in server_log]
 
 
+# ------------------------------------------------------------------------------------------------------ fuzz
+FUZZ_REQUESTS = 600
+
+
+def test_requests_generated_from_the_openapi_schema_never_get_a_5xx(server, server_log):
+    """schemathesis generates requests from /openapi.json (valid and invalid parameters and bodies: multipart forms,
+    raw images of every declared type); each must be answered within 10 s, without a 5xx, and every 4xx in the
+    error shape."""
+    schemathesis = pytest.importorskip("schemathesis", reason="the fuzz test needs the test extra")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    requests = pytest.importorskip("requests")
+    url, app = server
+    schema = schemathesis.openapi.from_dict(httpx.get(f"{url}/openapi.json").json())
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {(op.method.upper(), op.path) for op in operations} >= {("POST", "/v1/predict"), ("GET", "/v1/ready")}
+    modes = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
+    cases = st.one_of([op.as_strategy(generation_mode=mode) for op in operations for mode in modes])
+    answered: dict[int, int] = {}
+    session = requests.Session()
+
+    @given(case=cases)
+    @settings(max_examples=FUZZ_REQUESTS, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    def call(case) -> None:
+        response = case.call(base_url=url, session=session, timeout=10)  # a hang raises a timeout
+        answered[response.status_code] = answered.get(response.status_code, 0) + 1
+        assert response.status_code < 500, (response.status_code, response.text[:300], case.as_curl_command())
+        if response.status_code >= 400:
+            body = response.json()
+            assert set(body) == {"error"} and body["error"]["code"] and body["error"]["message"], body
+
+    call()
+    assert sum(answered.values()) >= 500 and answered.get(200, 0) > 10, answered  # some images were scored too
+    assert app.state.batcher.alive
+    assert not [r for r in server_log if r.levelno >= logging.ERROR], [r.getMessage() for r in server_log]
+
+
 # ---------------------------------------------------------------------------------------------------- access
 def test_token_rules(detector: Detector, images: list[Path]):
     settings = ServeSettings(token="s3cret")
@@ -457,6 +631,70 @@ def test_token_rules(detector: Detector, images: list[Path]):
         assert httpx.get(f"{url}/v1/model", headers=good).status_code == 200
         response = httpx.post(f"{url}/v1/predict", headers=good, files=_files(images[:1]))
         assert response.status_code == 200 and response.json()["images"][0]["score"] is not None
+
+
+def test_a_foreign_host_and_cross_site_posts_are_refused(server, images: list[Path]):
+    url, _ = server
+    port = url.rsplit(":", 1)[1]
+    evil = {"Host": f"evil.example:{port}"}
+    for method, path in (("GET", "/v1/model"), ("GET", "/"), ("GET", "/openapi.json"), ("POST", "/v1/predict")):
+        files = _files(images[:1]) if method == "POST" else None
+        message = _error(httpx.request(method, f"{url}{path}", headers=evil, files=files), 403, "host_not_allowed")
+        assert "evil.example" in message
+    assert httpx.get(f"{url}/v1/health", headers=evil).status_code == 200  # probes answer any Host
+    for host in (f"localhost:{port}", f"[::1]:{port}", f"127.0.0.1:{port}", "LOCALHOST"):
+        assert httpx.get(f"{url}/v1/model", headers={"Host": host}).status_code == 200, host
+
+    def post(origin: str | None) -> httpx.Response:
+        return httpx.post(f"{url}/v1/predict", files=_files(images[:1]), headers={"Origin": origin} if origin else {})
+
+    for origin in ("http://evil.example", f"http://evil.example:{port}", "null", f"http://127.0.0.1:{int(port) + 1}"):
+        assert "refused" in _error(post(origin), 403, "origin_not_allowed"), origin
+    for origin in (None, f"http://127.0.0.1:{port}"):  # no Origin (curl, scripts); the server's own page
+        assert post(origin).status_code == 200, origin
+    assert httpx.get(f"{url}/v1/model", headers={"Origin": "http://evil.example"}).status_code == 200  # reads: CORS
+
+
+def test_allowed_hosts_admit_their_names(detector: Detector, images: list[Path]):
+    settings = ServeSettings(allowed_hosts=("Cam-Line-3.local",))
+    with running(create_app(detector, settings)) as url:
+        port = url.rsplit(":", 1)[1]
+        named = {"Host": f"cam-line-3.local:{port}", "Origin": f"http://cam-line-3.local:{port}"}
+        assert httpx.post(f"{url}/v1/predict", files=_files(images[:1]), headers=named).status_code == 200
+        _error(httpx.get(f"{url}/v1/model", headers={"Host": "other.local"}), 403, "host_not_allowed")
+    with running(create_app(detector, ServeSettings(token="s3cret", allowed_hosts=("*",)))) as url:
+        auth = {"Authorization": "Bearer s3cret", "Host": "192.168.7.7:8000"}  # any name, with the token
+        assert httpx.get(f"{url}/v1/model", headers=auth).status_code == 200
+    with pytest.raises(ConfigError, match="DNS rebinding"):
+        ServeSettings(allowed_hosts=("*",))  # any Host without a token
+    assert bound_names("127.0.0.1") == () and bound_names("0.0.0.0") == () and bound_names("[::]") == ()
+    assert bound_names("192.168.1.10") == ("192.168.1.10",) and bound_names("Line-PC") == ("line-pc",)
+
+
+def test_ready_after_the_start_up_self_test(detector: Detector, images: list[Path], server_log):
+    from starlette.testclient import TestClient
+
+    app = create_app(detector, LIMITS)
+    before = TestClient(app, base_url="http://127.0.0.1")  # no lifespan: the self-test has not run
+    assert before.get("/v1/ready").status_code == 503 and "starting" in before.get("/v1/ready").json()["reason"]
+    with running(app) as url:
+        assert httpx.get(f"{url}/v1/ready").json() == {"status": "ready"}
+        stats = httpx.get(f"{url}/v1/stats").json()
+        assert stats["model_calls"] == 1 and stats["images"] == 1  # the self-test went through the batcher
+
+    def broken(batch):
+        raise RuntimeError("the engine cannot run (simulated)")
+
+    with running(create_app(Detector(_Backend(detector.backend, broken), THRESHOLDS), LIMITS)) as url:
+        response = httpx.get(f"{url}/v1/ready")
+        assert response.status_code == 503 and response.json()["status"] == "not_ready"
+        reason = response.json()["reason"]
+        assert "self-test" in reason and "simulated" not in reason
+        assert httpx.get(f"{url}/v1/health").json()["status"] == "ok"  # alive, not ready
+        _error(httpx.post(f"{url}/v1/predict", files=_files(images[:1])), 503, "model_error")
+    error_id = reason.partition("(id ")[2].rstrip(")")
+    assert any(error_id in r.getMessage() for r in server_log if r.name == "cnc_ad.deploy.serve.app")
+    server_log.clear()
 
 
 def test_binding_beyond_loopback_needs_a_token_or_insecure(tiny_checkpoint: Path, capsys, monkeypatch):
@@ -477,30 +715,102 @@ def test_binding_beyond_loopback_needs_a_token_or_insecure(tiny_checkpoint: Path
         ServeSettings(token=" ")
 
 
-@pytest.mark.slow
-def test_cli_serves_until_interrupted(tiny_checkpoint: Path, images: list[Path], tmp_path: Path):
+def test_cli_hands_its_limits_and_hosts_to_the_server(tiny_checkpoint: Path, capsys, monkeypatch):
+    monkeypatch.delenv("CNC_SERVE_TOKEN", raising=False)
+    assert main(["serve", "--checkpoint", str(tiny_checkpoint), "--allow-host", "*"]) == 2
+    err = capsys.readouterr().err
+    assert "--allow-host '*'" in err and "--token TOKEN" in err and "DNS rebinding" in err
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
+    argv = ["serve", "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--max-requests", "8"]
+    argv += ["--max-decoding", "40", "--request-timeout", "9.5", "--allow-host", "Line-PC", "--api-docs"]
+    assert main([*argv, "--host", "192.168.3.4", "--insecure"]) == 0
+    app, kwargs = calls[0]
+    assert kwargs["limit_concurrency"] == 4 * 8 + 16 and kwargs["timeout_graceful_shutdown"] == 11
+    settings = app.state.settings
+    assert (settings.max_requests, settings.max_decoding, settings.request_timeout_s) == (8, 40, 9.5)
+    assert settings.allowed_hosts == ("192.168.3.4", "line-pc") and settings.api_docs
+    assert "host names: loopback, 192.168.3.4, line-pc" in capsys.readouterr().out
+
+
+@contextlib.contextmanager
+def cli_server(model: Path, *options: str, token: str | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``python -m cnc_ad serve --model MODEL`` on a free port in a subprocess, once it answers ``/v1/ready``; yields
+    its URL and process (ended with SIGINT on the way out, if it still runs)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CNC_SERVE_TOKEN": "t0ken"}
-    command = [sys.executable, "-m", "cnc_ad", "serve", "--checkpoint", str(tiny_checkpoint), "--port", str(port)]
-    process = subprocess.Popen([*command, "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("CNC_SERVE_TOKEN", None)
+    env.update({"CNC_SERVE_TOKEN": token} if token else {})
+    command = [sys.executable, "-m", "cnc_ad", "serve", "--model", str(model), "--port", str(port), *options]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
         while True:
             assert process.poll() is None and time.monotonic() < deadline, process.stdout.read().decode()
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/v1/health").status_code == 200:
+                if httpx.get(f"{url}/v1/ready").status_code == 200:
                     break
             time.sleep(0.2)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.communicate(timeout=30)
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+@pytest.mark.slow
+def test_cli_serves_until_interrupted(tiny_checkpoint: Path, images: list[Path]):
+    with cli_server(tiny_checkpoint, "--device", "cpu", token="t0ken") as (url, process):
         auth = {"Authorization": "Bearer t0ken"}
         assert httpx.post(f"{url}/v1/predict", files=_files(images[:1])).status_code == 401  # the env token counts
         assert httpx.post(f"{url}/v1/predict", files=_files(images[:1]), headers=auth).status_code == 200
-    finally:
         process.send_signal(signal.SIGINT)
         output = process.communicate(timeout=30)[0].decode()
     assert process.returncode == 0, output
-    assert f"http://127.0.0.1:{port}/" in output and "token required" in output
+    assert f"http://127.0.0.1:{url.rsplit(':', 1)[1]}/" in output and "token required" in output
+
+
+def test_sigterm_lets_the_request_in_flight_finish(tiny_checkpoint: Path, images: list[Path], tmp_path: Path):
+    pytest.importorskip("onnxruntime", reason="served as ONNX: a server without torch starts in seconds (test extra)")
+    from cnc_ad.checkpoint import load_model
+    from cnc_ad.deploy.export import export_onnx
+
+    graph = export_onnx(load_model(tiny_checkpoint, pretrained=False), tmp_path / "tiny.onnx")
+    with cli_server(graph, "--allow-host", "line-pc.local") as (url, process):
+        port = url.rsplit(":", 1)[1]
+        named = {"Host": f"line-pc.local:{port}"}
+        assert httpx.get(f"{url}/v1/model", headers=named).status_code == 200  # --allow-host admits the name
+        _error(httpx.get(f"{url}/v1/model", headers={"Host": "other.local"}), 403, "host_not_allowed")
+        assert httpx.get(f"{url}/docs").status_code == 404
+        body, halfway, go_on = images[0].read_bytes(), threading.Event(), threading.Event()
+
+        def slow_body() -> Iterator[bytes]:  # the upload is in flight when SIGTERM arrives
+            yield body[:100]
+            halfway.set()
+            go_on.wait(30)
+            yield body[100:]
+
+        with ThreadPoolExecutor(1) as pool:
+            sent = pool.submit(httpx.post, f"{url}/v1/predict", content=slow_body(),
+                               headers={"content-type": "image/png"}, timeout=60)  # fmt: skip
+            assert halfway.wait(30)
+            time.sleep(0.5)  # the server has the headers and the first bytes
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert process.poll() is None  # still draining
+            go_on.set()
+            response = sent.result()
+        assert response.status_code == 200, response.text
+        assert response.json()["images"][0]["score"] is not None
+        output = process.communicate(timeout=30)[0].decode()
+    assert process.returncode == 0, output
+    assert "host names: loopback, line-pc.local" in output and "stopped by SIGTERM" in output
 
 
 # ------------------------------------------------------------------------------------------------------- page

@@ -1,10 +1,13 @@
-"""The FastAPI application: ``/v1/predict``, ``/v1/model``, ``/v1/health``, ``/v1/stats`` and the web page at ``/``.
+"""The FastAPI application: ``/v1/predict``, ``/v1/model``, ``/v1/health``, ``/v1/ready``, ``/v1/stats`` and the web
+page at ``/``.
 
-Every image of every request goes through :class:`~cnc_ad.deploy.serve.scoring.RequestScorer`: decoded in a worker
-thread, queued to the :class:`~cnc_ad.deploy.serve.batcher.Batcher` (one model call for many concurrent images), and
-rendered (statistics, PNGs) back in a worker thread. Every refusal
-is a JSON error ``{"error": {"code": ..., "message": ...}}`` with a 4xx status (503 when the model failed or is
-overloaded: try again); see ``docs/serve.md`` for the catalogue.
+Every request but the probes first passes :class:`~cnc_ad.deploy.serve.guard.RequestGuard` (host, origin, room, body
+size, time). Every image of every request goes through :class:`~cnc_ad.deploy.serve.scoring.RequestScorer`: decoded in
+a worker thread, queued to the :class:`~cnc_ad.deploy.serve.batcher.Batcher` (one model call for many concurrent
+images), and rendered (statistics, PNGs) back in a worker thread. At start the scorer scores a synthetic image the same
+way (the self-test behind ``/v1/ready``). Every refusal is a JSON error ``{"error": {"code": ..., "message": ...}}``
+with a 4xx status (503 when the model failed or the server is overloaded: try again); errors never carry an internal
+exception's text, only an id under which the server logged it. See ``docs/serve.md`` for the catalogue.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import hmac
 import logging
 import math
-from collections.abc import Awaitable, Callable, MutableMapping
+import secrets
+import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -28,6 +33,7 @@ from cnc_ad import __version__
 from cnc_ad.deploy.detector import Detector
 from cnc_ad.deploy.serve.batcher import Batcher
 from cnc_ad.deploy.serve.errors import APIError
+from cnc_ad.deploy.serve.guard import DEADLINE, Load, RequestGuard
 from cnc_ad.deploy.serve.memory import release_free_memory
 from cnc_ad.deploy.serve.render import OUTPUTS, json_float
 from cnc_ad.deploy.serve.scoring import RequestScorer
@@ -41,56 +47,7 @@ FILES_FIELD = "files"
 RAW_TYPES = ("image/", "application/octet-stream")
 _MAX_FORM_FIELDS = 16
 _MAX_FIELD_BYTES = 64 * 1024
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
-
-# ------------------------------------------------------------------------------------------------ body limit
-class BodyLimit:
-    """ASGI middleware: refuse a body larger than ``max_bytes`` (by its Content-Length, or while it streams in).
-
-    A declared length over the limit is answered with 413 before the body is read; an undeclared (chunked) body
-    raises :class:`APIError` from ``receive`` as soon as it passes the limit, which the route answers with 413.
-    """
-
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    def _too_large(self, size: str) -> APIError:
-        return APIError(
-            413,
-            "upload_too_large",
-            f"the request body is {size} bytes, more than the server's limit of "
-            f"{self.max_bytes}; send fewer or smaller images per request",
-        )
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            error = self._too_large(declared.decode("latin-1"))
-            await JSONResponse(error.body(), status_code=error.status, headers={"Connection": "close"})(
-                scope, receive, send
-            )
-            return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise self._too_large(f"more than {received}")
-            return message
-
-        await self.app(scope, limited_receive, send)
+PROBES = frozenset({"/v1/health", "/v1/ready"})  # never guarded: they must answer under load, to any Host
 
 
 # ---------------------------------------------------------------------------------------------- model details
@@ -193,15 +150,128 @@ async def _read_images(request: Request, settings: ServeSettings) -> tuple[list[
     )
 
 
+# ---------------------------------------------------------------------------------------------------- errors
+async def _api_error(request: Request, err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+async def _invalid_parameter(request: Request, err: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in err.errors())
+    return await _api_error(request, APIError(422, "invalid_parameter", problems[:300]))
+
+
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    error = APIError(err.status_code, codes.get(err.status_code, f"http_{err.status_code}"), str(err.detail))
+    return await _api_error(request, error)
+
+
+async def _client_gone(request: Request, err: ClientDisconnect) -> JSONResponse:
+    log.info("client %s disconnected during its upload", request.client.host if request.client else "?")
+    return await _api_error(request, APIError(400, "client_disconnected", "the client closed the connection"))
+
+
+async def _internal_error(request: Request, err: Exception) -> JSONResponse:
+    """A bug: logged with its traceback under an id; the client gets the id, never the exception's text."""
+    error_id = secrets.token_hex(4)
+    log.error("unexpected error %s on %s %s", error_id, request.method, request.url.path, exc_info=err)
+    message = f"an unexpected error occurred on the server; see the server log (id {error_id})"
+    return JSONResponse({"error": {"code": "internal_error", "message": message}}, status_code=500)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    handlers: list[tuple[type[Exception], Any]] = [
+        (APIError, _api_error),
+        (RequestValidationError, _invalid_parameter),
+        (StarletteHTTPException, _http_error),
+        (ClientDisconnect, _client_gone),
+        (Exception, _internal_error),
+    ]
+    for error_class, handler in handlers:
+        app.exception_handler(error_class)(handler)
+
+
+# ----------------------------------------------------------------------------------------------- readiness
+class Readiness:
+    """Whether the server may take requests: its start-up self-test scored an image and the model worker runs."""
+
+    def __init__(self, scorer: RequestScorer) -> None:
+        self.scorer = scorer
+        self.problem: str | None = "the start-up self-test has not run yet (the server is starting)"
+
+    async def self_test(self, timeout_s: float) -> None:
+        """Score a synthetic image through the path of every request; a failure is logged under an id."""
+        try:
+            score = await self.scorer.self_test(time.monotonic() + timeout_s)
+        except Exception as err:  # the server stays up (alive, not ready) and says why in its log
+            error_id = secrets.token_hex(4)
+            log.error("the start-up self-test failed (id %s): %s", error_id, err, exc_info=err)
+            self.problem = f"the model failed its start-up self-test; see the server log (id {error_id})"
+            return
+        log.info("start-up self-test passed (score %.4g)", score)
+        self.problem = None
+
+    def answer(self) -> JSONResponse:
+        problem = self.problem
+        if problem is None and not self.scorer.batcher.alive:
+            problem = "the model worker is not running"
+        if problem is not None:
+            return JSONResponse({"status": "not_ready", "reason": problem}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+
+# ------------------------------------------------------------------------------------------------------ access
+class TokenCheck:
+    """A route dependency: 401 unless the request carries ``token`` (``Authorization: Bearer TOKEN``); None: open."""
+
+    def __init__(self, token: str | None) -> None:
+        self.token = token
+
+    def __call__(self, request: Request) -> None:
+        if self.token is None:
+            return
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
+            raise APIError(
+                401,
+                "unauthorized",
+                "this server needs its API token: send the header 'Authorization: Bearer TOKEN'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+
+PREDICT_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": [FILES_FIELD],
+                "properties": {
+                    FILES_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    "category": {"type": "string"},
+                    "threshold": {"type": "number"},
+                    "pixel_threshold": {"type": "number"},
+                    "return": {"type": "string"},
+                },
+            }
+        },
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+
+
 # ------------------------------------------------------------------------------------------------------- app
 def create_app(detector: Detector, settings: ServeSettings | None = None) -> FastAPI:
     """The HTTP application around ``detector``.
 
-    The batcher's worker thread starts and stops with the application's lifespan (uvicorn runs it).
+    The batcher's worker thread starts and stops with the application's lifespan (uvicorn runs it); at start, the
+    lifespan scores a synthetic image (the self-test that ``/v1/ready`` reports).
 
     Args:
         detector: the model, with the thresholds it decides by.
-        settings: batching, limits and the API token (default: :class:`ServeSettings`'s defaults, no token).
+        settings: batching, limits, hosts and the API token (default: :class:`ServeSettings`'s defaults, no token).
 
     Returns:
         The FastAPI application; ``app.state.batcher`` holds the batcher (and its ``stats``).
@@ -216,11 +286,14 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Fas
         release_every_s=settings.release_memory_s or 0.0,
     )
     page = resources.files("cnc_ad.deploy.serve").joinpath("static/index.html").read_text(encoding="utf-8")
-    scorer = RequestScorer(detector, batcher, settings)
+    load = Load(settings.max_requests, settings.max_decoding)
+    scorer = RequestScorer(detector, batcher, settings, load)
+    readiness = Readiness(scorer)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher.start()
+        await readiness.self_test(settings.request_timeout_s)
         log.info("model %s ready (%s)", describe_model(detector)["preset"], detector.source)
         try:
             yield
@@ -232,106 +305,47 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Fas
         version=__version__,
         description="Anomaly scores, maps, masks and overlays from a trained CNC model. See docs/serve.md.",
         lifespan=lifespan,
+        docs_url="/docs" if settings.api_docs else None,
+        redoc_url="/redoc" if settings.api_docs else None,
     )
     app.state.batcher = batcher
     app.state.settings = settings
     app.state.detector = detector
-    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestGuard, settings=settings, load=load, open_paths=PROBES)
+    _add_error_handlers(app)
+    authorized = [Depends(TokenCheck(settings.token))]
 
-    # -------------------------------------------------------------------------------------------- errors
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, err: APIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_parameter(request: Request, err: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in err.errors())
-        return await api_error(request, APIError(422, "invalid_parameter", problems[:300]))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        error = APIError(err.status_code, codes.get(err.status_code, f"http_{err.status_code}"), str(err.detail))
-        return await api_error(request, error)
-
-    @app.exception_handler(ClientDisconnect)
-    async def client_gone(request: Request, err: ClientDisconnect) -> JSONResponse:
-        log.info("client %s disconnected during its upload", request.client.host if request.client else "?")
-        return await api_error(request, APIError(400, "client_disconnected", "the client closed the connection"))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, err: Exception) -> JSONResponse:  # a bug: logged with its traceback
-        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=err)
-        return JSONResponse(
-            {"error": {"code": "internal_error", "message": f"{type(err).__name__}: {err}"[:300]}}, status_code=500
-        )
-
-    def require_token(request: Request) -> None:
-        if settings.token is None:
-            return
-        scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), settings.token.encode()):
-            raise APIError(
-                401,
-                "unauthorized",
-                "this server needs its API token: send the header 'Authorization: Bearer TOKEN'",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    authorized = [Depends(require_token)]
-
-    # -------------------------------------------------------------------------------------------- routes
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
-    @app.get("/v1/health", summary="Whether the model worker runs (no token needed)")
+    @app.get("/v1/health", summary="Whether the server is alive and its model worker runs (no token needed)")
     async def health() -> JSONResponse:
         ok = batcher.alive
         body = {"status": "ok" if ok else "unavailable", "version": __version__, "auth": settings.token is not None}
         return JSONResponse(body, status_code=200 if ok else 503)
 
+    @app.get("/v1/ready", summary="Whether the model passed its start-up self-test and takes requests (no token)")
+    async def ready() -> JSONResponse:
+        return readiness.answer()
+
     @app.get(
         "/v1/model", summary="The model: preset, categories and thresholds, sizes, limits", dependencies=authorized
     )
     async def model() -> dict[str, Any]:
-        limits = {
-            "max_upload_bytes": settings.max_upload_bytes,
-            "max_pixels": settings.max_pixels,
-            "max_images": settings.max_images,
-            "max_batch_size": settings.max_batch_size,
-        }
+        names = ("max_upload_bytes", "max_pixels", "max_request_pixels", "max_images", "max_batch_size")
+        limits = {name: getattr(settings, name) for name in (*names, "max_requests", "request_timeout_s")}
         return {**describe_model(detector), "limits": limits}
 
     @app.get("/v1/stats", summary="Batcher counters: model calls, images, mean batch size", dependencies=authorized)
     async def stats() -> dict[str, Any]:
-        return {**batcher.stats.as_dict(), "pending": batcher.pending}
+        return {**batcher.stats.as_dict(), "pending": batcher.pending, "requests": load.requests}
 
     @app.post(
         "/v1/predict",
         summary="Score images: anomaly score, decision, map statistics, and on request map / mask / overlay PNGs",
         dependencies=authorized,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "required": [FILES_FIELD],
-                            "properties": {
-                                FILES_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}},
-                                "category": {"type": "string"},
-                                "threshold": {"type": "number"},
-                                "pixel_threshold": {"type": "number"},
-                                "return": {"type": "string"},
-                            },
-                        }
-                    },
-                    "image/*": {"schema": {"type": "string", "format": "binary"}},
-                },
-            }
-        },
+        openapi_extra={"requestBody": PREDICT_BODY},
     )
     async def predict(
         request: Request,
@@ -340,6 +354,7 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Fas
         pixel_threshold: float | None = Query(None, description="mask threshold (map >= pixel_threshold)"),
         return_: str | None = Query(None, alias="return", description="comma list of map, mask, overlay (PNGs)"),
     ) -> dict[str, Any]:
+        deadline = request.scope.get(DEADLINE, time.monotonic() + settings.request_timeout_s)
         images, fields = await _read_images(request, settings)
         if len(images) > settings.max_images:
             raise APIError(413, "too_many_images", f"more than {settings.max_images} images in one request; split it")
@@ -356,7 +371,7 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Fas
         source = "request" if threshold is not None else None
         if source is None and image_t is not None:
             source = "category" if category is not None else ALL
-        results = await scorer.score(images, image_t, pixel_t, outputs)
+        results = await scorer.score(images, image_t, pixel_t, outputs, deadline)
         for body in results:
             body["threshold"], body["threshold_source"] = json_float(image_t), source
         return {"category": category, "images": results}

@@ -3,7 +3,8 @@
 A request submits each of its preprocessed images and waits on a future. The worker takes the first waiting image,
 waits up to ``max_wait_s`` for more (up to ``max_batch_size``), runs the model once on the stacked batch, and
 completes every future with its own row. When the model raises, the futures of that batch get a
-:class:`ModelFailure` and the worker goes on with the next batch; it never dies of a model error.
+:class:`ModelFailure` (an id; the error itself is logged under it) and the worker goes on with the next batch; it never
+dies of a model error.
 
 The worker can also hand freed memory back to the operating system (``release_memory``, e.g.
 :func:`cnc_ad.deploy.serve.memory.release_free_memory`): whenever it falls idle after model calls, and under continuous
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -39,7 +41,15 @@ class BatcherClosed(Exception):
 
 
 class ModelFailure(Exception):
-    """The model raised (or returned malformed output) on the batch that held this image."""
+    """The model raised (or returned malformed output) on the batch that held this image.
+
+    Args:
+        failure_id: names the failure in the log, where its message and traceback are (clients see only the id).
+    """
+
+    def __init__(self, failure_id: str) -> None:
+        super().__init__(f"model call {failure_id} failed; its error is in the server log")
+        self.failure_id = failure_id
 
 
 @dataclass
@@ -190,12 +200,12 @@ class Batcher:
             scores, maps = np.asarray(scores), np.asarray(maps)
             if scores.shape != (len(batch),) or maps.ndim != 3 or maps.shape[0] != len(batch):
                 raise ValueError(f"the model returned scores {scores.shape} and maps {maps.shape} for {len(batch)}")
-        except Exception as err:  # any model error fails this batch only; the worker goes on
-            log.exception("model call on a batch of %d images failed", len(batch))
+        except Exception:  # any model error fails this batch only; the worker goes on
+            failure_id = secrets.token_hex(4)
+            log.exception("model call %s on a batch of %d images failed", failure_id, len(batch))
             self.stats.failed_calls += 1
-            message = " ".join(str(err).split()) or type(err).__name__
             for future in futures:
-                future.set_exception(ModelFailure(message))
+                future.set_exception(ModelFailure(failure_id))
             return
         self.stats.model_calls += 1
         self.stats.images += len(batch)

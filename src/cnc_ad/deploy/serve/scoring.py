@@ -9,6 +9,7 @@ and renders each :class:`~cnc_ad.deploy.detector.ImageResult` (:mod:`cnc_ad.depl
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from cnc_ad.deploy.detector import Detector
 from cnc_ad.deploy.inputs import Upload
 from cnc_ad.deploy.serve.batcher import Batcher, BatcherBusy, BatcherClosed, ModelFailure
 from cnc_ad.deploy.serve.errors import APIError
+from cnc_ad.deploy.serve.guard import Load, busy
 from cnc_ad.deploy.serve.render import output_size, render_result
 from cnc_ad.deploy.serve.settings import ServeSettings
 from cnc_ad.errors import DataError
@@ -42,26 +44,41 @@ class _Decoded:
 
 @contextmanager
 def _http_errors(timeout_s: float) -> Iterator[None]:
-    """Batcher failures as 503 errors (overload, shutdown, a model error, no result in time)."""
+    """Batcher failures as 503 errors (overload, shutdown, a model error, no result in time); a model error's text
+    stays in the server log, under the id that the message names.
+    """
     try:
         yield
     except BatcherBusy as err:
-        raise APIError(503, "busy", f"the server is overloaded ({err}); retry shortly", {"Retry-After": "1"}) from None
+        raise busy(f"the server is overloaded ({err})") from None
     except BatcherClosed as err:
         raise APIError(503, "unavailable", f"the model worker is not running ({err})") from None
     except ModelFailure as err:
-        raise APIError(503, "model_error", f"the model failed on this request's batch: {err}") from None
+        raise APIError(
+            503, "model_error", f"the model failed on this request's batch; see the server log (id {err.failure_id})"
+        ) from None
     except (asyncio.TimeoutError, FutureTimeout):
-        raise APIError(503, "timeout", f"no model result within {timeout_s:g} s; retry later") from None
+        raise APIError(
+            503, "timeout", f"the request took longer than the server's limit of {timeout_s:g} s; retry later"
+        ) from None
 
 
 class RequestScorer:
-    """Scores the images of requests with ``detector`` through ``batcher``, under ``settings``' limits."""
+    """Scores the images of requests with ``detector`` through ``batcher``, under ``settings``' limits.
 
-    def __init__(self, detector: Detector, batcher: Batcher, settings: ServeSettings) -> None:
+    Args:
+        detector: the model and its thresholds.
+        batcher: gathers the model inputs of concurrent requests into model calls.
+        settings: the limits on pixels, images and time.
+        load: the images being decoded or waiting for the model, shared with the
+            :class:`~cnc_ad.deploy.serve.guard.RequestGuard` (which refuses a POST while it is full).
+    """
+
+    def __init__(self, detector: Detector, batcher: Batcher, settings: ServeSettings, load: Load) -> None:
         self.detector = detector
         self.batcher = batcher
         self.settings = settings
+        self.load = load
         self.decode_slots = asyncio.Semaphore(max(2, os.cpu_count() or 1))  # full-size decoded images held at once
 
     def decode(self, upload: Upload, keep_picture: bool) -> _Decoded:
@@ -84,14 +101,55 @@ class RequestScorer:
             shown = picture.image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
         return _Decoded(array, picture.name, picture.size, shown)
 
+    def check_pixels(self, images: list[tuple[str, bytes]]) -> None:
+        """Refuse a request whose images declare (in their headers) too many pixels, each or together: 413."""
+        total = 0
+        try:
+            for name, data in images:
+                total += inputs.check_pixels(Upload(data, name), self.settings.max_pixels) or 0
+        except inputs.TooManyPixels as err:
+            raise APIError(413, "too_many_pixels", str(err)) from None
+        if total > self.settings.max_request_pixels:
+            raise APIError(
+                413,
+                "too_many_pixels",
+                f"the {len(images)} images of this request have {total} pixels together, more than the limit of "
+                f"{self.settings.max_request_pixels} per request; send fewer images per request",
+            )
+
     async def score(
         self,
         images: list[tuple[str, bytes]],
         threshold: float | None,
         pixel_threshold: float | None,
         outputs: frozenset[str],
+        deadline: float,
     ) -> list[dict[str, Any]]:
-        """The JSON result of every image of a request (``images``: ``(name, bytes)``, emptied as they are decoded)."""
+        """The JSON result of every image of a request (``images``: ``(name, bytes)``, emptied as they are decoded).
+
+        Args:
+            images: the uploads ``(name, encoded bytes)``.
+            threshold: the image threshold to decide by (None: no decision).
+            pixel_threshold: the mask threshold.
+            outputs: which PNGs to return (``map``, ``mask``, ``overlay``).
+            deadline: when the request's time is up, on :func:`time.monotonic`'s clock.
+        """
+        await run_in_threadpool(self.check_pixels, images)
+        if not self.load.reserve(len(images)):
+            raise busy(f"the server is decoding its limit of {self.load.max_images} images")
+        try:
+            return await self._score(images, threshold, pixel_threshold, outputs, deadline)
+        finally:
+            self.load.release(len(images))
+
+    async def _score(
+        self,
+        images: list[tuple[str, bytes]],
+        threshold: float | None,
+        pixel_threshold: float | None,
+        outputs: frozenset[str],
+        deadline: float,
+    ) -> list[dict[str, Any]]:
         decoded = []
         for index in range(len(images)):
             name, data = images[index]
@@ -99,12 +157,10 @@ class RequestScorer:
             async with self.decode_slots:  # bounds the full-size decoded images held at once
                 decoded.append(await run_in_threadpool(self.decode, Upload(data, name), "overlay" in outputs))
             del data
-        timeout = self.settings.request_timeout_s
-        with _http_errors(timeout):
+        with _http_errors(self.settings.request_timeout_s):
             if self.detector.tiling is None:
-                scored = await self._batched([item.array for item in decoded], timeout)
+                scored = await self._batched([item.array for item in decoded], deadline - time.monotonic())
             else:
-                deadline = time.monotonic() + timeout
                 scored = [await run_in_threadpool(self._tiled, item.array, deadline) for item in decoded]
         bodies = []
         for item, (score, small_map) in zip(decoded, scored, strict=True):
@@ -114,6 +170,25 @@ class RequestScorer:
             )
             bodies.append({"name": item.name, **body})
         return bodies
+
+    async def self_test(self, deadline: float) -> float:
+        """Score one small synthetic image through the path of every request (decoding, batcher, rendering).
+
+        Returns:
+            Its anomaly score.
+
+        Raises:
+            APIError: the model failed on it or took too long.
+            ValueError: the score is not a finite number.
+        """
+        ramp = np.linspace(0, 255, 64, dtype=np.uint8)
+        picture = np.stack([np.tile(ramp, (48, 1)), np.tile(ramp[:48, None], (1, 64)), np.full((48, 64), 128)], -1)
+        buffer = io.BytesIO()
+        Image.fromarray(picture.astype(np.uint8)).save(buffer, format="PNG")
+        body = (await self.score([("self-test", buffer.getvalue())], None, None, frozenset(), deadline))[0]
+        if body["score"] is None:
+            raise ValueError("the model scored the self-test image as NaN or infinite")
+        return float(body["score"])
 
     async def _batched(self, arrays: list[np.ndarray], timeout_s: float) -> list[tuple[float, np.ndarray]]:
         """Submit every model input to the batcher and wait for all of them."""
