@@ -78,7 +78,7 @@ class NearestNeighbourBaseline(nn.Module):
         return torch.cat(self.model.encode(images), dim=-1).float()  # (B, L, ΣC)
 
     @torch.no_grad()
-    def predict(self, images: Tensor, map_size: int | None = None) -> Prediction:
+    def predict(self, images: Tensor, map_size: int | None = None, score: str | None = None) -> Prediction:
         queries = self.tokens(images)  # (B, L, C)
         flat = queries.flatten(0, 1)  # (B*L, C)
         best = torch.full((flat.shape[0],), math.inf)
@@ -90,7 +90,7 @@ class NearestNeighbourBaseline(nn.Module):
         grid = tokens_to_grid(distance, self.model.grid_size)
         size = map_size or self.config.map_size
         maps = self.blur(F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False))
-        return Prediction(image_score(maps, self.config.score), maps)
+        return Prediction(image_score(maps, score or self.config.score), maps)
 
 
 def training_images(config: Config, index: DatasetIndex, all_images: bool = False) -> list[Sample]:

@@ -68,8 +68,10 @@ class ModelConfig:
     # A learned embedding of each token's grid position, added to the bottleneck's tokens. Without it the decoder is
     # blind to where a token lies; CNN tokens carry no position except the padding effects at the image border.
     position_embedding: bool = False
-    # The encoder levels (0-based) whose maps are averaged into the anomaly map; None: all of them. Inference only.
+    # The encoder levels (0-based) whose maps are averaged into the anomaly map (None: all of them), and into the map
+    # the image score is read from (None: the anomaly map's). Inference only: both can change on a trained model.
     map_levels: tuple[int, ...] | None = None
+    score_levels: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,6 @@ from cnc_ad.metrics import (
     mean_metrics,
 )
 from cnc_ad.model import CNC
-from cnc_ad.model.anomaly_map import image_score
 from cnc_ad.model.presets import resolve_config
 from cnc_ad.progress import progress_bar
 from cnc_ad.results import Example, write_evaluation
@@ -43,7 +42,7 @@ from cnc_ad.runs import RunFolder
 from cnc_ad.thresholds import ALL, Threshold, Thresholds, thresholds_path, update_thresholds
 
 # Model keys that act at inference only: an evaluation may change them on a trained checkpoint.
-INFERENCE_KEYS = ("score", "fnp", "fnp_theta", "blur_sigma", "map_levels")
+INFERENCE_KEYS = ("score", "fnp", "fnp_theta", "blur_sigma", "map_levels", "score_levels")
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +126,9 @@ def evaluate_category(
     bar = progress_bar(loader, desc=f"eval {category}", unit="batch", leave=False, enabled=progress)
     for batch in bar:
         images = batch["image"].to(device, non_blocking=True)
-        prediction = model.predict(images, map_size=map_size)
+        prediction = model.predict(images, map_size=map_size, score=score_mode)
         map_tensor = prediction.anomaly_map[:, 0].float()
-        score_tensor = (
-            prediction.score if score_mode == model.config.score else image_score(map_tensor[:, None], score_mode)
-        )
-        score = score_tensor.float().cpu().numpy()
+        score = prediction.score.float().cpu().numpy()
         maps = map_tensor.cpu().numpy()
         masks = batch["mask"][:, 0].numpy() > 0.5
         label = batch["label"].numpy().astype(np.int64)

@@ -226,8 +226,27 @@ def test_map_levels_choose_the_levels_of_the_map():
     assert torch.allclose(first, model.maps_from_output(one_level))
     with pytest.raises(ConfigError, match=r"model\.map_levels"):
         build_model(ModelConfig(preset="tiny", map_levels=(2, 1)), pretrained=False)
+    with pytest.raises(ConfigError, match=r"model\.score_levels"):
+        build_model(ModelConfig(preset="tiny", score_levels=()), pretrained=False)
     with pytest.raises(ConfigError, match=r"model\.map_levels"):
         build_model(ModelConfig(preset="tiny", map_levels=(4,)), pretrained=False)
+
+
+def test_score_levels_read_the_score_from_their_own_map():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny", map_levels=(0, 1)), pretrained=False).eval()
+    model.store_text_features()
+    images = torch.rand(3, 3, 32, 32)
+    fine = model.predict(images)
+    assert torch.allclose(fine.score, image_score(fine.anomaly_map, "max"))  # score and map: the same levels
+    model.config = dataclasses.replace(model.config, score_levels=(0, 1, 2, 3))  # default: the map's levels
+    split = model.predict(images)
+    assert torch.equal(split.anomaly_map, fine.anomaly_map)  # the map keeps its levels
+    model.config = dataclasses.replace(model.config, map_levels=None, score_levels=None)
+    everything = model.predict(images)
+    assert torch.allclose(split.score, everything.score)  # the score is that of the map of all levels
+    assert not torch.allclose(split.score, fine.score)
+    assert torch.allclose(model.predict(images, score="top1").score, image_score(everything.anomaly_map, "top1"))
 
 
 def test_scores_and_blur():

@@ -5,8 +5,9 @@ below one token. Instead the image is cut into overlapping square tiles of ``til
 any whole image (:func:`cnc_ad.data.transforms.prepare_image`, a bilinear resize to the model's input) and scored on
 its own, and the tiles' anomaly maps are placed back on their footprint and averaged where they overlap into one map of
 the whole image (at ``map_size / tile`` of its resolution, so memory stays bounded). The image score is the model's
-score rule applied to the stitched map (:func:`map_score`). Tiles should be about the size of the images the model
-was trained on, seen at the same scale.
+score rule applied to the stitched map (:func:`map_score`; with ``model.score_levels`` other than the map's levels,
+a tiled image's score is read from the stitched map of the map's levels, so thresholds for tiles are set with tiles).
+Tiles should be about the size of the images the model was trained on, seen at the same scale.
 """
 
 from __future__ import annotations

@@ -295,17 +295,30 @@ class CNC(nn.Module):
         return self._maps_from_output(output, map_size)
 
     def _maps_from_output(self, output: CNCOutput, map_size: int | None) -> Tensor:
-        levels = []
+        return self._maps_and_score_maps(output, map_size)[0]
+
+    def _maps_and_score_maps(self, output: CNCOutput, map_size: int | None) -> tuple[Tensor, Tensor]:
+        """The anomaly maps of ``config.map_levels`` and the maps the image score is read from (of
+        ``config.score_levels``; the same tensor when both name the same levels), each (B, 1, M, M).
+        """
         text = self._text_buffers() if self.config.fnp else None
-        used = self.config.map_levels
+        levels = []  # per level (B, L)
         for level, (e, d) in enumerate(zip(output.encoder, output.decoder, strict=True)):
-            if used is not None and level not in used:
-                continue
             a = discrepancy(e, d)  # (B, L)
             if text is not None:
                 a = a * fnp_weight(self.encoder.to_joint(level, e), text.normal[level], self.config.fnp_theta)
             levels.append(a)
-        grid = tokens_to_grid(torch.stack(levels).mean(dim=0), self.grid_size)  # (B, 1, g, g)
+        everything = tuple(range(len(levels)))
+        chosen = self.config.map_levels or everything
+        scored = self.config.score_levels or chosen
+        maps = self._smooth(torch.stack([levels[k] for k in chosen]).mean(dim=0), map_size)
+        if tuple(scored) == tuple(chosen):
+            return maps, maps
+        return maps, self._smooth(torch.stack([levels[k] for k in scored]).mean(dim=0), map_size)
+
+    def _smooth(self, tokens: Tensor, map_size: int | None) -> Tensor:
+        """(B, L) token values -> (B, 1, M, M): the token grid upsampled bilinearly and blurred."""
+        grid = tokens_to_grid(tokens, self.grid_size)  # (B, 1, g, g)
         size = map_size or self.config.map_size
         maps = F.interpolate(grid.float(), size=(size, size), mode="bilinear", align_corners=False)
         return self.blur(maps)  # (B, 1, M, M)
@@ -321,21 +334,24 @@ class CNC(nn.Module):
         return self._maps_from_output(self(self.encode(images)), map_size)
 
     @torch.no_grad()
-    def predict(self, images: Tensor, map_size: int | None = None) -> Prediction:
+    def predict(self, images: Tensor, map_size: int | None = None, score: str | None = None) -> Prediction:
         """Image scores and anomaly maps; call ``eval()`` first (dropout is active in training mode).
 
         Args:
             images: (B, 3, S, S) RGB in [0, 1], not normalised.
             map_size: side M of the returned maps; default ``config.map_size``.
+            score: the image score rule (see :func:`image_score`); default ``config.score``.
 
         Returns:
-            :class:`Prediction` with ``score`` (B,) per ``config.score`` and ``anomaly_map`` (B, 1, M, M).
+            :class:`Prediction` with ``score`` (B,), read from the map of ``config.score_levels``, and
+            ``anomaly_map`` (B, 1, M, M), of ``config.map_levels``.
 
         Raises:
             TextFeaturesError: the model has prompts whose features were never stored.
         """
-        maps = self.anomaly_maps(images, map_size)
-        return Prediction(image_score(maps, self.config.score), maps)
+        self.require_text_features()
+        maps, score_maps = self._maps_and_score_maps(self(self.encode(images)), map_size)
+        return Prediction(image_score(score_maps, score or self.config.score), maps)
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, frozen) parameter counts."""

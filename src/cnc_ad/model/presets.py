@@ -154,13 +154,12 @@ def _check(c: ModelConfig) -> None:
         fail("cfd_tau", "must be positive")
     if c.blur_sigma < 0:
         fail("blur_sigma", "must be >= 0")
-    if c.map_levels is not None and (
-        not c.map_levels
-        or list(c.map_levels) != sorted(set(c.map_levels))
-        or min(c.map_levels) < 0
-        or max(c.map_levels) >= len(layers)
-    ):
-        fail("map_levels", f"must be increasing 0-based levels below {len(layers)}, or null for all")
+    for key in ("map_levels", "score_levels"):
+        chosen = getattr(c, key)
+        if chosen is not None and (
+            not chosen or list(chosen) != sorted(set(chosen)) or min(chosen) < 0 or max(chosen) >= len(layers)
+        ):
+            fail(key, f"must be increasing 0-based levels below {len(layers)}, or null for all")
 
 
 def build_model(
