@@ -35,10 +35,11 @@ from torch import Tensor
 from cnc_ad import __version__
 from cnc_ad.config import ModelConfig, config_from_dict
 from cnc_ad.errors import CheckpointError, ConfigError
-from cnc_ad.files import default_mode, fsync_path
+from cnc_ad.files import default_mode, fsync_path, sha256_file
 from cnc_ad.model.encoders import is_pickle_file
 from cnc_ad.runs import LATEST_FILE, RunFolder, is_last_alias, is_latest_file, prune_checkpoints
 from cnc_ad.runs import run_folder_of as _run_folder_of
+from cnc_ad.thresholds import DIGEST_CHARS
 
 if TYPE_CHECKING:
     from cnc_ad.model import CNC
@@ -54,15 +55,6 @@ TRAINER_META_FILE = "trainer.json"
 
 
 # ------------------------------------------------------------------------------------------------------- files
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_json(path: Path, value: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     fsync_path(path)
@@ -277,6 +269,14 @@ def read_checkpoint_meta(path: str | Path) -> dict:
         )
     meta["path"] = str(folder)
     return meta
+
+
+def model_digest(meta: Mapping[str, Any]) -> str:
+    """The identity of a checkpoint's model: 16 hex digits of the SHA-256 of its config and weights digest (from
+    :func:`read_checkpoint_meta`; the ``extra`` training notes do not count), equal for copies of the checkpoint.
+    """
+    text = json.dumps({"config": meta["config"], "sha256": meta["sha256"]}, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:DIGEST_CHARS]
 
 
 def _load_verified(path: Path, expected_sha: str, what: str) -> dict[str, Tensor]:

@@ -2,18 +2,27 @@
 
 A reader never sees a half-written result file, and a run killed at any moment leaves the previous version intact. A
 log line cut short by a power loss is skipped when read and cut off when the log is opened to append again
-(:func:`repair_jsonl`). A failed write or fsync raises an ``OSError`` that names the file.
+(:func:`repair_jsonl`). A failed write or fsync raises an ``OSError`` that names the file. A folder that one process
+at a time writes into holds a lock file (:func:`hold_lock`); files are identified by their SHA-256
+(:func:`sha256_file`).
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: nothing is locked
+    fcntl = None  # type: ignore[assignment]  # the module or None
 
 log = logging.getLogger(__name__)
 
@@ -184,3 +193,44 @@ def repair_jsonl(path: str | os.PathLike[str]) -> int:
         f"removed its {cut} bytes" if cut else "added the missing newline",
     )
     return cut
+
+
+def sha256_file(*paths: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes (of several files: of their bytes one after the other)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def hold_lock(path: str | os.PathLike[str]) -> tuple[int | None, str | None]:
+    """Take the exclusive lock of the file ``path`` (created when missing) without waiting, and write this process's id
+    and host into it.
+
+    ``flock`` locks per open file, so a second open in the same process is refused too; the lock goes with its process
+    (also when it is killed).
+
+    Returns:
+        ``(fd, None)`` when held (close ``fd`` to release it); ``(None, holder)`` when another process holds it
+        (``holder``: ``"process PID"``, plus ``" on HOST"`` when that is another machine); ``(None, None)`` where files
+        cannot be locked (no ``fcntl``: Windows; a file system without locks, which a warning names).
+    """
+    if fcntl is None:
+        return None, None
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        found = os.pread(fd, 256, 0).decode("utf-8", "replace").split() or ["unknown"]
+        os.close(fd)
+        where = f" on {found[1]}" if len(found) > 1 and found[1] != socket.gethostname() else ""
+        return None, f"process {found[0]}{where}"
+    except OSError as err:
+        os.close(fd)
+        log.warning("cannot lock %s (%s): a second writer into its folder would not be noticed", path, err)
+        return None, None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    return fd, None

@@ -19,6 +19,7 @@ which (see there).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -37,6 +38,8 @@ FALSE_ALARM_RULE = "false_alarm_rate"
 labelled (F1-max from ``cnc eval``)."""
 ALL = "__all__"
 """The key of the threshold for images of any (or an unknown) category."""
+DIGEST_CHARS = 16
+"""Hex digits of the SHA-256 digests that name a set of thresholds (and a model, :mod:`cnc_ad.deploy.detector`)."""
 Kind = Literal["image", "pixel"]
 KINDS: tuple[Kind, ...] = ("image", "pixel")
 
@@ -128,6 +131,13 @@ class Thresholds:
         if any(basis.values()):
             value["basis"] = basis
         return value
+
+    def digest(self) -> str:
+        """16 hex digits of the SHA-256 of :meth:`to_json` (keys sorted): equal values, rules and image counts give
+        equal digests, so a decision names the thresholds it was made by.
+        """
+        text = json.dumps(self.to_json(), sort_keys=True, allow_nan=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:DIGEST_CHARS]
 
     @classmethod
     def from_json(cls, value: Any, source: str = "thresholds") -> Thresholds:

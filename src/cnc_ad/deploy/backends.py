@@ -19,6 +19,7 @@ import numpy as np
 from cnc_ad.deploy.metadata import (
     OUTPUT_NAMES,
     GraphInfo,
+    graph_digest,
     onnx_metadata,
     openvino_bin_path,
     openvino_metadata,
@@ -52,12 +53,16 @@ class Backend(Protocol):
 
 @dataclass
 class Opened:
-    """A backend opened from a source, with the thresholds stored for it and where new ones are stored."""
+    """A backend opened from a source, with the thresholds stored for it, where new ones are stored, and the model's
+    identity (a digest of its weights and metadata: :func:`cnc_ad.checkpoint.model_digest`,
+    :func:`cnc_ad.deploy.metadata.graph_digest`).
+    """
 
     backend: Backend
     thresholds: Thresholds | None
     thresholds_file: Path  # where `cnc calibrate` stores thresholds for this source
     source: str
+    model_id: str | None = None
 
 
 class TorchBackend:
@@ -187,14 +192,15 @@ def _open_checkpoint(
     source: str | os.PathLike, device: str, clip_weights: str | None, trust_pickle: bool, pretrained: bool
 ) -> Opened:
     try:
-        from cnc_ad.checkpoint import load_model, resolve_checkpoint
+        from cnc_ad.checkpoint import load_model, model_digest, read_checkpoint_meta, resolve_checkpoint
         from cnc_ad.device import resolve_device
     except ImportError as err:
         raise missing_extra(f"running the checkpoint {source} (an exported model runs without torch)", err) from err
     folder = resolve_checkpoint(source)
     model = load_model(folder, clip_weights=clip_weights, trust_pickle=trust_pickle, pretrained=pretrained)
     backend = TorchBackend(model, resolve_device(device))
-    return Opened(backend, load_thresholds(folder), thresholds_path(folder), str(folder))
+    identity = model_digest(read_checkpoint_meta(folder))
+    return Opened(backend, load_thresholds(folder), thresholds_path(folder), str(folder), identity)
 
 
 def _stored_thresholds(graph: Path, info: GraphInfo) -> Thresholds | None:
@@ -224,7 +230,8 @@ def _open_onnx(path: Path, providers: Sequence[str] | None, threads: int | None)
     if not set(OUTPUT_NAMES) <= names or len(shape) != 4 or not isinstance(shape[-1], int):
         raise ExportError(f"{path} is not a CNC graph (input (B, 3, S, S); outputs score, anomaly_map)")
     info = GraphInfo.from_metadata(onnx_metadata(session), str(path))
-    return Opened(OnnxBackend(session, info), _stored_thresholds(path, info), thresholds_beside(path), str(path))
+    backend = OnnxBackend(session, info)
+    return Opened(backend, _stored_thresholds(path, info), thresholds_beside(path), str(path), graph_digest(path))
 
 
 def _open_openvino(path: Path, device: str, config: Mapping[str, Any] | None) -> Opened:
@@ -249,4 +256,4 @@ def _open_openvino(path: Path, device: str, config: Mapping[str, Any] | None) ->
         raise ExportError(f"{path} is not a CNC graph (input (B, 3, S, S); outputs score, anomaly_map)")
     info = GraphInfo.from_metadata(openvino_metadata(graph), str(path))
     backend = OpenVinoBackend(compiled, shape[3].get_length(), info)
-    return Opened(backend, _stored_thresholds(path, info), thresholds_beside(path), str(path))
+    return Opened(backend, _stored_thresholds(path, info), thresholds_beside(path), str(path), graph_digest(path))

@@ -9,7 +9,9 @@
 :meth:`Detector.score` to its micro-batcher. Nothing here imports torch unless the source is a checkpoint.
 
 Decisions: an image is anomalous when ``score >= threshold``, a pixel when ``map >= pixel threshold``; thresholds
-come from the stored file (:mod:`cnc_ad.thresholds`) or the caller.
+come from the stored file (:mod:`cnc_ad.thresholds`) or the caller (:meth:`Detector.choose_thresholds` says which, and
+how the value was found). :meth:`Detector.reload_thresholds` re-reads the file they came from (a server picks up new
+thresholds without a restart); :attr:`Detector.model_id` names the model a decision was made by.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from cnc_ad.deploy import inputs
 from cnc_ad.deploy.backends import Backend, Opened, open_backend
 from cnc_ad.deploy.inputs import ImageInput, Picture
 from cnc_ad.deploy.tiling import TILES_RULE, MapFunction, Tiling, score_tiled
-from cnc_ad.errors import DataError
+from cnc_ad.errors import ConfigError, DataError
 from cnc_ad.thresholds import ALL, Kind, Thresholds, load_thresholds
-from cnc_ad.visualize import resize_map
+from cnc_ad.visualize import overlay, resize_map
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,38 @@ class ImageResult:
         # Compared in float64: a threshold beyond float32's range (a request's 1e300) is no overflow, and decides.
         return np.greater_equal(anomaly_map, self.pixel_threshold, signature=(np.float64, np.float64, np.bool_))
 
+    def overlay(self, image: np.ndarray) -> np.ndarray:
+        """The heatmap over ``image`` ``(H', W', 3)`` uint8 at that size, on a colour scale from 0 to twice the pixel
+        threshold when one is known (the threshold is the middle colour, so overlays compare across images), else the
+        map's own range.
+        """
+        pixel = self.pixel_threshold
+        vmax = 2.0 * pixel if pixel is not None and pixel > 0 else None
+        return overlay(np.asarray(image, np.uint8), self.small_map, vmin=0.0 if vmax else None, vmax=vmax)
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """The thresholds a decision is made by, where the image threshold came from and how it was found.
+
+    Attributes:
+        image: the image threshold, or None (no decision).
+        pixel: the mask threshold (the image threshold when none is known), or None.
+        source: ``"request"`` (given by the caller), ``"category"`` (stored for the category asked for), ``"__all__"``
+            (the stored shared one, no category asked for), or None (no image threshold).
+        rule: how the image threshold was found: the stored rule (:class:`~cnc_ad.thresholds.Threshold`, ``""`` when
+            the file does not say), ``"request"`` for a given one, or None.
+        images: the images behind the stored image threshold, or None.
+        digest: :meth:`~cnc_ad.thresholds.Thresholds.digest` of the stored thresholds in use, or None without any.
+    """
+
+    image: float | None
+    pixel: float | None
+    source: str | None = None
+    rule: str | None = None
+    images: int | None = None
+    digest: str | None = None
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -118,6 +152,9 @@ class Detector:
         source: where the model came from (for messages).
         thresholds_file: where thresholds set for this model are stored (``cnc calibrate``), or None.
         tiling: score every image by tiles (:class:`~cnc_ad.deploy.tiling.Tiling`) instead of resizing it whole.
+        model_id: the model's identity (a digest of its weights and metadata), or None when unknown.
+        thresholds_source: the file :meth:`reload_thresholds` re-reads the thresholds from, or None (they were given
+            in memory).
     """
 
     def __init__(
@@ -128,12 +165,16 @@ class Detector:
         source: str = "",
         thresholds_file: str | os.PathLike | None = None,
         tiling: Tiling | None = None,
+        model_id: str | None = None,
+        thresholds_source: str | os.PathLike | None = None,
     ) -> None:
         self.backend = backend
         self.thresholds = Thresholds.from_json(thresholds) if isinstance(thresholds, Mapping) else thresholds
         self.source = source
         self.thresholds_file = Path(thresholds_file) if thresholds_file is not None else None
         self.tiling = tiling
+        self.model_id = model_id
+        self.thresholds_source = Path(thresholds_source) if thresholds_source is not None else None
 
     @classmethod
     def load(
@@ -182,10 +223,20 @@ class Detector:
             openvino_config=openvino_config,
             threads=threads,
         )
+        reread: str | os.PathLike | None = opened.thresholds_file  # where the stored thresholds are re-read from
         if isinstance(thresholds, (str, os.PathLike)):
-            thresholds = load_thresholds(thresholds)
-        chosen = thresholds if thresholds is not None else opened.thresholds
-        return cls(opened.backend, chosen, source=opened.source, thresholds_file=opened.thresholds_file, tiling=tiling)
+            reread, thresholds = thresholds, load_thresholds(thresholds)
+        elif thresholds is not None:
+            reread = None
+        return cls(
+            opened.backend,
+            thresholds if thresholds is not None else opened.thresholds,
+            source=opened.source,
+            thresholds_file=opened.thresholds_file,
+            tiling=tiling,
+            model_id=opened.model_id,
+            thresholds_source=reread,
+        )
 
     # --------------------------------------------------------------------------------------------- the model
     @property
@@ -246,18 +297,65 @@ class Detector:
     def resolve_thresholds(
         self, threshold: float | None = None, pixel_threshold: float | None = None, category: str | None = None
     ) -> tuple[float | None, float | None]:
-        """The (image, pixel) thresholds a prediction uses.
-
-        Explicit values win; otherwise the stored ones for ``category`` (or all categories). Without any pixel
-        threshold the image threshold is used for the mask too: with the default ``max`` score the mask is then
-        non-empty exactly when the image is called anomalous.
+        """The (image, pixel) thresholds a prediction uses (:meth:`choose_thresholds`).
 
         Raises:
             ConfigError: ``category`` has no stored thresholds.
         """
-        image = threshold if threshold is not None else self.threshold("image", category)
-        pixel = pixel_threshold if pixel_threshold is not None else self.threshold("pixel", category)
-        return image, pixel if pixel is not None else image
+        choice = self.choose_thresholds(threshold, pixel_threshold, category)
+        return choice.image, choice.pixel
+
+    def choose_thresholds(
+        self, threshold: float | None = None, pixel_threshold: float | None = None, category: str | None = None
+    ) -> ThresholdChoice:
+        """The thresholds a prediction uses, where they came from and how they were found.
+
+        Explicit values win; otherwise the stored ones for ``category`` (or all categories; a category without a finite
+        threshold of its own has none). Without any pixel threshold the image threshold is used for the mask too: with
+        the default ``max`` score the mask is then non-empty exactly when the image is called anomalous. The stored
+        thresholds are read once, so a concurrent :meth:`reload_thresholds` never mixes two files in one choice.
+
+        Raises:
+            ConfigError: ``category`` has no stored thresholds.
+        """
+        stored = self.thresholds  # one snapshot
+        image, pixel = threshold, pixel_threshold
+        if stored is not None:
+            image = image if image is not None else stored.select("image", category)
+            pixel = pixel if pixel is not None else stored.select("pixel", category)
+        pixel = pixel if pixel is not None else image
+        digest = stored.digest() if stored is not None else None
+        if threshold is not None:
+            return ThresholdChoice(image, pixel, "request", "request", None, digest)
+        if image is None or stored is None:
+            return ThresholdChoice(None, pixel, None, None, None, digest)
+        found = stored.image[ALL if category is None else category]
+        return ThresholdChoice(image, pixel, ALL if category is None else "category", found.rule, found.images, digest)
+
+    def reload_thresholds(self) -> bool:
+        """Re-read the thresholds from :attr:`thresholds_source` (the file they were loaded from, or where the stored
+        ones live); return whether they changed. Decisions already under way finish with the ones they began with.
+
+        A file that does not exist (yet) leaves the thresholds as they are: an exported model keeps the ones embedded
+        at export until thresholds are stored beside it.
+
+        Raises:
+            ConfigError: the thresholds were given in memory, so there is no file to re-read.
+            DataError: the file is unreadable or not a thresholds file (the thresholds stay as they were).
+        """
+        path = self.thresholds_source
+        if path is None:
+            raise ConfigError("this detector was given its thresholds in memory, not from a file: none to reload")
+        if not path.is_file():
+            log.info("no thresholds file at %s: the thresholds stay as they are", path)
+            return False
+        new = load_thresholds(path)
+        assert new is not None, "a file, not a folder"
+        old = self.thresholds
+        self.thresholds = new
+        changed = old is None or old.digest() != new.digest()
+        log.info("thresholds %s from %s (%s)", "reloaded" if changed else "unchanged", path, new.digest())
+        return changed
 
     def thresholds_fit_tiling(self, category: str | None = None) -> bool:
         """Whether the stored image threshold (for ``category``) was set the way images are scored now: with

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from cnc_ad import __version__
-from cnc_ad.thresholds import Thresholds
+from cnc_ad.files import sha256_file
+from cnc_ad.thresholds import DIGEST_CHARS, Thresholds
 
 PREFIX = "cnc_ad."
 VERSION_KEY = "cnc_ad.version"
@@ -129,3 +130,12 @@ def thresholds_beside(graph: str | os.PathLike) -> Path:
     """Where thresholds set for an exported model are stored: ``<stem>.thresholds.json`` beside the graph file."""
     path = Path(graph)
     return path.with_name(f"{path.stem}.thresholds.json")
+
+
+def graph_digest(graph: str | os.PathLike) -> str:
+    """The identity of an exported model: 16 hex digits of the SHA-256 of its file (for OpenVINO IR, of the ``.xml``
+    and then the ``.bin``), metadata and weights alike.
+    """
+    path = Path(graph)
+    files = (path, openvino_bin_path(path)) if path.suffix.lower() == ".xml" else (path,)
+    return sha256_file(*files)[:DIGEST_CHARS]

@@ -16,7 +16,6 @@ import hashlib
 import io
 import logging
 import os
-import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +28,9 @@ from cnc_ad import distributed as dist
 from cnc_ad.data.images import decode_image, is_image_file
 from cnc_ad.deploy.detector import Detector, ImageResult
 from cnc_ad.errors import ConfigError, DataError
-from cnc_ad.files import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl, repair_jsonl
+from cnc_ad.files import append_jsonl, atomic_write_bytes, atomic_write_text, hold_lock, read_jsonl, repair_jsonl
 from cnc_ad.progress import progress_bar
-from cnc_ad.visualize import overlay, to_png_bytes
-
-try:
-    import fcntl
-except ImportError:  # Windows: output folders are not locked
-    fcntl = None  # type: ignore[assignment]  # the module or None
+from cnc_ad.visualize import to_png_bytes
 
 log = logging.getLogger(__name__)
 
@@ -247,22 +241,13 @@ def lock_output(out: Path) -> Iterator[None]:
     fd: int | None = None
     refusal: str | None = None
     try:
-        if fcntl is not None and dist.is_main_process():
-            fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 256, 0).decode("utf-8", "replace").split() or ["unknown"]
-                where = f" on {holder[1]}" if len(holder) > 1 and holder[1] != socket.gethostname() else ""
+        if dist.is_main_process():
+            fd, holder = hold_lock(out / LOCK_FILE)
+            if holder is not None:
                 refusal = (
-                    f"{out} is in use by another predictor or watcher (process {holder[0]}{where}); stop it, or "
-                    "choose another output folder"
+                    f"{out} is in use by another predictor or watcher ({holder}); stop it, or choose another output "
+                    "folder"
                 )
-            except OSError as err:
-                log.warning("cannot lock %s (%s): a second predictor writing into it would not be noticed", out, err)
-            else:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         if dist.is_distributed():
             refusal = dist.all_gather_objects(refusal)[0]  # every process of the job stops, not only the first
         if refusal is not None:
@@ -415,10 +400,8 @@ def _write_prediction(path: Path, result: ImageResult, outputs: _Outputs) -> dic
 
 
 def _overlay(path: Path, result: ImageResult, max_side: int) -> np.ndarray:
-    """The heatmap over the image, at most ``max_side`` pixels on its longer side.
-
-    The colour scale is fixed at [0, 2 x pixel threshold] when a threshold is known (the threshold is the middle
-    colour, so overlays compare across images), else the map's own range.
+    """The heatmap over the image (:meth:`~cnc_ad.deploy.detector.ImageResult.overlay`), at most ``max_side`` pixels
+    on its longer side.
     """
     height, width = result.size
     scale = min(1.0, max_side / max(height, width))
@@ -426,9 +409,7 @@ def _overlay(path: Path, result: ImageResult, max_side: int) -> np.ndarray:
     image, _ = decode_image(path, max(target))  # JPEGs decode at a reduced scale: memory-safe for huge files
     if image.size != (target[1], target[0]):
         image = image.resize((target[1], target[0]), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    pixel_threshold = result.pixel_threshold
-    vmax = 2.0 * pixel_threshold if pixel_threshold is not None and pixel_threshold > 0 else None
-    return overlay(np.asarray(image, np.uint8), result.small_map, vmin=0.0 if vmax else None, vmax=vmax)
+    return result.overlay(np.asarray(image, np.uint8))
 
 
 def write_summary_csv(jsonl: str | os.PathLike, csv_path: str | os.PathLike) -> Path:

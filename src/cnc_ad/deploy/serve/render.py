@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from cnc_ad.deploy.detector import ImageResult
-from cnc_ad.visualize import overlay, to_png_bytes
+from cnc_ad.visualize import to_png_bytes
 
 OUTPUTS = ("map", "mask", "overlay")
 
@@ -87,7 +87,5 @@ def render_result(
     if "overlay" in outputs and image is not None:
         if image.size != (shown[1], shown[0]):
             image = image.resize((shown[1], shown[0]), Image.Resampling.BILINEAR, reducing_gap=3.0)
-        vmax = 2.0 * pixel_threshold if pixel_threshold is not None and pixel_threshold > 0 else None
-        drawn = overlay(np.asarray(image, np.uint8), result.small_map, vmin=0.0 if vmax else None, vmax=vmax)
-        body["overlay"] = png_base64(drawn)
+        body["overlay"] = png_base64(result.overlay(np.asarray(image, np.uint8)))
     return body
