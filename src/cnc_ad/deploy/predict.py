@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import glob
 import hashlib
 import io
@@ -26,7 +27,8 @@ from PIL import Image
 
 from cnc_ad import distributed as dist
 from cnc_ad.data.images import decode_image, is_image_file
-from cnc_ad.deploy.detector import Detector, ImageResult
+from cnc_ad.deploy.decisions import DecisionLog
+from cnc_ad.deploy.detector import Detector, ImageResult, ThresholdChoice
 from cnc_ad.errors import ConfigError, DataError
 from cnc_ad.files import append_jsonl, atomic_write_bytes, atomic_write_text, hold_lock, read_jsonl, repair_jsonl
 from cnc_ad.progress import progress_bar
@@ -111,6 +113,7 @@ def predict_files(
     map_dtype: str = "float16",
     overlay_max_side: int = 2048,
     progress: bool = True,
+    decisions: DecisionLog | None = None,
 ) -> PredictionSummary:
     """Predict image files into a folder, crash-safely.
 
@@ -122,6 +125,8 @@ def predict_files(
     ``errors.jsonl`` (``{"path", "error"}``) for files that cannot be decoded, which are skipped; and
     ``predictions.csv`` (from the JSON lines, written atomically at the end).
     ``<name>`` is the file stem plus a hash of its absolute path, so equal names from different folders never clash.
+    With ``decisions``, each image's decision is also appended to that log, before its ``predictions.jsonl`` line,
+    which then names it (``"decision"``: its id).
 
     Args:
         detector: the model.
@@ -137,6 +142,7 @@ def predict_files(
         map_dtype: ``"float16"`` (half the disk) or ``"float32"`` for the ``.npy`` maps; masks use float32 maps.
         overlay_max_side: the longest side of an overlay PNG in pixels.
         progress: show a progress bar.
+        decisions: a decision log to record every decision in (:class:`~cnc_ad.deploy.decisions.DecisionLog`).
 
     Raises:
         ConfigError: ``out`` already holds predictions and neither ``resume`` nor ``overwrite`` is set; another
@@ -156,8 +162,8 @@ def predict_files(
         todo = dist.shard(remaining)
         if skipped:
             log.info("resuming: %d of %d images already predicted", skipped, len(paths))
-        image_t, pixel_t = detector.resolve_thresholds(threshold, pixel_threshold, category)
-        if image_t is None:
+        choice = detector.choose_thresholds(threshold, pixel_threshold, category)
+        if choice.image is None:
             log.warning("no threshold (evaluate the model, or give one): is_anomalous is null, no masks are written")
 
         predicted = failed = anomalous = 0
@@ -167,12 +173,15 @@ def predict_files(
                 detector,
                 todo,
                 out,
-                image_threshold=image_t,
-                pixel_threshold=pixel_t,
+                image_threshold=choice.image,
+                pixel_threshold=choice.pixel,
                 batch_size=batch_size,
                 workers=workers,
                 map_dtype=map_dtype,
                 overlay_max_side=overlay_max_side,
+                decisions=decisions,
+                choice=choice,
+                category=category,
             ):
                 if outcome.record is None:
                     failed += 1
@@ -328,6 +337,9 @@ def predict_stream(
     workers: int = 2,
     map_dtype: str = "float16",
     overlay_max_side: int = 2048,
+    decisions: DecisionLog | None = None,
+    choice: ThresholdChoice | None = None,
+    category: str | None = None,
 ) -> Iterator[Recorded]:
     """Score ``paths`` (absolute) into ``out``, yielding each input's :class:`Recorded` once its line is on disk.
 
@@ -335,7 +347,13 @@ def predict_stream(
     file's ``size`` and ``mtime_ns`` as they were before it was read) is appended and fsynced; a file that cannot be
     decoded gets an ``errors.jsonl`` line instead. So when an outcome is yielded, its line is durable: an interruption
     at any moment loses at most the images in flight.
+
+    With ``decisions`` (and ``choice``, the thresholds as :meth:`~cnc_ad.deploy.Detector.choose_thresholds` chose
+    them, and the ``category`` they were chosen for), each decision is appended to that log first and its id recorded
+    as ``"decision"``: a crash between the two appends logs a decision that ``resume`` makes again (never one lost).
     """
+    if decisions is not None and choice is None:
+        raise ValueError("a decision log needs the choice of thresholds the decisions are made by")
     jsonl, errors_file = out / PREDICTIONS_FILE, out / ERRORS_FILE
     outputs = _Outputs(out, map_dtype, overlay_max_side)
     # Each file's version before it is read: a file rewritten while it is read is recorded as the older version, so
@@ -352,7 +370,7 @@ def predict_stream(
         try:
             if scored.result is None:
                 raise DataError(scored.error or f"cannot read {path}")
-            record = _write_prediction(path, scored.result, outputs)  # DataError: changed or vanished since decoded
+            record, drawn = _write_prediction(path, scored.result, outputs)  # DataError: changed or gone since decoded
             version = versions[scored.index]
             if version is not None:
                 record["size"], record["mtime_ns"] = version
@@ -361,6 +379,17 @@ def predict_stream(
             append_jsonl(errors_file, {"path": str(path), "error": str(err)})
             yield Recorded(path, None, str(err))
             continue
+        if decisions is not None:
+            assert choice is not None, "checked above"
+            decision = decisions.record(
+                scored.result,
+                choice,
+                name=str(path),
+                image=path,
+                category=category,
+                overlay=functools.partial(bytes, drawn),
+            )
+            record["decision"] = decision.id
         append_jsonl(jsonl, record)
         yield Recorded(path, record)
 
@@ -373,8 +402,8 @@ class _Outputs(NamedTuple):
     overlay_max_side: int
 
 
-def _write_prediction(path: Path, result: ImageResult, outputs: _Outputs) -> dict[str, Any]:
-    """Write one image's map, mask and overlay; return its ``predictions.jsonl`` record."""
+def _write_prediction(path: Path, result: ImageResult, outputs: _Outputs) -> tuple[dict[str, Any], bytes]:
+    """Write one image's map, mask and overlay; return its ``predictions.jsonl`` record and the overlay's PNG."""
     out = outputs.out
     name = output_name(path)
     full = result.anomaly_map()  # (H, W) float32
@@ -388,8 +417,9 @@ def _write_prediction(path: Path, result: ImageResult, outputs: _Outputs) -> dic
         mask_rel = f"masks/{name}.png"
         atomic_write_bytes(out / mask_rel, to_png_bytes(mask))
     overlay_rel = f"overlays/{name}.png"
-    atomic_write_bytes(out / overlay_rel, to_png_bytes(_overlay(path, result, outputs.overlay_max_side)))
-    return {
+    drawn = to_png_bytes(_overlay(path, result, outputs.overlay_max_side))
+    atomic_write_bytes(out / overlay_rel, drawn)
+    record = {
         "path": str(path),
         "score": result.score,
         "is_anomalous": result.is_anomalous,
@@ -397,6 +427,7 @@ def _write_prediction(path: Path, result: ImageResult, outputs: _Outputs) -> dic
         "mask": mask_rel,
         "overlay": overlay_rel,
     }
+    return record, drawn
 
 
 def _overlay(path: Path, result: ImageResult, max_side: int) -> np.ndarray:

@@ -34,6 +34,7 @@ from types import FrameType
 from typing import Any
 
 from cnc_ad.data.images import is_image_file
+from cnc_ad.deploy.decisions import DecisionLog
 from cnc_ad.deploy.detector import Detector
 from cnc_ad.deploy.predict import (
     MAP_DTYPES,
@@ -267,6 +268,7 @@ def watch_folder(
     overlay_max_side: int = 2048,
     stop: threading.Event | None = None,
     on_ready: Callable[[], None] | None = None,
+    decisions: DecisionLog | None = None,
 ) -> WatchSummary:
     """Watch ``folder`` and score each image written into it into ``out``, once, until ``stop`` is set.
 
@@ -289,6 +291,7 @@ def watch_folder(
         overlay_max_side: the longest side of an overlay PNG in pixels.
         stop: set it to stop (SIGINT and SIGTERM set it when called from the main thread).
         on_ready: called once the files present at the start are queued and the watch has begun.
+        decisions: a decision log to record every decision in, as :func:`cnc_ad.deploy.predict.predict_files` does.
 
     Raises:
         ConfigError: a bad option, ``folder`` is not a folder, or another predictor or watcher writes into ``out``.
@@ -311,8 +314,8 @@ def watch_folder(
     summary = WatchSummary(out, folder, "poll" if poll is not None else "watchfiles")
     state = _State()  # what is done: read when the output folder is opened, below
     excluded = [p for p in (out, after.move_to) if p is not None and _is_within(p, folder)]
-    image_t, pixel_t = detector.resolve_thresholds(threshold, pixel_threshold, category)
-    if image_t is None:
+    choice = detector.choose_thresholds(threshold, pixel_threshold, category)
+    if choice.image is None:
         log.warning("no threshold (evaluate the model, or give one): is_anomalous is null, no masks are written")
 
     def note(paths: Iterable[Path]) -> None:
@@ -380,11 +383,14 @@ def watch_folder(
                 detector,
                 batch,
                 out,
-                image_threshold=image_t,
-                pixel_threshold=pixel_t,
+                image_threshold=choice.image,
+                pixel_threshold=choice.pixel,
                 batch_size=len(batch),
                 map_dtype=map_dtype,
                 overlay_max_side=overlay_max_side,
+                decisions=decisions,
+                choice=choice,
+                category=category,
             ):
                 if outcome.record is None:
                     summary.failed += 1

@@ -1,5 +1,6 @@
-"""The FastAPI application: ``/v1/predict``, ``/v1/model``, ``/v1/health``, ``/v1/ready``, ``/v1/stats`` and the web
-page at ``/``.
+"""The FastAPI application: ``/v1/predict``, ``/v1/model``, ``/v1/health``, ``/v1/ready``, ``/v1/stats``, the line
+loop's routes (``/v1/decisions``, ``/v1/feedback``, ``/v1/reload``: :mod:`cnc_ad.deploy.serve.loop`) and the web page at
+``/``.
 
 Every request but the probes first passes :class:`~cnc_ad.deploy.serve.guard.RequestGuard` (host, origin, room, body
 size, time). Every image of every request goes through :class:`~cnc_ad.deploy.serve.scoring.RequestScorer`: decoded in
@@ -30,16 +31,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from cnc_ad import __version__
+from cnc_ad.deploy.decisions import DecisionLog
 from cnc_ad.deploy.detector import Detector
 from cnc_ad.deploy.serve.batcher import Batcher
 from cnc_ad.deploy.serve.errors import APIError
 from cnc_ad.deploy.serve.guard import DEADLINE, Load, RequestGuard
+from cnc_ad.deploy.serve.loop import LineLoop
 from cnc_ad.deploy.serve.memory import release_free_memory
-from cnc_ad.deploy.serve.render import OUTPUTS, json_float
+from cnc_ad.deploy.serve.render import OUTPUTS, describe_thresholds
 from cnc_ad.deploy.serve.scoring import RequestScorer
 from cnc_ad.deploy.serve.settings import ServeSettings
 from cnc_ad.errors import ConfigError
-from cnc_ad.thresholds import ALL
 
 log = logging.getLogger(__name__)
 
@@ -52,24 +54,21 @@ PROBES = frozenset({"/v1/health", "/v1/ready"})  # never guarded: they must answ
 
 # ---------------------------------------------------------------------------------------------- model details
 def describe_model(detector: Detector) -> dict[str, Any]:
-    """What ``GET /v1/model`` tells about the model: preset, sizes, categories and thresholds, backend, tiling."""
+    """What ``GET /v1/model`` tells about the model: preset, identity, sizes, categories, thresholds (with the rule and
+    image count behind each, :func:`~cnc_ad.deploy.serve.render.describe_thresholds`), backend, tiling.
+    """
     config = detector.config
-    stored = detector.thresholds
-    categories = stored.categories if stored is not None else []
-    thresholds = None
-    if stored is not None:  # NaN (a category without anomalies) is not JSON: null
-        thresholds = {
-            kind: {key: json_float(value) for key, value in stored.values(kind).items()} for kind in ("image", "pixel")
-        }
+    stored = detector.thresholds  # one snapshot: a reload may replace it
     tiling = detector.tiling
     return {
         "preset": config.get("preset"),
+        "model_id": detector.model_id,
         "backend": detector.backend_name,
         "image_size": detector.image_size,
         "map_size": config.get("map_size"),
         "tiling": None if tiling is None else {"tile": tiling.tile, "overlap": tiling.overlap},
-        "categories": categories,
-        "thresholds": thresholds,
+        "categories": stored.categories if stored is not None else [],
+        **describe_thresholds(stored),
         "version": __version__,
     }
 
@@ -263,18 +262,23 @@ PREDICT_BODY = {
 
 
 # ------------------------------------------------------------------------------------------------------- app
-def create_app(detector: Detector, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(
+    detector: Detector, settings: ServeSettings | None = None, decisions: DecisionLog | None = None
+) -> FastAPI:
     """The HTTP application around ``detector``.
 
     The batcher's worker thread starts and stops with the application's lifespan (uvicorn runs it); at start, the
     lifespan scores a synthetic image (the self-test that ``/v1/ready`` reports).
 
     Args:
-        detector: the model, with the thresholds it decides by.
+        detector: the model, with the thresholds it decides by (``POST /v1/reload`` re-reads them).
         settings: batching, limits, hosts and the API token (default: :class:`ServeSettings`'s defaults, no token).
+        decisions: the decision log every decision is recorded in and corrections go to (the caller opens and closes
+            it); None: no log (``/v1/decisions`` and ``/v1/feedback`` answer 404 ``no_decision_log``).
 
     Returns:
-        The FastAPI application; ``app.state.batcher`` holds the batcher (and its ``stats``).
+        The FastAPI application; ``app.state.batcher`` holds the batcher (and its ``stats``), ``app.state.decisions``
+        the decision log (subscribe to it there).
     """
     settings = settings or ServeSettings()
     batcher = Batcher(
@@ -287,7 +291,7 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Fas
     )
     page = resources.files("cnc_ad.deploy.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     load = Load(settings.max_requests, settings.max_decoding)
-    scorer = RequestScorer(detector, batcher, settings, load)
+    scorer = RequestScorer(detector, batcher, settings, load, decisions)
     readiness = Readiness(scorer)
 
     @asynccontextmanager
@@ -311,9 +315,11 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Fas
     app.state.batcher = batcher
     app.state.settings = settings
     app.state.detector = detector
+    app.state.decisions = decisions
     app.add_middleware(RequestGuard, settings=settings, load=load, open_paths=PROBES)
     _add_error_handlers(app)
     authorized = [Depends(TokenCheck(settings.token))]
+    app.include_router(LineLoop(detector, decisions).router(authorized))
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
@@ -365,15 +371,10 @@ def create_app(detector: Detector, settings: ServeSettings | None = None) -> Fas
         )
         outputs = _parse_outputs(return_ if return_ is not None else fields.get("return"))
         try:
-            image_t, pixel_t = detector.resolve_thresholds(threshold, pixel_threshold, category)
+            chosen = detector.choose_thresholds(threshold, pixel_threshold, category)
         except ConfigError as err:
             raise APIError(422, "unknown_category", str(err)) from None
-        source = "request" if threshold is not None else None
-        if source is None and image_t is not None:
-            source = "category" if category is not None else ALL
-        results = await scorer.score(images, image_t, pixel_t, outputs, deadline)
-        for body in results:
-            body["threshold"], body["threshold_source"] = json_float(image_t), source
+        results = await scorer.score(images, chosen, outputs, deadline, category=category)
         return {"category": category, "images": results}
 
     return app

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from cnc_ad.deploy.detector import ImageResult
+from cnc_ad.thresholds import KINDS, Thresholds
 from cnc_ad.visualize import to_png_bytes
 
 OUTPUTS = ("map", "mask", "overlay")
@@ -35,6 +36,23 @@ def png_base64(array: np.ndarray) -> str:
 def json_float(value: float | None) -> float | None:
     """A float for JSON: None for None, NaN or infinity."""
     return None if value is None or not math.isfinite(value) else float(value)
+
+
+def describe_thresholds(stored: Thresholds | None) -> dict[str, Any]:
+    """The thresholds a server decides by, as JSON: ``thresholds`` (``{"image": {category: value}, "pixel": {...}}``,
+    NaN as null), ``threshold_basis`` (the same keys, each ``{"rule", "images"}``: how the value was found) and
+    ``thresholds_digest`` (:meth:`~cnc_ad.thresholds.Thresholds.digest`, which every decision records); all null
+    without thresholds.
+    """
+    if stored is None:
+        return {"thresholds": None, "threshold_basis": None, "thresholds_digest": None}
+    return {
+        "thresholds": {kind: {key: json_float(t.value) for key, t in stored.table(kind).items()} for kind in KINDS},
+        "threshold_basis": {
+            kind: {key: {"rule": t.rule, "images": t.images} for key, t in stored.table(kind).items()} for kind in KINDS
+        },
+        "thresholds_digest": stored.digest(),
+    }
 
 
 def render_result(
