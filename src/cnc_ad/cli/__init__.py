@@ -37,6 +37,10 @@ FLAGS = {
     "device=cuda": "--device cuda",
     "allowed_hosts '*'": "--allow-host '*'",
     "token=TOKEN": "--token TOKEN",
+    "keep=anomalous": "--keep anomalous",
+    "keep=all": "--keep all",
+    "keep='none'": "--keep none",
+    "min_images=N": "--min-images N",
 }
 # Disk errors: a full, read-only or failing disk is the machine's state, not a bug; each becomes one line with the fix.
 DISK_ERRORS = {
@@ -49,7 +53,10 @@ DISK_ERRORS = {
     errno.EIO: ("access", "check the disk (its kernel log) or choose another {out}"),
 }
 # Subcommand modules, in the order `cnc --help` lists them.
-COMMANDS = ("data", "models", "train", "eval", "calibrate", "report", "predict", "export", "serve", "demo", "ablate")
+COMMANDS = (
+    "data", "models", "train", "eval", "calibrate", "report", "predict", "export", "serve", "decisions", "demo",
+    "ablate",
+)  # fmt: skip
 
 DESCRIPTION = """\
 CNC: unsupervised multi-class anomaly detection with a cross-modal normality constraint (AAAI 2025).
@@ -67,6 +74,8 @@ typical workflow:
   cnc predict --checkpoint runs/demo/last images/ --out predictions
   cnc export --checkpoint runs/demo/last --format onnx --out model.onnx
   cnc serve --checkpoint runs/demo/last             # HTTP API + web page on http://127.0.0.1:8000/
+  cnc decisions decisions/ --since 2h               # what the server decided, and the operators' corrections
+  cnc calibrate --checkpoint runs/demo/last --from-feedback decisions/   # thresholds from parts confirmed good
 
   cnc demo                                          # all of the above on synthetic data, offline
 """

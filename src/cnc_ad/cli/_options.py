@@ -64,6 +64,56 @@ def emit_json(args: argparse.Namespace, summary: dict[str, Any]) -> None:
     args.json_summary = summary
 
 
+def add_decision_log(parser: argparse.ArgumentParser, *, default: str | None, keep: str) -> None:
+    """``--decisions DIR`` (the decision log; with a default folder also ``--no-decisions``), ``--keep`` and
+    ``--log-max-mb``.
+    """
+    from cnc_ad.deploy.decisions import DEFAULT_MAX_BYTES, KEEPS
+
+    where = f"default: {default}" if default else "default: none"
+    parser.add_argument(
+        "--decisions", default=default, metavar="DIR", help=f"record every decision in the decision log DIR ({where})"
+    )
+    if default is not None:
+        parser.add_argument("--no-decisions", action="store_true", help="record no decisions")
+    parser.add_argument(
+        "--keep",
+        choices=KEEPS,
+        default=keep,
+        help=f"--decisions: which decisions keep their image and heatmap in DIR (default {keep})",
+    )
+    parser.add_argument(
+        "--log-max-mb",
+        type=float,
+        default=DEFAULT_MAX_BYTES / 2**20,
+        metavar="MB",
+        help="--decisions: the most MiB the log and its kept images take; the oldest go first (default 1024)",
+    )
+
+
+def open_decision_log(args: argparse.Namespace, detector: Any, source: str) -> Any:
+    """The :class:`cnc_ad.deploy.decisions.DecisionLog` of :func:`add_decision_log`'s options for ``detector``'s
+    decisions, or None (no ``--decisions``, or ``--no-decisions``).
+
+    Raises:
+        ConfigError: a bad option, or another process logs into the folder.
+    """
+    from cnc_ad.deploy.decisions import DecisionLog
+    from cnc_ad.errors import ConfigError
+
+    if args.decisions is None or getattr(args, "no_decisions", False):
+        return None
+    if not args.log_max_mb > 0:
+        raise ConfigError(f"--log-max-mb must be > 0, got {args.log_max_mb}")
+    return DecisionLog(
+        args.decisions,
+        source=source,  # type: ignore[arg-type]  # the caller's Literal
+        model=detector.model_id,
+        keep=args.keep,
+        max_bytes=int(args.log_max_mb * 2**20),
+    )
+
+
 def add_model(parser: argparse.ArgumentParser) -> None:
     """``--model SOURCE`` (also spelt ``--checkpoint``, ``--onnx``, ``--openvino``): the model a command runs."""
     parser.add_argument(

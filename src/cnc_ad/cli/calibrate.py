@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any
 
 from cnc_ad.cli._options import (
     add_device,
@@ -25,6 +26,7 @@ examples:
   cnc calibrate --model model.xml --normal good/ --category pump        # an exported model, on a station
   cnc calibrate --model runs/mvtec --data-root /data/mvtec_ad           # the images training held out
   cnc calibrate --model runs/pcb --normal good_scans/ --tile 512 --save tiled.json   # for cnc predict --tile
+  cnc calibrate --model model.xml --from-feedback decisions/ --category pump   # the parts operators confirmed good
 
 what it does: scores good images with the model and sets, per category, the image threshold above which a share
 R (--false-alarm-rate) of good images fall, and the pixel threshold above which a share R of their map values fall
@@ -46,6 +48,16 @@ ones embedded at export. Each value keeps the rule that made it. F1-max threshol
 take precedence and are kept; --replace-f1-max replaces them. See docs/thresholds.md. --save FILE writes them to FILE
 instead and changes nothing beside the checkpoint.
 
+--from-feedback DIR: the line loop. DIR is a decision log (`cnc serve --decisions DIR`, default ./decisions) where
+operators marked decisions on the page ("false alarm / good", "missed defect") or through POST /v1/feedback. The
+images of the parts they confirmed good (kept by the server: --keep anomalous keeps every false alarm's) are the good
+images here, by the category each was decided for (with --category: that category's only), together with any --normal
+or --data-root images: give those too, so that the thresholds rest on every good image you have, not on the false
+alarms alone. Then the parts confirmed defective are scored against the new thresholds and listed: which of them would
+now be flagged. Fewer good images than --min-images (5) per category is an error; lower it knowingly (with N images
+the threshold is the largest score plus a margin until N reaches 1/R). `POST /v1/reload` (or the page's button) makes
+a running server decide by the new thresholds.
+
 --tile PX [--tile-overlap SHARE]: score the good images by tiles, as `cnc predict --tile` does; such thresholds hold
 for tiled scoring only (a tiled score is the maximum over more of the image), so they need --save FILE; their rules
 end with ";tiles=PX/SHARE", and `cnc predict --tile PX --thresholds FILE` uses them.
@@ -65,7 +77,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--normal", nargs="+", metavar="INPUT", help="good images: files, folders (searched recursively) or globs"
     )
-    parser.add_argument("--category", help="the category of the --normal images (default: none; shared threshold)")
+    parser.add_argument(
+        "--category",
+        help="the category of the --normal images (default: none; shared threshold); with --from-feedback: only that "
+        "category's decisions",
+    )
+    parser.add_argument(
+        "--from-feedback",
+        metavar="DIR",
+        help="a decision log: use the kept images of the parts operators confirmed good, and check the ones confirmed "
+        "defective",
+    )
     parser.add_argument("--data-root", help="a dataset: use each category's good training images the run held out")
     parser.add_argument("--format", help="layout of --data-root (auto-detected by default)")
     parser.add_argument(
@@ -89,14 +111,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cnc_ad.data.samples import held_out_by_category
-    from cnc_ad.deploy.calibrate import calibrate_detector, check_rate, store_thresholds
+    from cnc_ad.deploy.calibrate import (
+        calibrate_detector,
+        check_defects,
+        check_rate,
+        feedback_images,
+        store_thresholds,
+    )
     from cnc_ad.deploy.predict import collect_inputs
     from cnc_ad.errors import ConfigError
     from cnc_ad.thresholds import ALL
 
-    if not args.normal and not args.data_root:
-        raise ConfigError("pass --normal with folders of good images, or --data-root with the training dataset")
-    if args.category and not args.normal:
+    if not args.normal and not args.data_root and not args.from_feedback:
+        raise ConfigError(
+            "pass --normal with folders of good images, --data-root with the training dataset, or --from-feedback with "
+            "a decision log"
+        )
+    if args.category and not args.normal and not args.from_feedback:
         raise ConfigError("--category names the category of the --normal images; pass --normal too")
     check_rate(args.false_alarm_rate)
     tiling = tiling_from(args)
@@ -110,6 +141,10 @@ def run(args: argparse.Namespace) -> int:
         images.update(held_out_by_category(_held_out(args)))
     if args.normal:
         images.setdefault(args.category, []).extend(collect_inputs(args.normal))
+    if args.from_feedback:
+        confirmed_good = feedback_images(args.from_feedback, category=args.category, skip_bad=args.skip_bad)
+        for category, paths in confirmed_good.items():
+            images.setdefault(category, []).extend(paths)
     detector = load_detector(args, check_tiling=False)
     found = calibrate_detector(
         detector,
@@ -123,6 +158,10 @@ def run(args: argparse.Namespace) -> int:
     )
     written, stored = store_thresholds(detector, found, replace_labelled=args.replace_f1_max, save_to=args.save)
     kept = sorted({c for c in [*found.categories, ALL] if stored.image[c] != found.image[c]})
+    checks = None
+    if args.from_feedback:
+        checks = check_defects(detector, args.from_feedback, stored, category=args.category, batch_size=args.batch_size)
+        good_count = sum(len(paths) for paths in confirmed_good.values())
     if args.json:
         rows = {}
         for category in [*found.categories, ALL]:
@@ -134,16 +173,21 @@ def run(args: argparse.Namespace) -> int:
                 "pixel_threshold": None if pixel is None else pixel.value,
                 "pixel_rule": None if pixel is None else pixel.rule,
             }
-        emit_json(
-            args,
-            {
-                "model": detector.source,
-                "thresholds_file": str(written),
-                "false_alarm_rate": args.false_alarm_rate,
-                "categories": rows,
-                "kept_f1_max": kept,
-            },
-        )
+        summary = {
+            "model": detector.source,
+            "thresholds_file": str(written),
+            "false_alarm_rate": args.false_alarm_rate,
+            "categories": rows,
+            "kept_f1_max": kept,
+        }
+        if checks is not None:
+            summary["feedback"] = {
+                "folder": args.from_feedback,
+                "good_images": good_count,
+                "defects": [_check_json(check) for check in checks],
+                "defects_flagged": sum(bool(check.flagged) for check in checks),
+            }
+        emit_json(args, summary)
         return 0
     print("| category | images | image threshold | pixel threshold | rule |")
     print("|---|---:|---:|---:|---|")
@@ -155,8 +199,38 @@ def run(args: argparse.Namespace) -> int:
         print(f"| {name} | {image.images} | {_number(image.value)} | {pixel_value} | {rule} |")
     if kept:
         print(f"\nkept the F1-max thresholds of `cnc eval` for: {', '.join(kept)} (--replace-f1-max replaces them)")
+    if checks is not None:
+        _print_checks(args.from_feedback, good_count, checks)
     print(f"\nthresholds: {written}")
     return 0
+
+
+def _check_json(check: Any) -> dict[str, Any]:
+    decision = check.decision
+    return {
+        "id": decision.id,
+        "name": decision.name,
+        "category": decision.category,
+        "score": check.score,
+        "threshold": check.threshold,
+        "flagged": check.flagged,
+    }
+
+
+def _print_checks(folder: str, good_count: int, checks: list[Any]) -> None:
+    """The parts operators confirmed defective, against the new thresholds."""
+    print(f"\nfrom the feedback in {folder}: {good_count} image(s) confirmed good, {len(checks)} confirmed defective")
+    if not checks:
+        return
+    print("| decision | name | category | score | threshold now | flagged now |")
+    print("|---|---|---|---:|---:|---|")
+    for check in checks:
+        flagged = {True: "yes", False: "NO (missed)", None: "unknown"}[check.flagged]
+        decision = check.decision
+        print(f"| {decision.id} | {decision.name} | {decision.category or '-'} | {_number(check.score)} | "
+              f"{_number(check.threshold)} | {flagged} |")  # fmt: skip
+    flagged_count = sum(bool(check.flagged) for check in checks)
+    print(f"{flagged_count} of {len(checks)} confirmed defects would be flagged with these thresholds")
 
 
 def _held_out(args: argparse.Namespace) -> list:

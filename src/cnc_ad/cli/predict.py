@@ -11,6 +11,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from cnc_ad.cli._options import (
+    add_decision_log,
     add_device,
     add_json,
     add_model,
@@ -19,10 +20,12 @@ from cnc_ad.cli._options import (
     add_weights,
     emit_json,
     load_detector,
+    open_decision_log,
 )
 
 if TYPE_CHECKING:
     from cnc_ad.deploy import Detector
+    from cnc_ad.deploy.decisions import DecisionLog
     from cnc_ad.deploy.watch import After
 
 EPILOG = """\
@@ -70,6 +73,12 @@ input (256 px for the offline preset) shrinks below one token. Choose PX so that
 of the training images. Thresholds set on whole images do not carry over (a tiled score is the maximum over more of
 the image): set them for tiled scoring with `cnc calibrate --tile PX --save FILE` and pass --thresholds FILE, or
 give --threshold; a warning says when the thresholds in use were not set with the same tiles.
+
+--decisions DIR: also append every decision to the decision log DIR (off by default: predictions.jsonl records them
+here), as `cnc serve` does (one fsynced JSON line each, with the model, the threshold's rule and image count, the
+image's digest; each predictions.jsonl line then names its decision), for `cnc decisions DIR` and the line loop;
+--keep none (default) | anomalous | all keeps the images and heatmaps there too, within --log-max-mb. One process
+writes into a decision log at a time.
 
 --json: one JSON object on stdout at the end (counts, output folder; with --watch when it stops); every other line
 goes to stderr.
@@ -122,6 +131,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     what.add_argument("--resume", action="store_true", help="skip images already in --out's predictions.jsonl")
     what.add_argument("--overwrite", action="store_true", help="start --out's predictions.jsonl afresh")
     parser.add_argument("--strict", action="store_true", help="exit 3 when any input could not be decoded")
+    add_decision_log(parser, default=None, keep="none")
     add_weights(parser)
     add_progress(parser)
     add_json(parser)
@@ -151,25 +161,40 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"--after {args.after!r}: use leave, or move:DIR (a folder to move scored files into)"
             ) from err
-        return _watch(args, _detector(args), after)
+        detector = _detector(args)
+        decisions = open_decision_log(args, detector, "watch")
+        try:
+            return _watch(args, detector, after, decisions)
+        finally:
+            if decisions is not None:
+                decisions.close()
     if args.after != "leave" or args.poll is not None:
         raise ConfigError("--after and --poll apply to --watch DIR only")
+    if args.decisions is not None and dist.launched_by_torchrun():
+        raise ConfigError("--decisions DIR is written by one process; predict without torchrun, or without --decisions")
     paths = collect_inputs(args.inputs)
-    summary = predict_files(
-        _detector(args),
-        paths,
-        args.out,
-        batch_size=args.batch_size,
-        threshold=args.threshold,
-        pixel_threshold=args.pixel_threshold,
-        category=args.category,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        workers=args.num_workers,
-        map_dtype=args.map_dtype,
-        overlay_max_side=args.overlay_max_side,
-        progress=not args.no_progress,
-    )
+    detector = _detector(args)
+    decisions = open_decision_log(args, detector, "predict")
+    try:
+        summary = predict_files(
+            detector,
+            paths,
+            args.out,
+            batch_size=args.batch_size,
+            threshold=args.threshold,
+            pixel_threshold=args.pixel_threshold,
+            category=args.category,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            workers=args.num_workers,
+            map_dtype=args.map_dtype,
+            overlay_max_side=args.overlay_max_side,
+            progress=not args.no_progress,
+            decisions=decisions,
+        )
+    finally:
+        if decisions is not None:
+            decisions.close()
     if not dist.is_main_process():
         return 0
     if args.json:
@@ -214,7 +239,7 @@ def _detector(args: argparse.Namespace) -> Detector:
     return load_detector(args)
 
 
-def _watch(args: argparse.Namespace, detector: Detector, after: After) -> int:
+def _watch(args: argparse.Namespace, detector: Detector, after: After, decisions: DecisionLog | None) -> int:
     from cnc_ad.deploy.watch import watch_folder
 
     summary = watch_folder(
@@ -230,6 +255,7 @@ def _watch(args: argparse.Namespace, detector: Detector, after: After) -> int:
         category=args.category,
         map_dtype=args.map_dtype,
         overlay_max_side=args.overlay_max_side,
+        decisions=decisions,
     )
     if args.json:
         emit_json(

@@ -12,7 +12,15 @@ import threading
 from collections.abc import Iterator
 from types import FrameType
 
-from cnc_ad.cli._options import add_device, add_model, add_tiling, add_weights, load_detector
+from cnc_ad.cli._options import (
+    add_decision_log,
+    add_device,
+    add_model,
+    add_tiling,
+    add_weights,
+    load_detector,
+    open_decision_log,
+)
 from cnc_ad.errors import ConfigError, missing_extra
 
 EPILOG = """\
@@ -31,6 +39,9 @@ API (docs/serve.md has the details; /openapi.json the schema; --api-docs adds th
   GET  /v1/health    {"status": "ok"} while the server is alive (never needs the token)
   GET  /v1/ready     {"status": "ready"} once the model scored a start-up self-test image; 503 before or if it failed
   GET  /v1/stats     model calls, images, mean batch size
+  GET  /v1/decisions ?limit=20 the newest decisions with their corrections; /v1/decisions/ID/overlay (and /image)
+  POST /v1/feedback  {"id": decision id, "label": "good" | "defect", "note": "..."}: an operator's correction
+  POST /v1/reload    re-read the thresholds from their file (after `cnc calibrate`), no restart
 
 security: on any address other than loopback (127.0.0.1, ::1, localhost) the server needs an API token
 (--token or CNC_SERVE_TOKEN; clients send `Authorization: Bearer TOKEN`), unless you pass --insecure. With a token
@@ -44,6 +55,15 @@ limits: --max-requests (64) requests at once and --max-decoding (64) images held
 
 thresholds: the ones stored for the model (beside a checkpoint or an exported file, else embedded at export; see
 `cnc predict --help`); --thresholds FILE overrides them; a request's ?threshold wins, ?category picks that category's.
+POST /v1/reload re-reads that file (the one beside the model, or --thresholds FILE).
+
+decisions (the line loop): every decision is appended to the decision log --decisions DIR (default ./decisions; one
+fsynced JSON line each: id, time, model, category, score, threshold with its rule and image count, verdict, image
+digest), before the answer leaves. --keep anomalous (default) keeps the image and heatmap of each anomalous part in
+DIR (all: every part; none: no images), within --log-max-mb (1024; the oldest images, then the oldest log segments go
+first). Operators correct decisions on the page (or POST /v1/feedback); `cnc calibrate --from-feedback DIR` sets the
+thresholds again from the parts confirmed good, and POST /v1/reload puts them to work. `cnc decisions DIR` lists them.
+--no-decisions records nothing.
 
 --tile PX [--tile-overlap SHARE]: score every uploaded image by tiles at its own resolution, as `cnc predict --tile`
 does (the tiles of concurrent requests share the model calls); give thresholds set with the same tiles.
@@ -75,6 +95,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--api-docs", action="store_true", help="serve the interactive API pages /docs and /redoc (loaded from a CDN)"
     )
     parser.add_argument("--thresholds", metavar="FILE", help="a thresholds.json to use (default: the stored one)")
+    add_decision_log(parser, default="decisions", keep="anomalous")
     add_device(parser, default="auto", note="checkpoints; OpenVINO: its device name")
     add_tiling(parser)
     parser.add_argument("--max-batch-size", type=int, default=16, help="images per model call (default 16)")
@@ -135,22 +156,31 @@ def run(args: argparse.Namespace) -> int:
     )
     limit_arenas(settings.malloc_arenas)  # before the model is loaded and the server's threads start
     detector = load_detector(args)
-    app = create_app(detector, settings)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    access = "token required" if token else ("open to this machine" if is_loopback(args.host) else "OPEN (--insecure)")
-    engine = f"{detector.backend_name}" + (f", {detector.tiling.describe()}" if detector.tiling else "")
-    names = ", ".join(["loopback", *settings.allowed_hosts])
-    print(f"cnc serve: {detector.source} ({engine}) on http://{host}:{args.port}/ ({access}; host names: {names}); "
-          f"API schema at /openapi.json", flush=True)  # fmt: skip
-    with _sigterm_drains():
-        uvicorn.run(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level=args.log_level,
-            limit_concurrency=settings.connection_limit,
-            timeout_graceful_shutdown=math.ceil(settings.request_timeout_s) + 1,  # every request ends by then
-        )
+    decisions = open_decision_log(args, detector, "serve")
+    try:
+        app = create_app(detector, settings, decisions)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        open_to = "open to this machine" if is_loopback(args.host) else "OPEN (--insecure)"
+        access = "token required" if token else open_to
+        engine = f"{detector.backend_name}" + (f", {detector.tiling.describe()}" if detector.tiling else "")
+        names = ", ".join(["loopback", *settings.allowed_hosts])
+        print(f"cnc serve: {detector.source} ({engine}) on http://{host}:{args.port}/ ({access}; host names: {names}); "
+              f"API schema at /openapi.json", flush=True)  # fmt: skip
+        if decisions is not None:
+            print(f"cnc serve: decisions logged in {decisions.folder} (keep {decisions.keep}, at most "
+                  f"{decisions.max_bytes / 2**20:g} MiB)", flush=True)  # fmt: skip
+        with _sigterm_drains():
+            uvicorn.run(
+                app,
+                host=args.host,
+                port=args.port,
+                log_level=args.log_level,
+                limit_concurrency=settings.connection_limit,
+                timeout_graceful_shutdown=math.ceil(settings.request_timeout_s) + 1,  # every request ends by then
+            )
+    finally:
+        if decisions is not None:
+            decisions.close()
     return 0
 
 

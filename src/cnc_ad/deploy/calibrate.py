@@ -19,6 +19,11 @@ Training keeps a deterministic share of each category's good training images asi
 or an exported model. Thresholds are stored where the model's loader finds them (:func:`store_thresholds`), merged so
 that the F1-max values of ``cnc eval`` are kept (see :mod:`cnc_ad.thresholds` for the precedence). NumPy only: a
 station calibrates an exported model without torch.
+
+The line loop: operators confirm parts good (a false alarm) or defective (a missed defect) on decisions a server
+recorded (:mod:`cnc_ad.deploy.decisions`). :func:`feedback_images` gives the kept images of the parts confirmed good,
+by category, to set thresholds from (with any other good images), and :func:`check_defects` says which of the parts
+confirmed defective the new thresholds flag.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cnc_ad.data.samples import Sample, held_out_by_category
+from cnc_ad.deploy.decisions import Decision, confirmed
 from cnc_ad.deploy.detector import Detector
 from cnc_ad.deploy.tiling import TILES_RULE
 from cnc_ad.errors import ConfigError, DataError
@@ -360,3 +367,91 @@ def calibrate_after_training(
         found.image[ALL].value,
     )
     return found
+
+
+# ----------------------------------------------------------------------------------------------- the line loop
+def feedback_images(
+    folder: str | os.PathLike, *, category: str | None = None, skip_bad: bool = False
+) -> dict[str | None, list[Path]]:
+    """The kept images of the decisions in a decision log whose latest correction says the part is good, by the
+    decisions' category (None: decided without one; such images set the shared threshold only).
+
+    Args:
+        folder: the decision log.
+        category: only decisions of this category (None: all).
+        skip_bad: leave out, with a warning, confirmed decisions whose image was not kept, instead of stopping.
+
+    Raises:
+        DataError: no decision was confirmed good, or their images were not kept (all of them; any, without
+            ``skip_bad``).
+    """
+    goods = confirmed(folder, "good", category=category)
+    of = f" of category {category}" if category is not None else ""
+    if not goods:
+        raise DataError(
+            f"no decision{of} in {folder} was confirmed good: mark the false alarms (or good parts) on the server's "
+            "page, or POST /v1/feedback with label good"
+        )
+    missing = [c.decision for c in goods if c.image is None]
+    if missing:
+        message = (
+            f"{len(missing)} of the {len(goods)} decisions{of} confirmed good in {folder} have no kept image (the log "
+            "kept none, keep='none', or its size cap removed them; e.g. "
+            f"{missing[0].name}); keep them when serving (keep=anomalous keeps every false alarm's, keep=all every "
+            "image)"
+        )
+        if not skip_bad or len(missing) == len(goods):
+            raise DataError(message + ("" if len(missing) == len(goods) else ", or skip_bad=True to leave them out"))
+        log.warning("%s; left out", message)
+    images: dict[str | None, list[Path]] = {}
+    for found in goods:
+        if found.image is not None:
+            images.setdefault(found.decision.category, []).append(found.image)
+    return images
+
+
+@dataclass(frozen=True)
+class DefectCheck:
+    """A decision an operator labelled defective, against the thresholds in use now.
+
+    Attributes:
+        decision: the decision as recorded.
+        score: its score now: its kept image scored again, else the recorded score when the same model made it; None
+            when neither is known.
+        threshold: the image threshold its category is decided by now, or None.
+    """
+
+    decision: Decision
+    score: float | None
+    threshold: float | None
+
+    @property
+    def flagged(self) -> bool | None:
+        """Whether it would be called anomalous now (None: not known)."""
+        return None if self.score is None or self.threshold is None else self.score >= self.threshold
+
+
+def check_defects(
+    detector: Detector,
+    folder: str | os.PathLike,
+    thresholds: Thresholds,
+    *,
+    category: str | None = None,
+    batch_size: int = 16,
+) -> list[DefectCheck]:
+    """The decisions in a decision log whose latest correction says the part is defective (of ``category``, None:
+    all), each with its score now and the ``thresholds``' image threshold for its category.
+    """
+    checks = []
+    for found in confirmed(folder, "defect", category=category):
+        decision = found.decision
+        score = decision.score if decision.model is not None and decision.model == detector.model_id else None
+        if found.image is not None:
+            (outcome,) = detector.results([found.image], batch_size=batch_size, workers=0)
+            score = outcome.result.score if outcome.result is not None else score
+        try:
+            threshold = thresholds.select("image", decision.category)
+        except ConfigError:  # a category the thresholds no longer know
+            threshold = None
+        checks.append(DefectCheck(decision, score, threshold))
+    return checks
