@@ -144,13 +144,20 @@ def test_station_calibrates_an_exported_model(exported, tmp_path: Path) -> None:
     assert loaded.thresholds.image["brick"].value == 0.0  # the embedded values are kept
 
 
-def test_station_serves_an_exported_model(exported, tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_station_serves_an_exported_model_and_closes_the_loop(exported, tiny_checkpoint: Path, tmp_path: Path) -> None:
     httpx = pytest.importorskip("httpx")
+    import shutil
+
+    model = tmp_path / "model.xml"  # a copy: calibrating stores thresholds beside it
+    shutil.copy(exported["openvino"], model)
+    shutil.copy(exported["openvino"].with_suffix(".bin"), model.with_suffix(".bin"))
     (image,) = _images(tmp_path / "in", 1)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process = station_process("serve", "--model", exported["openvino"], "--port", str(port))
+    decisions = tmp_path / "decisions"
+    process = station_process("serve", "--model", model, "--port", str(port), "--decisions", decisions)
+    files = [("files", ("part.png", image.read_bytes(), "image/png"))]
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
         while True:
@@ -160,13 +167,30 @@ def test_station_serves_an_exported_model(exported, tiny_checkpoint: Path, tmp_p
                     break
             time.sleep(0.2)
         assert httpx.get(f"{url}/v1/model").json()["backend"] == "openvino"
-        response = httpx.post(f"{url}/v1/predict", files=[("files", ("part.png", image.read_bytes(), "image/png"))])
+        response = httpx.post(f"{url}/v1/predict", files=files, params={"category": "brick"})
+        assert response.status_code == 200, response.text
+        first = response.json()["images"][0]  # brick's threshold is 0: an alarm, kept
+        assert first["is_anomalous"] is True and (decisions / "decisions.jsonl").is_file()
+        feedback = httpx.post(f"{url}/v1/feedback", json={"id": first["id"], "label": "good"})
+        assert feedback.json()["correction"] == "false_alarm"
+        done = station("calibrate", "--model", model, "--from-feedback", decisions, "--category", "brick",
+                       "--min-images", "1", "--replace-f1-max", "--json")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        new = json.loads(done.stdout)["categories"]["brick"]["image_threshold"]
+        assert httpx.post(f"{url}/v1/reload").json()["reloaded"] is True
+        again = httpx.post(f"{url}/v1/predict", files=files, params={"category": "brick"}).json()["images"][0]
+        listed = station("decisions", decisions, "--json")
     finally:
         process.send_signal(signal.SIGINT)
         output = process.communicate(timeout=60)[0].decode()
-    assert response.status_code == 200, response.text
     expected = Detector.load(tiny_checkpoint, device="cpu").predict(str(image)).scores[0]
-    assert response.json()["images"][0]["score"] == pytest.approx(float(expected), abs=1e-4)
+    assert first["score"] == pytest.approx(float(expected), abs=1e-4)
+    assert again["threshold"] == pytest.approx(new) and again["is_anomalous"] is False
+    assert again["threshold_rule"].startswith("false_alarm_rate=0.01") and again["threshold_images"] == 1
+    assert listed.returncode == 0, listed.stderr
+    records = json.loads(listed.stdout)["decisions"]
+    assert [r["id"] for r in records] == [first["id"], again["id"]]
+    assert records[0]["model"] == Detector.load(model).model_id and records[0]["feedback"]["label"] == "good"
     assert process.returncode == 0, output
 
 

@@ -27,6 +27,7 @@ from PIL import Image
 from cnc_ad import Detector
 from cnc_ad.cli import main
 from cnc_ad.deploy import watch as watch_module
+from cnc_ad.deploy.decisions import DecisionLog, read_decisions
 from cnc_ad.deploy.predict import open_output
 from cnc_ad.deploy.watch import After, WatchSummary, watch_folder
 from cnc_ad.errors import ConfigError
@@ -143,6 +144,27 @@ def test_files_appearing_while_watching_are_scored_once_and_complete(detector: D
     for record in records:
         assert (out / record["map"]).is_file() and (out / record["overlay"]).is_file()
     assert (out / "predictions.csv").read_text().count("\n") == 6  # header + 5 rows
+
+
+def test_each_watched_decision_goes_into_the_decision_log(detector: Detector, tmp_path: Path) -> None:
+    incoming, out = tmp_path / "incoming", tmp_path / "out"
+    incoming.mkdir()
+    with DecisionLog(tmp_path / "decisions", source="watch", model=detector.model_id, keep="all") as log:
+        watcher = Watcher(detector, incoming, out, decisions=log, after=After(tmp_path / "done"))
+        try:
+            first = _drop(incoming / "a.png", 1)
+            data = first.read_bytes()
+            _drop(incoming / "b.png", 2)
+            _wait_for(lambda: len(_records(out)) >= 2, "2 records")
+        finally:
+            watcher.stop()
+    decisions = {Path(d.name).name: d for d in read_decisions(tmp_path / "decisions")}
+    records = {Path(r["path"]).name: r for r in _records(out)}
+    assert set(decisions) == {"a.png", "b.png"} and all(d.source == "watch" for d in decisions.values())
+    for name, decision in decisions.items():
+        assert records[name]["decision"] == decision.id and decision.score == pytest.approx(records[name]["score"])
+        assert decision.threshold == 0.0 and decision.verdict == "anomalous" and decision.model == detector.model_id
+    assert (tmp_path / "decisions" / decisions["a.png"].image).read_bytes() == data  # kept before the file moved
 
 
 @pytest.mark.parametrize("after", ["leave", "move"])

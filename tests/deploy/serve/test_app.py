@@ -33,6 +33,7 @@ from cnc_ad.cli import main  # noqa: E402
 from cnc_ad.deploy.serve.app import create_app  # noqa: E402
 from cnc_ad.deploy.serve.settings import ServeSettings, bound_names, check_access, is_loopback  # noqa: E402
 from cnc_ad.errors import ConfigError  # noqa: E402
+from cnc_ad.files import read_jsonl  # noqa: E402
 
 THRESHOLDS = {"image": {"__all__": 0.5, "brick": 0.25}, "pixel": {"__all__": 0.6, "brick": 0.3}}
 LIMITS = ServeSettings(max_upload_bytes=200_000, max_pixels=250_000, max_images=4, max_batch_size=8, max_wait_ms=20)
@@ -715,8 +716,9 @@ def test_binding_beyond_loopback_needs_a_token_or_insecure(tiny_checkpoint: Path
         ServeSettings(token=" ")
 
 
-def test_cli_hands_its_limits_and_hosts_to_the_server(tiny_checkpoint: Path, capsys, monkeypatch):
+def test_cli_hands_its_limits_and_hosts_to_the_server(tiny_checkpoint: Path, capsys, monkeypatch, tmp_path: Path):
     monkeypatch.delenv("CNC_SERVE_TOKEN", raising=False)
+    monkeypatch.chdir(tmp_path)  # the default decision log is ./decisions
     assert main(["serve", "--checkpoint", str(tiny_checkpoint), "--allow-host", "*"]) == 2
     err = capsys.readouterr().err
     assert "--allow-host '*'" in err and "--token TOKEN" in err and "DNS rebinding" in err
@@ -766,7 +768,7 @@ def cli_server(model: Path, *options: str, token: str | None = None) -> Iterator
 
 @pytest.mark.slow
 def test_cli_serves_until_interrupted(tiny_checkpoint: Path, images: list[Path]):
-    with cli_server(tiny_checkpoint, "--device", "cpu", token="t0ken") as (url, process):
+    with cli_server(tiny_checkpoint, "--device", "cpu", "--no-decisions", token="t0ken") as (url, process):
         auth = {"Authorization": "Bearer t0ken"}
         assert httpx.post(f"{url}/v1/predict", files=_files(images[:1])).status_code == 401  # the env token counts
         assert httpx.post(f"{url}/v1/predict", files=_files(images[:1]), headers=auth).status_code == 200
@@ -782,7 +784,8 @@ def test_sigterm_lets_the_request_in_flight_finish(tiny_checkpoint: Path, images
     from cnc_ad.deploy.export import export_onnx
 
     graph = export_onnx(load_model(tiny_checkpoint, pretrained=False), tmp_path / "tiny.onnx")
-    with cli_server(graph, "--allow-host", "line-pc.local") as (url, process):
+    decisions = tmp_path / "decisions"
+    with cli_server(graph, "--allow-host", "line-pc.local", "--decisions", str(decisions)) as (url, process):
         port = url.rsplit(":", 1)[1]
         named = {"Host": f"line-pc.local:{port}"}
         assert httpx.get(f"{url}/v1/model", headers=named).status_code == 200  # --allow-host admits the name
@@ -811,6 +814,7 @@ def test_sigterm_lets_the_request_in_flight_finish(tiny_checkpoint: Path, images
         output = process.communicate(timeout=30)[0].decode()
     assert process.returncode == 0, output
     assert "host names: loopback, line-pc.local" in output and "stopped by SIGTERM" in output
+    assert f"decisions logged in {decisions}" in output and len(read_jsonl(decisions / "decisions.jsonl")) == 1
 
 
 # ------------------------------------------------------------------------------------------------------- page

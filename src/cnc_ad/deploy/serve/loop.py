@@ -95,7 +95,8 @@ class LineLoop:
         if path is None:
             raise APIError(404, "not_kept", f"no kept {kind} for decision {decision_id}: unknown, not kept, or removed")
         data = await run_in_threadpool(path.read_bytes)
-        return Response(data, media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"))
+        media_type = MEDIA_TYPES.get(path.suffix, "application/octet-stream")
+        return Response(data, media_type=media_type, headers={"X-Content-Type-Options": "nosniff"})
 
     async def feedback(self, body: FeedbackBody) -> dict[str, Any]:
         log = self._log()
