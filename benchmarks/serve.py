@@ -9,16 +9,16 @@ cycled.
 
 1. In-process: ``Detector.predict`` on the PNG files, ``--max-batch-size`` per call (decoding included, as in the
    server), images per second after one untimed warm-up batch.
-2. The server: ``python -m cnc_ad serve`` in a subprocess on 127.0.0.1 (a free port, no token), with the same batch
-   size and ``--max-wait-ms``. For each concurrency C in ``--concurrency``, C client threads send one image per
-   request (multipart, ``POST /v1/predict``) until ``--requests / len(concurrency)`` requests are done: images per
-   second over the wall time, p50 and p99 latency, errors (any non-200 answer or transport error), and the server's
-   mean batch size (``/v1/stats``). The server process's resident memory (``VmRSS``) is read after a warm-up (a few
-   batches at every concurrency, so the allocator has seen every batch size) and at the end, each time once the
-   server has been idle for ``--idle-s`` seconds (it hands freed memory back to the OS when its model worker falls
-   idle; docs/serve.md): growth after that is what a long-running server would accumulate. The readings right after
-   the load and the peak (``VmHWM``) are printed too. The client threads run on the same machine and share its cores
-   with the server.
+2. The server: ``python -m cnc_ad serve`` in a subprocess on 127.0.0.1 (a free port, no token), with the same batch size
+   and ``--max-wait-ms``, and no decision log unless ``--decisions DIR`` is given. For each concurrency C in
+   ``--concurrency``, C client threads send one image per request (multipart, ``POST /v1/predict``) until ``--requests /
+   len(concurrency)`` requests are done: images per second over the wall time, p50 and p99 latency, errors (any non-200
+   answer or transport error), and the server's mean batch size (``/v1/stats``). The server process's resident memory
+   (``VmRSS``) is read after a warm-up (a few batches at every concurrency, so the allocator has seen every batch size)
+   and at the end, each time once the server has been idle for ``--idle-s`` seconds (it hands freed memory back to the
+   OS when its model worker falls idle; docs/serve.md): growth after that is what a long-running server would
+   accumulate. The readings right after the load and the peak (``VmHWM``) are printed too. The client threads run on the
+   same machine and share its cores with the server.
 3. ``--config``'s model's (the offline preset's) CPU images/s through PyTorch, ONNX Runtime and OpenVINO, side
    by side, measured by ``benchmarks/export_speed.py`` (its ``build_backends`` and ``measure``: random weights, the
    whole graph, ``--export-threads`` threads, batch ``--max-batch-size``), after the server has stopped.
@@ -141,6 +141,8 @@ def server_process(
     ]  # fmt: skip
     if model.suffix not in (".onnx", ".xml"):
         command += ["--device", "cpu"]
+    decisions = getattr(args, "decisions", None)  # the figures in docs/serve.md were measured without a decision log
+    command += ["--decisions", str(decisions)] if decisions else ["--no-decisions"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -270,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-repeats", type=int, default=10, help="timed calls per runtime in that comparison")
     parser.add_argument(
         "--idle-s", type=float, default=1.0, help="idle seconds before each reading of the server's memory (1)"
+    )
+    parser.add_argument(
+        "--decisions",
+        metavar="DIR",
+        help="the server records every decision in this decision log (default: none, as the documented figures)",
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 60 requests, 32 in-process images")
     args = parser.parse_args(argv)

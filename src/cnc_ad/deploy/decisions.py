@@ -8,7 +8,7 @@ A log is a folder::
                            reached the segment size
     feedback.jsonl         corrections, one line each (:class:`Feedback`); the last one of a decision counts
     images/<id>.<ext>      kept images: the bytes as received (a file, an upload); decoded pixels as PNG
-    overlays/<id>.png      their heatmap overlays
+    overlays/<id>.jpg      their heatmap overlays (JPEG: a tenth of a PNG's size and time)
     .lock                  held by the one process writing into the folder (its process id and host inside)
 
 A decision record (``Decision.to_json``)::
@@ -21,7 +21,7 @@ A decision record (``Decision.to_json``)::
      "threshold_rule": e.g. "false_alarm_rate=0.01;max+margin", "f1_max", "request", or null,
      "threshold_images": the images behind the threshold or null, "pixel_threshold": float or null,
      "thresholds_digest": the digest of the thresholds file in use (Thresholds.digest) or null,
-     "width": px, "height": px, "image": "images/<id>.png" or null, "overlay": "overlays/<id>.png" or null}
+     "width": px, "height": px, "image": "images/<id>.png" or null, "overlay": "overlays/<id>.jpg" or null}
 
 Readers ignore keys they do not know, so records may gain keys.
 
@@ -63,7 +63,7 @@ from cnc_ad.data.images import is_image_file, open_image
 from cnc_ad.deploy.detector import ImageResult, ThresholdChoice
 from cnc_ad.errors import ConfigError, DataError
 from cnc_ad.files import append_jsonl, atomic_write_bytes, fsync_path, hold_lock, read_jsonl, repair_jsonl, sha256_file
-from cnc_ad.visualize import to_png_bytes
+from cnc_ad.visualize import to_jpeg_bytes, to_png_bytes
 
 log = logging.getLogger(__name__)
 
@@ -589,7 +589,7 @@ class DecisionLog:
         name: str,
         image: bytes | np.ndarray | Path,
         category: str | None = None,
-        overlay: Callable[[], bytes] | None = None,
+        overlay: Callable[[], np.ndarray] | None = None,
     ) -> Decision:
         """Append one decision, durably; keep its image and overlay when :attr:`keep` says so.
 
@@ -600,7 +600,8 @@ class DecisionLog:
             image: the encoded bytes as received, the file, or the decoded pixels ``(H, W, 3)`` uint8: its digest
                 is taken of it, and it is what is kept.
             category: the category it was decided for, or None.
-            overlay: draws the heatmap overlay as PNG bytes; called only when it is kept (None: none kept).
+            overlay: draws the heatmap overlay ``(H', W', 3)`` uint8 (:meth:`~cnc_ad.deploy.ImageResult.overlay`),
+                kept as JPEG; called only when it is kept (None: none kept).
 
         Returns:
             The decision as recorded (its ``id`` names it in corrections).
@@ -623,8 +624,8 @@ class DecisionLog:
             kept_image = f"{IMAGES_DIR}/{decision_id}{suffix or _suffix(data)}"
             written.append(self._write(kept_image, data))
             if overlay is not None:
-                kept_overlay = f"{OVERLAYS_DIR}/{decision_id}.png"
-                written.append(self._write(kept_overlay, overlay()))
+                kept_overlay = f"{OVERLAYS_DIR}/{decision_id}.jpg"
+                written.append(self._write(kept_overlay, to_jpeg_bytes(overlay())))
         digest, digest_of = image_digest(image)
         height, width = result.size
         score = float(result.score)

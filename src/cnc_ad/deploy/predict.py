@@ -387,7 +387,7 @@ def predict_stream(
                 name=str(path),
                 image=path,
                 category=category,
-                overlay=functools.partial(bytes, drawn),
+                overlay=functools.partial(np.asarray, drawn),
             )
             record["decision"] = decision.id
         append_jsonl(jsonl, record)
@@ -402,8 +402,8 @@ class _Outputs(NamedTuple):
     overlay_max_side: int
 
 
-def _write_prediction(path: Path, result: ImageResult, outputs: _Outputs) -> tuple[dict[str, Any], bytes]:
-    """Write one image's map, mask and overlay; return its ``predictions.jsonl`` record and the overlay's PNG."""
+def _write_prediction(path: Path, result: ImageResult, outputs: _Outputs) -> tuple[dict[str, Any], np.ndarray]:
+    """Write one image's map, mask and overlay; return its ``predictions.jsonl`` record and the overlay."""
     out = outputs.out
     name = output_name(path)
     full = result.anomaly_map()  # (H, W) float32
@@ -417,8 +417,8 @@ def _write_prediction(path: Path, result: ImageResult, outputs: _Outputs) -> tup
         mask_rel = f"masks/{name}.png"
         atomic_write_bytes(out / mask_rel, to_png_bytes(mask))
     overlay_rel = f"overlays/{name}.png"
-    drawn = to_png_bytes(_overlay(path, result, outputs.overlay_max_side))
-    atomic_write_bytes(out / overlay_rel, drawn)
+    drawn = _overlay(path, result, outputs.overlay_max_side)
+    atomic_write_bytes(out / overlay_rel, to_png_bytes(drawn))
     record = {
         "path": str(path),
         "score": result.score,

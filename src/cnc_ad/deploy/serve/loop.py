@@ -59,7 +59,7 @@ class LineLoop:
             "/v1/decisions/{decision_id}/{kind}",
             self.kept_file,
             methods=["GET"],
-            summary="A decision's kept image or heatmap overlay",
+            summary="A decision's kept image (as received) or heatmap overlay (JPEG)",
             responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}},
         )
         router.add_api_route(
@@ -89,7 +89,7 @@ class LineLoop:
     async def kept_file(
         self,
         decision_id: str = PathParameter(pattern=ID_PATTERN, description="the decision's id"),
-        kind: Literal["image", "overlay"] = PathParameter(description="image (as received) or overlay (PNG)"),
+        kind: Literal["image", "overlay"] = PathParameter(description="image (as received) or overlay (JPEG)"),
     ) -> Response:
         path = await run_in_threadpool(self._log().kept_file, decision_id, kind)
         if path is None:

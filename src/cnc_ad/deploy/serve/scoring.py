@@ -37,7 +37,6 @@ from cnc_ad.deploy.serve.guard import Load, busy
 from cnc_ad.deploy.serve.render import json_float, output_size, render_result
 from cnc_ad.deploy.serve.settings import ServeSettings
 from cnc_ad.errors import DataError
-from cnc_ad.visualize import to_png_bytes
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +216,7 @@ class RequestScorer:
         that is not on record is not given.
         """
         shown = item.shown
-        overlay = None if shown is None else (lambda: to_png_bytes(result.overlay(np.asarray(shown, np.uint8))))
+        overlay = None if shown is None else (lambda: result.overlay(np.asarray(shown, np.uint8)))
         assert item.encoded is not None, "kept while a decision log is open"
         try:
             decision = decisions.record(
