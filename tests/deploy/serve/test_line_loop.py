@@ -274,3 +274,31 @@ def test_the_page_closes_the_loop_in_headless_chromium(tmp_path: Path) -> None:
         assert top == pytest.approx(new_threshold, abs=1e-4)
     last = list(read_decisions(folder))[-1]
     assert last.verdict == "ok" and last.threshold == pytest.approx(new_threshold) and last.threshold_images == 1
+
+
+def test_a_decision_that_cannot_be_recorded_is_not_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkpoint, alarmed, _, threshold = _line(tmp_path)
+    detector = Detector.load(checkpoint, device="cpu")
+    with DecisionLog(tmp_path / "decisions", source="serve") as log, running(create_app(detector, None, log)) as url:
+
+        def full(*args: object, **kwargs: object) -> None:
+            raise OSError(28, "No space left on device", str(tmp_path / "decisions" / "decisions.jsonl"))
+
+        monkeypatch.setattr(log, "record", full)
+        response = httpx.post(f"{url}/v1/predict", files=[("files", (alarmed.name, alarmed.read_bytes(), "image/png"))])
+        assert response.status_code == 503 and response.json()["error"]["code"] == "decision_log_failed"
+        message = response.json()["error"]["message"]
+        assert "server log (id " in message and "No space" not in message and "score" not in response.text
+        monkeypatch.undo()
+
+        # An unreadable thresholds file is refused by /v1/reload; the thresholds in use stay.
+        (checkpoint / "thresholds.json").write_text("{cut short")
+        refused = httpx.post(f"{url}/v1/reload")
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "thresholds_unreadable"
+        assert _predict(url, alarmed)["threshold"] == pytest.approx(threshold)
+    with running(create_app(Detector(detector.backend, {"image": {"__all__": 0.5}, "pixel": {}}))) as url:
+        none = httpx.post(f"{url}/v1/reload")
+        assert none.status_code == 409 and none.json()["error"]["code"] == "no_thresholds_file"
+        assert httpx.get(f"{url}/v1/decisions").json()["error"]["code"] == "no_decision_log"
+        result = httpx.post(f"{url}/v1/predict", files=[("files", (alarmed.name, alarmed.read_bytes(), "image/png"))])
+        assert result.json()["images"][0]["id"] is None  # no log: no id
