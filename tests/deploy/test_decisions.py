@@ -267,3 +267,12 @@ def test_records_are_plain_json_lines(tmp_path: Path) -> None:
         log.record(_result(float("nan")), CHOICE, name="nan.png", image=b"x")
     line = (tmp_path / "log" / LOG_FILE).read_text().strip()
     assert json.loads(line)["score"] is None and "NaN" not in line
+
+
+def test_an_image_file_gone_before_its_record_is_a_data_error(tmp_path: Path) -> None:
+    with DecisionLog(tmp_path / "log", source="watch", keep="all") as log:
+        for keep in ("none", "all"):
+            log.keep = keep  # type: ignore[assignment]
+            with pytest.raises(DataError, match="removed before its decision was recorded"):
+                log.record(_result(0.7), CHOICE, name="gone.png", image=tmp_path / "gone.png")
+    assert not (tmp_path / "log" / LOG_FILE).exists() and not list((tmp_path / "log").glob("images/*"))

@@ -40,7 +40,6 @@ FLAGS = {
     "keep=anomalous": "--keep anomalous",
     "keep=all": "--keep all",
     "keep='none'": "--keep none",
-    "min_images=N": "--min-images N",
 }
 # Disk errors: a full, read-only or failing disk is the machine's state, not a bug; each becomes one line with the fix.
 DISK_ERRORS = {

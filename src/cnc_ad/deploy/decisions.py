@@ -607,26 +607,32 @@ class DecisionLog:
             The decision as recorded (its ``id`` names it in corrections).
 
         Raises:
+            DataError: ``image`` is a file that is gone.
             OSError: the record or a kept file could not be written (a full or failing disk).
         """
         decision_id = uuid.uuid4().hex
         verdict = verdict_of(result.is_anomalous)
+        keeping = self.keeps(verdict)
+        path = image if isinstance(image, Path) else None
+        try:
+            if keeping and path is not None:
+                image = path.read_bytes()  # read once: kept and digested
+            digest, digest_of = image_digest(image)
+        except FileNotFoundError as err:
+            raise DataError(f"image {path} was removed before its decision was recorded") from err
         kept_image = kept_overlay = None
         written: list[Path] = []
-        if self.keeps(verdict):
-            if isinstance(image, Path):
-                data, suffix = image.read_bytes(), image.suffix.lower() if is_image_file(image) else ""
-                image = data
-            elif isinstance(image, (bytes, bytearray, memoryview)):
-                data, suffix = bytes(image), ""
+        if keeping:
+            if isinstance(image, (bytes, bytearray, memoryview)):
+                data = bytes(image)
+                suffix = path.suffix.lower() if path is not None and is_image_file(path) else _suffix(data)
             else:
                 data, suffix = to_png_bytes(np.asarray(image, np.uint8)), ".png"
-            kept_image = f"{IMAGES_DIR}/{decision_id}{suffix or _suffix(data)}"
+            kept_image = f"{IMAGES_DIR}/{decision_id}{suffix}"
             written.append(self._write(kept_image, data))
             if overlay is not None:
                 kept_overlay = f"{OVERLAYS_DIR}/{decision_id}.jpg"
                 written.append(self._write(kept_overlay, to_jpeg_bytes(overlay())))
-        digest, digest_of = image_digest(image)
         height, width = result.size
         score = float(result.score)
         decision = Decision(
@@ -720,7 +726,11 @@ class DecisionLog:
         # The current segment first, then the numbered ones listed afresh: a rotation in between cannot hide a record.
         current = self.folder / LOG_FILE
         for path in [current, *reversed([p for p in segments(self.folder) if p != current])]:
-            for record in read_jsonl(path):
+            try:
+                records = read_jsonl(path)
+            except FileNotFoundError:  # removed by the size cap meanwhile
+                continue
+            for record in records:
                 if isinstance(record, dict) and record.get("id") == decision_id:
                     return Decision.from_json(record)
         return None

@@ -374,22 +374,22 @@ def predict_stream(
             version = versions[scored.index]
             if version is not None:
                 record["size"], record["mtime_ns"] = version
+            if decisions is not None:
+                assert choice is not None, "checked above"
+                decision = decisions.record(  # DataError: gone since
+                    scored.result,
+                    choice,
+                    name=str(path),
+                    image=path,
+                    category=category,
+                    overlay=functools.partial(np.asarray, drawn),
+                )
+                record["decision"] = decision.id
         except DataError as err:
             log.warning("skipped: %s", err)
             append_jsonl(errors_file, {"path": str(path), "error": str(err)})
             yield Recorded(path, None, str(err))
             continue
-        if decisions is not None:
-            assert choice is not None, "checked above"
-            decision = decisions.record(
-                scored.result,
-                choice,
-                name=str(path),
-                image=path,
-                category=category,
-                overlay=functools.partial(np.asarray, drawn),
-            )
-            record["decision"] = decision.id
         append_jsonl(jsonl, record)
         yield Recorded(path, record)
 
