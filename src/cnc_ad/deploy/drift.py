@@ -152,11 +152,13 @@ class DriftMonitor:
         self._mutex = threading.Lock()
 
     def follow(self, decisions: DecisionLog) -> Callable[[], None]:
-        """Start from the log's newest decisions in memory (up to :data:`~cnc_ad.deploy.decisions.RECENT`, so a
-        restart keeps the windows), then observe every new one; returns a function that stops following.
+        """Start afresh from the log's newest decisions in memory (up to :data:`~cnc_ad.deploy.decisions.RECENT`, so
+        a restart keeps the windows), then observe every new one; returns a function that stops following.
 
         Call it before the log records from other threads (a decision recorded in between would be missed).
         """
+        with self._mutex:
+            self._windows.clear()
         for decision, _ in reversed(decisions.recent(RECENT)):
             self.observe(decision)
         return decisions.subscribe(self.observe)

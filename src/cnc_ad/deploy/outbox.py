@@ -590,6 +590,11 @@ class Outbox:
 
     # ------------------------------------------------------------------------------------------------- reading
     @property
+    def destinations(self) -> list[str]:
+        """The destinations' names (their URLs without passwords)."""
+        return [s.destination.name for s in self._senders]
+
+    @property
     def pending(self) -> int:
         """Messages queued and not yet taken, summed over the destinations."""
         with self._mutex:
