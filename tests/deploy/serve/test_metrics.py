@@ -5,6 +5,7 @@ their decisions to a local webhook receiver (and a restarted `cnc predict` sends
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,19 @@ def test_cnc_predict_sends_at_its_next_run_what_a_receiver_away_missed(tmp_path:
     missing = run_cli("predict", "--model", checkpoint, alarmed, "--webhook", receiver.url, "--out", tmp_path / "o3")
     assert missing.code == 2 and "no --decisions DIR" in missing.err
     assert not (tmp_path / "o3").exists()  # refused before anything was scored
+
+
+def test_missing_packages_name_their_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cnc_ad.errors import MissingExtra
+
+    detector = Detector.load(save_tiny_checkpoint(tmp_path / "ckpt"), device="cpu")
+    monkeypatch.delitem(sys.modules, "cnc_ad.deploy.serve.metrics", raising=False)
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # not installed
+    with pytest.raises(MissingExtra, match=re.escape("pip install 'cnc-ad[serve]'")):
+        create_app(detector)
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "paho", None)
+    done = run_cli("serve", "--checkpoint", tmp_path / "ckpt", "--device", "cpu", "--decisions", tmp_path / "log",
+                   "--mqtt", "mqtt://127.0.0.1:1/cnc", "--outbox", tmp_path / "outbox")  # fmt: skip
+    assert done.code == 2 and done.err.count("\n") == 1, done.err
+    assert "pip install 'cnc-ad[mqtt]'" in done.err and "paho" in done.err
