@@ -155,10 +155,12 @@ def add_outbox(parser: argparse.ArgumentParser) -> None:
 
 
 def check_outbox(args: argparse.Namespace) -> None:
-    """Refuse :func:`add_outbox`'s options without a decision log, or with a bad size, before a model is loaded.
+    """Refuse :func:`add_outbox`'s options without a decision log, with a bad size or URL, or ``--mqtt`` without
+    paho-mqtt, before a model is loaded.
 
     Raises:
-        ConfigError: ``--webhook``/``--mqtt`` without a decision log, or ``--outbox-max-mb`` not > 0.
+        ConfigError: ``--webhook``/``--mqtt`` without a decision log, a bad URL, or ``--outbox-max-mb`` not > 0.
+        MissingExtra: ``--mqtt`` without paho-mqtt.
     """
     from cnc_ad.errors import ConfigError
 
@@ -169,6 +171,13 @@ def check_outbox(args: argparse.Namespace) -> None:
         raise ConfigError(f"--webhook and --mqtt send the decisions of the decision log, and there is none ({given})")
     if not args.outbox_max_mb > 0:
         raise ConfigError(f"--outbox-max-mb must be > 0, got {args.outbox_max_mb}")
+    _destinations(args)  # a bad URL or a missing paho is said now, not after the model and the log are opened
+
+
+def _destinations(args: argparse.Namespace) -> list[Any]:
+    from cnc_ad.deploy.outbox import MqttTopic, Webhook
+
+    return [*(Webhook(url) for url in args.webhook), *(MqttTopic(url) for url in args.mqtt)]
 
 
 def open_outbox(args: argparse.Namespace, decisions: Any) -> Any:
@@ -179,14 +188,13 @@ def open_outbox(args: argparse.Namespace, decisions: Any) -> Any:
         ConfigError: a bad URL or option, no decision log, or another process uses the folder.
         MissingExtra: ``--mqtt`` without paho-mqtt.
     """
-    from cnc_ad.deploy.outbox import Destination, MqttTopic, Outbox, Webhook
+    from cnc_ad.deploy.outbox import Outbox
 
     check_outbox(args)
     if not args.webhook and not args.mqtt:
         return None
     assert decisions is not None, "check_outbox refuses the options without a decision log"
-    destinations: list[Destination] = [*(Webhook(url) for url in args.webhook), *(MqttTopic(url) for url in args.mqtt)]
-    outbox = Outbox(args.outbox, destinations, max_bytes=int(args.outbox_max_mb * 2**20))
+    outbox = Outbox(args.outbox, _destinations(args), max_bytes=int(args.outbox_max_mb * 2**20))
     outbox.follow(decisions)
     outbox.start()
     return outbox

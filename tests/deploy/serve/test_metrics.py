@@ -177,7 +177,8 @@ def test_missing_packages_name_their_extra(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(MissingExtra, match=re.escape("pip install 'cnc-ad[serve]'")):
         create_app(detector)
     monkeypatch.undo()
-    monkeypatch.setitem(sys.modules, "paho", None)
+    for name in ("paho", "paho.mqtt", "paho.mqtt.client"):  # also when an earlier test imported paho
+        monkeypatch.setitem(sys.modules, name, None)
     done = run_cli("serve", "--checkpoint", tmp_path / "ckpt", "--device", "cpu", "--decisions", tmp_path / "log",
                    "--mqtt", "mqtt://127.0.0.1:1/cnc", "--outbox", tmp_path / "outbox")  # fmt: skip
     assert done.code == 2 and done.err.count("\n") == 1, done.err
