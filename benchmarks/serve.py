@@ -10,7 +10,9 @@ cycled.
 1. In-process: ``Detector.predict`` on the PNG files, ``--max-batch-size`` per call (decoding included, as in the
    server), images per second after one untimed warm-up batch.
 2. The server: ``python -m cnc_ad serve`` in a subprocess on 127.0.0.1 (a free port, no token), with the same batch size
-   and ``--max-wait-ms``, and no decision log unless ``--decisions DIR`` is given. For each concurrency C in
+   and ``--max-wait-ms``, and no decision log unless ``--decisions DIR`` is given; ``--outbox`` also sends every
+   decision to a webhook receiver in this process (an HTTP server in a thread that answers 204; a decision log in a
+   temporary folder unless ``--decisions``), and counts what it received. For each concurrency C in
    ``--concurrency``, C client threads send one image per request (multipart, ``POST /v1/predict``) until ``--requests /
    len(concurrency)`` requests are done: images per second over the wall time, p50 and p99 latency, errors (any non-200
    answer or transport error), and the server's mean batch size (``/v1/stats``). The server process's resident memory
@@ -25,14 +27,16 @@ cycled.
 
 The last line is
 
-    serve: backend=<torch|onnx|openvino> rps_c32=<x> inprocess_ips=<x> ratio=<rps_c32 / inprocess_ips>
-    p99_ms_c32=<x> errors=<n> rss_growth_mb=<x> ort_vs_torch=<x> ov_vs_torch=<x>
+    serve: backend=<torch|onnx|openvino> log=<on|off> outbox=<on|off> rps_c32=<x> inprocess_ips=<x>
+    ratio=<rps_c32 / inprocess_ips> p99_ms_c32=<x> errors=<n> rss_growth_mb=<x> ort_vs_torch=<x> ov_vs_torch=<x>
+    [delivered=<decisions the webhook received>/<decisions queued>]  (with --outbox)
 
 (one line; ``c32`` is the highest concurrency run). A full run sends at least ``--requests`` (default 2100) measured
 requests, split evenly over the concurrencies (rounded up), plus a warm-up. Full run and a smoke run:
 
     .venv/bin/python benchmarks/serve.py
     .venv/bin/python benchmarks/serve.py --quick
+    .venv/bin/python benchmarks/serve.py --outbox     # with the decision log and the outbox (issue #22: ratio >= 0.8)
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import socket
 import statistics
@@ -49,6 +54,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -143,6 +149,9 @@ def server_process(
         command += ["--device", "cpu"]
     decisions = getattr(args, "decisions", None)  # the figures in docs/serve.md were measured without a decision log
     command += ["--decisions", str(decisions)] if decisions else ["--no-decisions"]
+    webhook = getattr(args, "webhook", None)
+    if webhook:
+        command += ["--webhook", webhook, "--outbox", str(args.outbox_dir)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -164,6 +173,38 @@ def server_process(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1 (an HTTP server in a thread): counts the POSTs and their distinct ids."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.posts = 0
+        lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with lock:
+                    receiver.posts += 1
+                    receiver.ids.add(str(json.loads(body).get("id")))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def load(
@@ -278,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="the server records every decision in this decision log (default: none, as the documented figures)",
     )
+    parser.add_argument(
+        "--outbox",
+        action="store_true",
+        help="the server also logs every decision (--decisions, else a temporary log) and sends it to a local webhook",
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 60 requests, 32 in-process images")
     args = parser.parse_args(argv)
     if args.quick:
@@ -299,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
+        receiver = None
+        if args.outbox:
+            receiver = Receiver()
+            args.webhook, args.outbox_dir = receiver.url, workdir / "outbox"
+            args.decisions = args.decisions or workdir / "decisions"
         rows = []
         with server_process(model, args) as (url, process):
             for concurrency in args.concurrency:  # warm-up: every concurrency, so every batch size has been seen
@@ -322,7 +373,19 @@ def main(argv: list[str] | None = None) -> int:
             rss_loaded_after = rss_mb(process.pid)
             time.sleep(args.idle_s)
             rss_after, hwm_after = rss_mb(process.pid), rss_mb(process.pid, "VmHWM")
-            releases = httpx.get(f"{url}/v1/stats").json().get("memory_releases")
+            final = httpx.get(f"{url}/v1/stats").json()
+            releases = final.get("memory_releases")
+            delivered = ""
+            if receiver is not None:
+                deadline = time.monotonic() + 60
+                while (final["outbox"] or {}).get("pending") and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    final = httpx.get(f"{url}/v1/stats").json()
+                decided = final["outbox"]["queued"]
+                delivered = f" delivered={len(receiver.ids)}/{decided}"
+                print(f"outbox: {receiver.posts} posts for {len(receiver.ids)} of {decided} decisions, "
+                      f"{final['outbox']['pending']} pending, last error {final['outbox']['last_error']}")  # fmt: skip
+                receiver.close()
     top = rows[-1]
     errors = sum(row["errors"] for row in rows)
     print(
@@ -333,11 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"requests: {sum(row['requests'] for row in rows)} measured (+ warm-up), {errors} errors", flush=True)
     runtimes = runtime_comparison(args)
     print(f"cores usable: {len(os.sched_getaffinity(0))} of {os.cpu_count()}; the clients share them with the server")
+    on = {True: "on", False: "off"}
     print(
-        f"serve: backend={args.backend} rps_c{top['concurrency']}={top['ips']:.2f} inprocess_ips={inprocess_ips:.2f} "
+        f"serve: backend={args.backend} log={on[bool(args.decisions)]} outbox={on[args.outbox]} "
+        f"rps_c{top['concurrency']}={top['ips']:.2f} inprocess_ips={inprocess_ips:.2f} "
         f"ratio={top['ips'] / inprocess_ips:.3f} p99_ms_c{top['concurrency']}={top['p99_ms']:.1f} errors={errors} "
         f"rss_growth_mb={rss_after - rss_before:.1f} ort_vs_torch={runtimes['ort'] / runtimes['torch']:.3f} "
-        f"ov_vs_torch={runtimes['ov'] / runtimes['torch']:.3f}"
+        f"ov_vs_torch={runtimes['ov'] / runtimes['torch']:.3f}{delivered}"
     )
     return 0
 

@@ -79,6 +79,8 @@ EXTRAS = {
     "starlette": "serve",
     "uvicorn": "serve",
     "multipart": "serve",
+    "prometheus_client": "serve",
+    "paho": "mqtt",
 }
 
 

@@ -73,6 +73,20 @@ class Threshold:
         return not self.rule.startswith(FALSE_ALARM_RULE + "=")
 
 
+def false_alarm_rate_of(rule: str | None) -> float | None:
+    """The false-alarm rate R a threshold was set for, read from its rule (``"false_alarm_rate=R"``, with or without
+    suffixes such as ``";max+margin"``); None for any other rule (F1-max: no target rate) or none.
+    """
+    if not rule or not rule.startswith(FALSE_ALARM_RULE + "="):
+        return None
+    text = rule[len(FALSE_ALARM_RULE) + 1 :].split(";")[0]
+    try:
+        rate = float(text)
+    except ValueError:
+        return None
+    return rate if 0 < rate < 1 else None
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Image and pixel thresholds per category, plus the shared one (key :data:`ALL`) for any category.

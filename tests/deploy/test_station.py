@@ -22,6 +22,7 @@ from PIL import Image
 from cnc_ad import Detector
 from cnc_ad.cli import main
 from cnc_ad.files import read_jsonl
+from tests.receivers import WebhookReceiver, wait_for
 
 pytest.importorskip("onnxruntime", reason="the station needs onnxruntime (the test extra has it)")
 pytest.importorskip("openvino", reason="the station needs openvino (the test extra has it)")
@@ -156,7 +157,9 @@ def test_station_serves_an_exported_model_and_closes_the_loop(exported, tiny_che
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     decisions = tmp_path / "decisions"
-    process = station_process("serve", "--model", model, "--port", str(port), "--decisions", decisions)
+    receiver = WebhookReceiver().start()  # the decisions go out too (the outbox), and /metrics answers, without torch
+    process = station_process("serve", "--model", model, "--port", str(port), "--decisions", decisions,
+                              "--webhook", receiver.url, "--outbox", tmp_path / "outbox")  # fmt: skip
     files = [("files", ("part.png", image.read_bytes(), "image/png"))]
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
@@ -180,9 +183,13 @@ def test_station_serves_an_exported_model_and_closes_the_loop(exported, tiny_che
         assert httpx.post(f"{url}/v1/reload").json()["reloaded"] is True
         again = httpx.post(f"{url}/v1/predict", files=files, params={"category": "brick"}).json()["images"][0]
         listed = station("decisions", decisions, "--json")
+        wait_for(lambda: len(receiver.posts) == 2, what="both decisions at the webhook receiver")
+        metrics = httpx.get(f"{url}/metrics").text
+        stats = httpx.get(f"{url}/v1/stats").json()
     finally:
         process.send_signal(signal.SIGINT)
         output = process.communicate(timeout=60)[0].decode()
+        receiver.stop()
     expected = Detector.load(tiny_checkpoint, device="cpu").predict(str(image)).scores[0]
     assert first["score"] == pytest.approx(float(expected), abs=1e-4)
     assert again["threshold"] == pytest.approx(new) and again["is_anomalous"] is False
@@ -191,6 +198,10 @@ def test_station_serves_an_exported_model_and_closes_the_loop(exported, tiny_che
     records = json.loads(listed.stdout)["decisions"]
     assert [r["id"] for r in records] == [first["id"], again["id"]]
     assert records[0]["model"] == Detector.load(model).model_id and records[0]["feedback"]["label"] == "good"
+    assert [b["id"] for b in receiver.bodies()] == [first["id"], again["id"]]
+    assert 'cnc_decisions_total{category="brick",verdict="anomalous"} 1.0' in metrics
+    assert stats["drift"]["categories"]["brick"]["decisions"] == 1  # the window restarted with the new threshold
+    assert stats["outbox"]["pending"] == 0
     assert process.returncode == 0, output
 
 

@@ -114,6 +114,92 @@ def open_decision_log(args: argparse.Namespace, detector: Any, source: str) -> A
     )
 
 
+OUTBOX_DRAIN_S = 5.0
+"""Seconds a command waits at its end for the outbox to send what is queued (the rest goes at the next start)."""
+
+
+def add_outbox(parser: argparse.ArgumentParser) -> None:
+    """``--webhook URL`` and ``--mqtt URL`` (each repeatable), ``--outbox DIR`` and ``--outbox-max-mb``: send every
+    decision of the decision log out, from a durable queue.
+    """
+    from cnc_ad.deploy.outbox import DEFAULT_MAX_BYTES, DEFAULT_TOPIC
+
+    parser.add_argument(
+        "--webhook",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="POST every decision's record as JSON to this http(s) URL (repeatable; needs the decision log)",
+    )
+    parser.add_argument(
+        "--mqtt",
+        action="append",
+        default=[],
+        metavar="URL",
+        help=f"publish every decision (QoS 1) to mqtt://[user:password@]host[:port]/TOPIC (default topic "
+        f"{DEFAULT_TOPIC}; {{category}} {{verdict}} {{source}} {{model}}; repeatable; the mqtt extra)",
+    )
+    parser.add_argument(
+        "--outbox",
+        default="outbox",
+        metavar="DIR",
+        help="--webhook/--mqtt: the durable queue of messages not yet sent (default: outbox)",
+    )
+    parser.add_argument(
+        "--outbox-max-mb",
+        type=float,
+        default=DEFAULT_MAX_BYTES / 2**20,
+        metavar="MB",
+        help=f"--webhook/--mqtt: the most MiB the queue takes; the oldest go first (default {DEFAULT_MAX_BYTES >> 20})",
+    )
+
+
+def check_outbox(args: argparse.Namespace) -> None:
+    """Refuse :func:`add_outbox`'s options without a decision log, with a bad size or URL, or ``--mqtt`` without
+    paho-mqtt, before a model is loaded.
+
+    Raises:
+        ConfigError: ``--webhook``/``--mqtt`` without a decision log, a bad URL, or ``--outbox-max-mb`` not > 0.
+        MissingExtra: ``--mqtt`` without paho-mqtt.
+    """
+    from cnc_ad.errors import ConfigError
+
+    if not args.webhook and not args.mqtt:
+        return
+    if args.decisions is None or getattr(args, "no_decisions", False):
+        given = "--no-decisions" if getattr(args, "no_decisions", False) else "no --decisions DIR"
+        raise ConfigError(f"--webhook and --mqtt send the decisions of the decision log, and there is none ({given})")
+    if not args.outbox_max_mb > 0:
+        raise ConfigError(f"--outbox-max-mb must be > 0, got {args.outbox_max_mb}")
+    _destinations(args)  # a bad URL or a missing paho is said now, not after the model and the log are opened
+
+
+def _destinations(args: argparse.Namespace) -> list[Any]:
+    from cnc_ad.deploy.outbox import MqttTopic, Webhook
+
+    return [*(Webhook(url) for url in args.webhook), *(MqttTopic(url) for url in args.mqtt)]
+
+
+def open_outbox(args: argparse.Namespace, decisions: Any) -> Any:
+    """The started :class:`cnc_ad.deploy.outbox.Outbox` of :func:`add_outbox`'s options, following ``decisions``, or
+    None (no ``--webhook`` nor ``--mqtt``). Close it with ``close(OUTBOX_DRAIN_S)``.
+
+    Raises:
+        ConfigError: a bad URL or option, no decision log, or another process uses the folder.
+        MissingExtra: ``--mqtt`` without paho-mqtt.
+    """
+    from cnc_ad.deploy.outbox import Outbox
+
+    check_outbox(args)
+    if not args.webhook and not args.mqtt:
+        return None
+    assert decisions is not None, "check_outbox refuses the options without a decision log"
+    outbox = Outbox(args.outbox, _destinations(args), max_bytes=int(args.outbox_max_mb * 2**20))
+    outbox.follow(decisions)
+    outbox.start()
+    return outbox
+
+
 def add_model(parser: argparse.ArgumentParser) -> None:
     """``--model SOURCE`` (also spelt ``--checkpoint``, ``--onnx``, ``--openvino``): the model a command runs."""
     parser.add_argument(

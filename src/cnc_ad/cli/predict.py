@@ -11,16 +11,20 @@ import sys
 from typing import TYPE_CHECKING
 
 from cnc_ad.cli._options import (
+    OUTBOX_DRAIN_S,
     add_decision_log,
     add_device,
     add_json,
     add_model,
+    add_outbox,
     add_progress,
     add_tiling,
     add_weights,
+    check_outbox,
     emit_json,
     load_detector,
     open_decision_log,
+    open_outbox,
 )
 
 if TYPE_CHECKING:
@@ -80,6 +84,11 @@ image's digest; each predictions.jsonl line then names its decision), for `cnc d
 --keep none (default) | anomalous | all keeps the images and heatmaps there too, within --log-max-mb. One process
 writes into a decision log at a time.
 
+--webhook URL / --mqtt mqtt://host:1883/cnc/{category}/decision (with --decisions; each repeatable): send every
+decision's record out (an HTTP POST of JSON; an MQTT message, QoS 1) from the durable queue --outbox DIR (default
+./outbox), with retries; what a receiver has not taken when the command ends (after up to 5 s) is sent at its next
+start with the same --outbox. See docs/serve.md#signals-out.
+
 --json: one JSON object on stdout at the end (counts, output folder; with --watch when it stops); every other line
 goes to stderr.
 
@@ -132,6 +141,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     what.add_argument("--overwrite", action="store_true", help="start --out's predictions.jsonl afresh")
     parser.add_argument("--strict", action="store_true", help="exit 3 when any input could not be decoded")
     add_decision_log(parser, default=None, keep="none")
+    add_outbox(parser)
     add_weights(parser)
     add_progress(parser)
     add_json(parser)
@@ -148,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--watch DIR takes no INPUT arguments: watch one folder, or predict the inputs")
     if not args.watch and not args.inputs:
         raise DataError("no inputs: pass image files, folders or glob patterns (or --watch DIR)")
+    check_outbox(args)
     if args.watch:
         if dist.launched_by_torchrun():
             raise ConfigError("--watch runs in one process; start it without torchrun")
@@ -163,9 +174,13 @@ def run(args: argparse.Namespace) -> int:
             ) from err
         detector = _detector(args)
         decisions = open_decision_log(args, detector, "watch")
+        outbox = None
         try:
+            outbox = open_outbox(args, decisions)
             return _watch(args, detector, after, decisions)
         finally:
+            if outbox is not None:
+                outbox.close(drain_s=OUTBOX_DRAIN_S)
             if decisions is not None:
                 decisions.close()
     if args.after != "leave" or args.poll is not None:
@@ -175,7 +190,9 @@ def run(args: argparse.Namespace) -> int:
     paths = collect_inputs(args.inputs)
     detector = _detector(args)
     decisions = open_decision_log(args, detector, "predict")
+    outbox = None
     try:
+        outbox = open_outbox(args, decisions)
         summary = predict_files(
             detector,
             paths,
@@ -193,6 +210,8 @@ def run(args: argparse.Namespace) -> int:
             decisions=decisions,
         )
     finally:
+        if outbox is not None:
+            outbox.close(drain_s=OUTBOX_DRAIN_S)
         if decisions is not None:
             decisions.close()
     if not dist.is_main_process():

@@ -13,13 +13,17 @@ from collections.abc import Iterator
 from types import FrameType
 
 from cnc_ad.cli._options import (
+    OUTBOX_DRAIN_S,
     add_decision_log,
     add_device,
     add_model,
+    add_outbox,
     add_tiling,
     add_weights,
+    check_outbox,
     load_detector,
     open_decision_log,
+    open_outbox,
 )
 from cnc_ad.errors import ConfigError, missing_extra
 
@@ -38,7 +42,8 @@ API (docs/serve.md has the details; /openapi.json the schema; --api-docs adds th
   GET  /v1/model     preset, backend, categories and thresholds, image size, tiling, limits, version
   GET  /v1/health    {"status": "ok"} while the server is alive (never needs the token)
   GET  /v1/ready     {"status": "ready"} once the model scored a start-up self-test image; 503 before or if it failed
-  GET  /v1/stats     model calls, images, mean batch size
+  GET  /v1/stats     model calls, images, mean batch size; each category's alarm rate and drift; the outbox
+  GET  /metrics      Prometheus metrics (requests, errors, latency, decisions, alarms, drift, outbox); token as /v1/
   GET  /v1/decisions ?limit=20 the newest decisions with their corrections; /v1/decisions/ID/overlay (and /image)
   POST /v1/feedback  {"id": decision id, "label": "good" | "defect", "note": "..."}: an operator's correction
   POST /v1/reload    re-read the thresholds from their file (after `cnc calibrate`), no restart
@@ -64,6 +69,15 @@ DIR (all: every part; none: no images), within --log-max-mb (1024; the oldest im
 first). Operators correct decisions on the page (or POST /v1/feedback); `cnc calibrate --from-feedback DIR` sets the
 thresholds again from the parts confirmed good, and POST /v1/reload puts them to work. `cnc decisions DIR` lists them.
 --no-decisions records nothing.
+
+drift: per category, the alarms among the last --drift-window (200) decisions against the false-alarm rate its
+threshold was set for (false_alarm_rate=R); drift when a one-sided binomial test gives p < --drift-alpha (0.001).
+Shown in /v1/stats, /metrics and on the page.
+
+signals out: --webhook URL (POST of each decision's record as JSON) and --mqtt mqtt://host:1883/cnc/{category}/decision
+(QoS 1; the mqtt extra), each repeatable, are sent from a durable queue in --outbox DIR (default ./outbox) with
+retries: an outage of a receiver or the broker delays messages, a restart resends what was not acknowledged (at least
+once: receivers deduplicate by the record's id). /v1/stats shows what is pending and the last error.
 
 --tile PX [--tile-overlap SHARE]: score every uploaded image by tiles at its own resolution, as `cnc predict --tile`
 does (the tiles of concurrent requests share the model calls); give thresholds set with the same tiles.
@@ -96,6 +110,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--thresholds", metavar="FILE", help="a thresholds.json to use (default: the stored one)")
     add_decision_log(parser, default="decisions", keep="anomalous")
+    parser.add_argument(
+        "--drift-window", type=int, default=200, metavar="N", help="decisions per category the alarm rate is tested on"
+    )
+    parser.add_argument(
+        "--drift-alpha", type=float, default=0.001, help="flag drift when the alarms' p-value is below this (0.001)"
+    )
+    add_outbox(parser)
     add_device(parser, default="auto", note="checkpoints; OpenVINO: its device name")
     add_tiling(parser)
     parser.add_argument("--max-batch-size", type=int, default=16, help="images per model call (default 16)")
@@ -130,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         check_access(args.host, token, args.insecure)
     except ConfigError as err:
         raise ConfigError(f"{err}: pass --token, or --host 127.0.0.1, or --insecure") from None
+    check_outbox(args)
     try:
         import uvicorn
 
@@ -153,12 +175,16 @@ def run(args: argparse.Namespace) -> int:
         allowed_hosts=(*bound_names(args.host), *args.allow_host),
         api_docs=args.api_docs,
         malloc_arenas=args.malloc_arenas or None,
+        drift_window=args.drift_window,
+        drift_alpha=args.drift_alpha,
     )
     limit_arenas(settings.malloc_arenas)  # before the model is loaded and the server's threads start
     detector = load_detector(args)
     decisions = open_decision_log(args, detector, "serve")
+    outbox = None
     try:
-        app = create_app(detector, settings, decisions)
+        outbox = open_outbox(args, decisions)
+        app = create_app(detector, settings, decisions, outbox)
         host = f"[{args.host}]" if ":" in args.host else args.host
         open_to = "open to this machine" if is_loopback(args.host) else "OPEN (--insecure)"
         access = "token required" if token else open_to
@@ -169,6 +195,9 @@ def run(args: argparse.Namespace) -> int:
         if decisions is not None:
             print(f"cnc serve: decisions logged in {decisions.folder} (keep {decisions.keep}, at most "
                   f"{decisions.max_bytes / 2**20:g} MiB)", flush=True)  # fmt: skip
+        if outbox is not None:
+            print(f"cnc serve: decisions sent to {', '.join(outbox.destinations)} from the outbox {outbox.folder} "
+                  f"({outbox.pending} pending)", flush=True)  # fmt: skip
         with _sigterm_drains():
             uvicorn.run(
                 app,
@@ -179,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
                 timeout_graceful_shutdown=math.ceil(settings.request_timeout_s) + 1,  # every request ends by then
             )
     finally:
+        if outbox is not None:
+            outbox.close(drain_s=OUTBOX_DRAIN_S)
         if decisions is not None:
             decisions.close()
     return 0

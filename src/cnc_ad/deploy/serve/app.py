@@ -1,6 +1,6 @@
 """The FastAPI application: ``/v1/predict``, ``/v1/model``, ``/v1/health``, ``/v1/ready``, ``/v1/stats``, the line
-loop's routes (``/v1/decisions``, ``/v1/feedback``, ``/v1/reload``: :mod:`cnc_ad.deploy.serve.loop`) and the web page at
-``/``.
+loop's routes (``/v1/decisions``, ``/v1/feedback``, ``/v1/reload``: :mod:`cnc_ad.deploy.serve.loop`), Prometheus'
+``/metrics`` (:mod:`cnc_ad.deploy.serve.metrics`) and the web page at ``/``.
 
 Every request but the probes first passes :class:`~cnc_ad.deploy.serve.guard.RequestGuard` (host, origin, room, body
 size, time). Every image of every request goes through :class:`~cnc_ad.deploy.serve.scoring.RequestScorer`: decoded in
@@ -25,7 +25,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -33,6 +33,8 @@ from starlette.requests import ClientDisconnect
 from cnc_ad import __version__
 from cnc_ad.deploy.decisions import DecisionLog
 from cnc_ad.deploy.detector import Detector
+from cnc_ad.deploy.drift import DriftMonitor
+from cnc_ad.deploy.outbox import Outbox
 from cnc_ad.deploy.serve.batcher import Batcher
 from cnc_ad.deploy.serve.errors import APIError
 from cnc_ad.deploy.serve.guard import DEADLINE, Load, RequestGuard
@@ -41,7 +43,7 @@ from cnc_ad.deploy.serve.memory import release_free_memory
 from cnc_ad.deploy.serve.render import OUTPUTS, describe_thresholds
 from cnc_ad.deploy.serve.scoring import RequestScorer
 from cnc_ad.deploy.serve.settings import ServeSettings
-from cnc_ad.errors import ConfigError
+from cnc_ad.errors import ConfigError, missing_extra
 
 log = logging.getLogger(__name__)
 
@@ -263,24 +265,38 @@ PREDICT_BODY = {
 
 # ------------------------------------------------------------------------------------------------------- app
 def create_app(
-    detector: Detector, settings: ServeSettings | None = None, decisions: DecisionLog | None = None
+    detector: Detector,
+    settings: ServeSettings | None = None,
+    decisions: DecisionLog | None = None,
+    outbox: Outbox | None = None,
 ) -> FastAPI:
     """The HTTP application around ``detector``.
 
     The batcher's worker thread starts and stops with the application's lifespan (uvicorn runs it); at start, the
-    lifespan scores a synthetic image (the self-test that ``/v1/ready`` reports).
+    lifespan scores a synthetic image (the self-test that ``/v1/ready`` reports) and begins following the decision log
+    (the drift of each category, the decision counters of ``/metrics``), from the log's newest decisions.
 
     Args:
         detector: the model, with the thresholds it decides by (``POST /v1/reload`` re-reads them).
         settings: batching, limits, hosts and the API token (default: :class:`ServeSettings`'s defaults, no token).
         decisions: the decision log every decision is recorded in and corrections go to (the caller opens and closes
-            it); None: no log (``/v1/decisions`` and ``/v1/feedback`` answer 404 ``no_decision_log``).
+            it); None: no log (``/v1/decisions`` and ``/v1/feedback`` answer 404 ``no_decision_log``; no drift).
+        outbox: the outbox that sends the log's decisions out (the caller opens, starts and closes it, and has it
+            follow the log): its state is shown in ``/v1/stats`` and ``/metrics``.
 
     Returns:
         The FastAPI application; ``app.state.batcher`` holds the batcher (and its ``stats``), ``app.state.decisions``
-        the decision log (subscribe to it there).
+        the decision log (subscribe to it there), ``app.state.drift`` the drift monitor (None without a log),
+        ``app.state.outbox`` the outbox, ``app.state.metrics`` the Prometheus metrics.
+
+    Raises:
+        MissingExtra: prometheus-client (the ``serve`` extra) is not installed.
     """
     settings = settings or ServeSettings()
+    try:
+        from cnc_ad.deploy.serve.metrics import CONTENT_TYPE, MetricsMiddleware, ServerMetrics
+    except ImportError as err:
+        raise missing_extra("the server's /metrics", err, "serve") from err
     batcher = Batcher(
         detector.score,
         settings.max_batch_size,
@@ -293,15 +309,22 @@ def create_app(
     load = Load(settings.max_requests, settings.max_decoding)
     scorer = RequestScorer(detector, batcher, settings, load, decisions)
     readiness = Readiness(scorer)
+    drift = None if decisions is None else DriftMonitor(settings.drift_window, settings.drift_alpha)
+    metrics = ServerMetrics(batcher, load, drift, outbox)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher.start()
         await readiness.self_test(settings.request_timeout_s)
         log.info("model %s ready (%s)", describe_model(detector)["preset"], detector.source)
+        following = []
+        if decisions is not None and drift is not None:
+            following = [drift.follow(decisions), decisions.subscribe(metrics.observe_decision)]
         try:
             yield
         finally:
+            for stop in following:
+                stop()
             batcher.stop()
 
     app = FastAPI(
@@ -316,7 +339,11 @@ def create_app(
     app.state.settings = settings
     app.state.detector = detector
     app.state.decisions = decisions
+    app.state.drift = drift
+    app.state.outbox = outbox
+    app.state.metrics = metrics
     app.add_middleware(RequestGuard, settings=settings, load=load, open_paths=PROBES)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)  # the outermost: counts refusals
     _add_error_handlers(app)
     authorized = [Depends(TokenCheck(settings.token))]
     app.include_router(LineLoop(detector, decisions).router(authorized))
@@ -343,9 +370,23 @@ def create_app(
         limits = {name: getattr(settings, name) for name in (*names, "max_requests", "request_timeout_s")}
         return {**describe_model(detector), "limits": limits}
 
-    @app.get("/v1/stats", summary="Batcher counters: model calls, images, mean batch size", dependencies=authorized)
+    @app.get(
+        "/v1/stats",
+        summary="Batcher counters, the drift of each category's alarm rate, the outbox's state",
+        dependencies=authorized,
+    )
     async def stats() -> dict[str, Any]:
-        return {**batcher.stats.as_dict(), "pending": batcher.pending, "requests": load.requests}
+        return {
+            **batcher.stats.as_dict(),
+            "pending": batcher.pending,
+            "requests": load.requests,
+            "drift": None if drift is None else drift.to_json(),
+            "outbox": None if outbox is None else outbox.stats(),
+        }
+
+    @app.get("/metrics", include_in_schema=False, dependencies=authorized)
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
     @app.post(
         "/v1/predict",

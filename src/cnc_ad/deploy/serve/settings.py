@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from cnc_ad.deploy.drift import DEFAULT_ALPHA, DEFAULT_WINDOW
 from cnc_ad.errors import ConfigError
 
 TOKEN_ENV = "CNC_SERVE_TOKEN"
@@ -47,6 +48,9 @@ class ServeSettings:
             requests are refused with 403, against DNS rebinding and cross-site form posts.
         api_docs: serve FastAPI's interactive API pages ``/docs`` and ``/redoc`` (they load their scripts from a CDN);
             ``/openapi.json`` is always served.
+        drift_window: decisions per category over which the alarm rate is compared with the threshold's false-alarm
+            rate (:mod:`cnc_ad.deploy.drift`; with a decision log).
+        drift_alpha: drift is flagged when the binomial p-value of the window's alarms is below this.
     """
 
     max_batch_size: int = 16
@@ -65,11 +69,13 @@ class ServeSettings:
     token: str | None = None
     allowed_hosts: tuple[str, ...] = ()
     api_docs: bool = False
+    drift_window: int = DEFAULT_WINDOW
+    drift_alpha: float = DEFAULT_ALPHA
 
     def __post_init__(self) -> None:
         positive = (
             "max_batch_size", "max_queue", "max_upload_bytes", "max_pixels", "max_images", "output_max_side",
-            "max_requests", "max_decoding", "max_request_pixels",
+            "max_requests", "max_decoding", "max_request_pixels", "drift_window",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
@@ -81,6 +87,8 @@ class ServeSettings:
             )
         if self.max_wait_ms < 0 or self.request_timeout_s <= 0:
             raise ConfigError("serve settings max_wait_ms must be >= 0 and request_timeout_s > 0")
+        if not 0.0 < self.drift_alpha < 1.0:
+            raise ConfigError(f"serve setting drift_alpha must be in (0, 1), got {self.drift_alpha}")
         if self.release_memory_s is not None and self.release_memory_s < 0:
             raise ConfigError(f"serve setting release_memory_s must be >= 0 or None, got {self.release_memory_s}")
         if self.malloc_arenas is not None and self.malloc_arenas < 1:
