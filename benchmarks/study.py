@@ -11,12 +11,21 @@ For a trained run (``benchmarks/realdata.py --out RUN``) and the baseline on the
   border band (one token wide) against the interior, on good images against the normal pixels of defective images, and
   the share of each defect region's pixels found, by region size (small < 0.5 % of the image, medium < 5 %, large).
 
+With ``--normalise``, each category's maps are also read against its held-out good training images (the share that
+training keeps aside for thresholds; neither the model nor the bank saw them), three post-processings of the study's
+findings, shown beside the plain model and the baseline: the model's map less the per-pixel mean of the held-out maps (a
+fixed pattern, such as the borders, cancels), the same divided by their per-pixel spread (floored at its median), and a
+fused map, the model's and the baseline's maps each standardised by their held-out pixels' mean and spread, summed.
+``--map-levels 0 1`` evaluates a run trained before ``model.map_levels`` was in its config as if it were.
+
     python benchmarks/study.py --run .bench/runs/NAME [--pictures docs/images/study] [--knn-bank 32768]
+    python benchmarks/study.py --run .bench/runs/NAME --normalise --map-levels 0 1 --seed 1
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -33,6 +42,7 @@ from realdata import ROOT, NearestNeighbourBaseline, memory_bank, training_image
 
 from cnc_ad.checkpoint import load_model, resolve_checkpoint
 from cnc_ad.data import TestDataset, make_loader, scan_dataset
+from cnc_ad.data.samples import split_calibration
 from cnc_ad.metrics import aupro, compute_metrics
 from cnc_ad.model.anomaly_map import discrepancy, tokens_to_grid
 from cnc_ad.runs import RunFolder
@@ -106,6 +116,23 @@ def diagnostics(data: dict[str, np.ndarray], method: str, token_px: int) -> dict
     return row
 
 
+def normalised(data: dict[str, np.ndarray], good: dict[str, np.ndarray], token_px: int) -> dict[str, dict]:
+    """The rows of ``--normalise``: the test maps of ``data`` read against the held-out good maps of ``good``."""
+    model, held = data["model"].astype(np.float32), good["model"].astype(np.float32)
+    mean, spread = held.mean(0), held.std(0)
+    spread = np.maximum(spread, float(np.median(spread)))
+
+    def standard(maps: np.ndarray, reference: np.ndarray) -> np.ndarray:
+        return (maps.astype(np.float32) - reference.mean()) / reference.std()
+
+    variants = {
+        "model - held-out mean": model - mean,
+        "model, z per pixel": (model - mean) / spread,
+        "fused (model z + kNN z)": standard(model, held) + standard(data["knn"], good["knn"].astype(np.float32)),
+    }
+    return {name: diagnostics({**data, name: maps}, name, token_px) for name, maps in variants.items()}
+
+
 def montage(data: dict[str, np.ndarray], path: Path, rows: int = 6) -> None:
     """Defective images (the first ``rows - 2`` in test order, spread out) and 2 good ones: image | truth | model |
     baseline, each map on its own category scale."""
@@ -158,12 +185,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--knn-bank", type=int, default=32768)
     parser.add_argument("--seed", type=int, default=0, help="the memory bank's sample (as realdata.py --seed)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--normalise", action="store_true", help="also the maps read against held-out good images")
+    parser.add_argument("--map-levels", type=int, nargs="+", help="override the run's model.map_levels")
     args = parser.parse_args(argv)
 
     suite = build_suite(args.suite, args.devdata)
     index = scan_dataset(str(suite))
     model = load_model(resolve_checkpoint(args.run)).eval()
-    images = training_images(RunFolder(args.run).read_config(), index)  # the images the model trained on
+    if args.map_levels:
+        model.config = dataclasses.replace(model.config, map_levels=tuple(args.map_levels))
+    config = RunFolder(args.run).read_config()
+    images = training_images(config, index)  # the images the model trained on
+    _, held_out = split_calibration(index.train_samples(), config.data.calibration_share, config.data.calibration_min)
     bank = memory_bank(model, images, args.knn_bank, args.seed, args.workers)
     baseline = NearestNeighbourBaseline(model, bank).eval()
     token_px = SIZE // model.grid_size
@@ -173,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         data = collect(model, baseline, samples, args.workers)
         rows = {"model": diagnostics(data, "model", token_px), "baseline (kNN)": diagnostics(data, "knn", token_px)}
+        if args.normalise:
+            good = collect(model, baseline, [s for s in held_out if s.category == category], args.workers)
+            rows.update(normalised(data, good, token_px))
         levels = sorted(k for k in data if k.startswith("level"))
         for level in levels:
             masks = data["mask"]
