@@ -200,6 +200,17 @@ def test_bad_destinations_and_a_second_writer_are_refused(tmp_path: Path) -> Non
         Outbox(tmp_path / "b", [Webhook("http://h/x")])
 
 
+def test_a_webhook_keeps_its_backlog_when_its_token_or_password_changes(tmp_path: Path) -> None:
+    before = Webhook("http://user:old@h:8080/hook?token=a")
+    after = Webhook("http://user:new@h:8080/hook?token=b")
+    assert before.key == after.key  # the same cursor file: a rotated secret does not start at the queue's end
+    assert "old" not in before.name and before.key != Webhook("http://h:8080/other").key
+    with Outbox(tmp_path / "o", [before]) as outbox:
+        outbox.put({"id": "1"})
+    with Outbox(tmp_path / "o", [after]) as outbox:
+        assert outbox.pending == 1  # still owed to the receiver, under its new token
+
+
 def test_an_mqtt_topic_is_made_from_its_template() -> None:
     topic = MqttTopic("mqtt://user:secret@broker:1884/line4/{category}/{verdict}")
     assert (topic.host, topic.port, topic.username, topic.password) == ("broker", 1884, "user", "secret")

@@ -131,7 +131,8 @@ class Webhook:
             raise ConfigError(f"webhook {url!r}: give an http:// or https:// URL with a host")
         self.url = url
         self.name = _without_password(parts)
-        self.key = _key("webhook", url)
+        # The cursor's key leaves out the password and the query: a rotated token keeps the destination's backlog.
+        self.key = _key("webhook", _without_password(parts._replace(query="", fragment="")))
         self.timeout_s = timeout_s
         self._opener = urllib.request.build_opener(_NoRedirects)
 
@@ -485,11 +486,12 @@ class Outbox:
             if not waiting:
                 try:
                     waiting = self._read(sender)
-                except OSError as err:  # an unreadable queue file: said, and tried again
-                    self._failed(sender, f"cannot read the queue ({err})")
-                    continue
-                if not waiting:
-                    sender.destination.poll()
+                    if not waiting:
+                        sender.destination.poll()
+                        continue
+                except Exception as err:  # an unreadable queue file or a client's error: said, and tried again
+                    self._failed(sender, f"cannot read the queue ({err or type(err).__name__})")
+                    waiting = []
                     continue
             seq, record, end = waiting[0]
             try:
@@ -576,6 +578,9 @@ class Outbox:
         if not found and offset > cursor.offset:  # only unreadable lines: step past them
             with self._changed:
                 sender.cursor = _Cursor(cursor.segment, offset, cursor.seq)
+        elif not found:  # only part of a line (a write cut short): wait for more rather than spin
+            with self._changed:
+                self._changed.wait(_IDLE_S)
         return found
 
     def _remove_passed(self) -> None:
@@ -647,14 +652,22 @@ class Outbox:
         self._stop.set()
         with self._changed:
             self._changed.notify_all()
+        stuck = []
         for sender in self._senders:
             if sender.thread is not None:
                 sender.thread.join(timeout=30)
+                if sender.thread.is_alive():  # a send that outlasts the join: it may still move its cursor
+                    stuck.append(sender.destination.name)
+                    continue
                 sender.thread = None
             sender.destination.close()
         left = self.pending
         if left:
             log.info("outbox %s: %d message(s) left to send at the next start", self.folder, left)
+        if stuck:  # the folder stays locked by this process until it exits, so no other writer races the thread
+            log.warning("outbox %s: still sending to %s; the folder stays locked until exit", self.folder,
+                        ", ".join(stuck))  # fmt: skip
+            return
         self._release()
 
     def __enter__(self) -> Outbox:
