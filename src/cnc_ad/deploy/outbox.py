@@ -428,10 +428,13 @@ class Outbox:
         """
         with self._mutex:
             newest = max(self._segments)
-            if self._segments[newest] >= self.segment_bytes:
+            started = self._segments[newest] >= self.segment_bytes
+            if started:
                 newest += 1
                 self._segments[newest] = 0
             append_jsonl(self._path(newest), {"seq": self._seq + 1, "record": dict(record)})
+            if started:
+                fsync_path(self.folder)  # the new segment's name is durable too, not only its line
             self._seq += 1
             self._segments[newest] = self._path(newest).stat().st_size
             self._enforce_cap()
