@@ -73,6 +73,14 @@ class Threshold:
         return not self.rule.startswith(FALSE_ALARM_RULE + "=")
 
 
+def false_alarm_rule(rate: float, estimated: bool = True) -> str:
+    """The ``rule`` recorded with a threshold set on good images (:mod:`cnc_ad.deploy.calibrate`):
+    ``"false_alarm_rate=0.01"``, with ``";max+margin"`` when the rate was below ``1 / n``; read by
+    :func:`false_alarm_rate_of`.
+    """
+    return f"{FALSE_ALARM_RULE}={rate:g}" + ("" if estimated else ";max+margin")
+
+
 def false_alarm_rate_of(rule: str | None) -> float | None:
     """The false-alarm rate R a threshold was set for, read from its rule (``"false_alarm_rate=R"``, with or without
     suffixes such as ``";max+margin"``); None for any other rule (F1-max: no target rate) or none.

@@ -44,7 +44,14 @@ from cnc_ad.deploy.decisions import Decision, confirmed
 from cnc_ad.deploy.detector import Detector
 from cnc_ad.deploy.tiling import TILES_RULE
 from cnc_ad.errors import ConfigError, DataError
-from cnc_ad.thresholds import ALL, FALSE_ALARM_RULE, Threshold, Thresholds, merge_thresholds, save_thresholds
+from cnc_ad.thresholds import (
+    ALL,
+    Threshold,
+    Thresholds,
+    false_alarm_rule,
+    merge_thresholds,
+    save_thresholds,
+)
 
 if TYPE_CHECKING:
     from cnc_ad.config import Config
@@ -58,14 +65,6 @@ PIXELS_PER_IMAGE = 4096
 """Map values kept per good image for the pixel threshold (every value of maps up to 64 x 64)."""
 MIN_IMAGES = 5
 """The fewest good images a category's thresholds are set from, unless a caller says otherwise."""
-
-
-# -------------------------------------------------------------------------------------------------- the rule
-def false_alarm_rule(rate: float, estimated: bool = True) -> str:
-    """The ``rule`` recorded with a threshold: ``"false_alarm_rate=0.01"``, with ``";max+margin"`` when the rate
-    was below ``1 / n`` (see the module docstring).
-    """
-    return f"{FALSE_ALARM_RULE}={rate:g}" + ("" if estimated else ";max+margin")
 
 
 def check_rate(rate: float) -> float:
